@@ -1,1 +1,256 @@
 #include <criterion/criterion.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "template.h"
+
+static cJSON *ctx;
+
+static void setup(void)
+{
+    const char *text =
+        "{\"input\": {\"orderId\": \"o-1\", \"amount\": 42.5, \"count\": 3, \"flag\": true,"
+        "  \"items\": [{\"sku\": \"a\", \"qty\": 1}, {\"sku\": \"b\", \"qty\": 2}],"
+        "  \"customer\": {\"id\": \"c-9\", \"tags\": [\"x\"]}, \"nothing\": null},"
+        " \"steps\": {\"reserve_inventory\": {\"reply\": {\"reservationId\": \"r-7\","
+        "   \"lines\": [1, 2]}}},"
+        " \"saga\": {\"id\": \"11111111-2222-3333-4444-555555555555\", \"name\": \"order\","
+        "   \"correlation_id\": \"corr-1\"}}";
+    ctx = cJSON_Parse(text);
+    cr_assert_not_null(ctx);
+}
+
+static void teardown(void)
+{
+    cJSON_Delete(ctx);
+}
+
+/* Renders the template given as JSON text and returns the compact JSON of the result. */
+static char *render_json(const char *tmpl_text)
+{
+    cJSON *tmpl = cJSON_Parse(tmpl_text);
+    cr_assert_not_null(tmpl, "bad test template %s", tmpl_text);
+    cJSON *out = NULL;
+    char err[256] = "";
+    int rc = template_render(tmpl, ctx, &out, err, sizeof(err));
+    cr_assert_eq(rc, 0, "render %s failed: %s", tmpl_text, err);
+    char *s = cJSON_PrintUnformatted(out);
+    cJSON_Delete(out);
+    cJSON_Delete(tmpl);
+    return s;
+}
+
+static void expect_render(const char *tmpl_text, const char *expected)
+{
+    char *got = render_json(tmpl_text);
+    cr_expect_str_eq(got, expected, "template %s", tmpl_text);
+    free(got);
+}
+
+static void expect_render_error(const char *tmpl_text, const char *fragment)
+{
+    cJSON *tmpl = cJSON_Parse(tmpl_text);
+    cr_assert_not_null(tmpl);
+    cJSON *out = (cJSON *)1;
+    char err[256] = "";
+    int rc = template_render(tmpl, ctx, &out, err, sizeof(err));
+    cr_expect_eq(rc, -1, "template %s should fail", tmpl_text);
+    cr_expect_null(out);
+    cr_expect_not_null(strstr(err, fragment), "error for %s: \"%s\" lacks \"%s\"", tmpl_text, err,
+                       fragment);
+    cJSON_Delete(tmpl);
+}
+
+TestSuite(template, .init = setup, .fini = teardown);
+
+Test(template, exact_placeholder_keeps_type)
+{
+    expect_render("\"{{input.orderId}}\"", "\"o-1\"");
+    expect_render("\"{{input.amount}}\"", "42.5");
+    expect_render("\"{{input.count}}\"", "3");
+    expect_render("\"{{input.flag}}\"", "true");
+    expect_render("\"{{input.nothing}}\"", "null");
+    expect_render("\"{{input.items}}\"", "[{\"sku\":\"a\",\"qty\":1},{\"sku\":\"b\",\"qty\":2}]");
+    expect_render("\"{{input.customer}}\"", "{\"id\":\"c-9\",\"tags\":[\"x\"]}");
+    expect_render("\"{{steps.reserve_inventory.reply.reservationId}}\"", "\"r-7\"");
+    expect_render("\"{{steps.reserve_inventory.reply.lines}}\"", "[1,2]");
+    expect_render("\"{{saga.id}}\"", "\"11111111-2222-3333-4444-555555555555\"");
+    expect_render("\"{{saga.name}}\"", "\"order\"");
+    expect_render("\"{{saga.correlation_id}}\"", "\"corr-1\"");
+    expect_render("\"{{input.items.1.sku}}\"", "\"b\"");
+}
+
+Test(template, whitespace_inside_braces_is_trimmed)
+{
+    expect_render("\"{{ input.orderId }}\"", "\"o-1\"");
+    expect_render("\"{{\\tinput.count  }}\"", "3");
+    expect_render("\"id={{ input.orderId }}\"", "\"id=o-1\"");
+}
+
+Test(template, interpolation_in_longer_strings)
+{
+    expect_render("\"order {{input.orderId}} for {{input.customer.id}}\"", "\"order o-1 for c-9\"");
+    expect_render("\"{{input.orderId}}/{{saga.name}}\"", "\"o-1/order\"");
+    expect_render("\"n={{input.count}} amt={{input.amount}} f={{input.flag}}\"",
+                  "\"n=3 amt=42.5 f=true\"");
+    expect_render("\"items: {{input.items}}\"",
+                  "\"items: [{\\\"sku\\\":\\\"a\\\",\\\"qty\\\":1},{\\\"sku\\\":\\\"b\\\","
+                  "\\\"qty\\\":2}]\"");
+    expect_render("\"c: {{input.customer}}\"", "\"c: {\\\"id\\\":\\\"c-9\\\",\\\"tags\\\":"
+                                               "[\\\"x\\\"]}\"");
+    expect_render("\"[{{input.nothing}}]\"", "\"[]\"");
+    expect_render("\"{{input.orderId}}{{input.orderId}}\"", "\"o-1o-1\"");
+    expect_render("\" {{input.count}}\"", "\" 3\"");
+}
+
+Test(template, plain_values_are_copied)
+{
+    expect_render("\"no placeholders }} here {\"", "\"no placeholders }} here {\"");
+    expect_render("17", "17");
+    expect_render("null", "null");
+    expect_render("false", "false");
+    expect_render("\"\"", "\"\"");
+}
+
+Test(template, nested_payloads)
+{
+    expect_render("{\"orderId\": \"{{input.orderId}}\", \"lines\": \"{{input.items}}\","
+                  " \"meta\": {\"who\": \"{{input.customer.id}}\", \"n\": [\"{{input.count}}\","
+                  " \"x{{input.count}}\", 5, {\"deep\": \"{{saga.id}}\"}]}, \"k\": true}",
+                  "{\"orderId\":\"o-1\",\"lines\":[{\"sku\":\"a\",\"qty\":1},{\"sku\":\"b\","
+                  "\"qty\":2}],\"meta\":{\"who\":\"c-9\",\"n\":[3,\"x3\",5,{\"deep\":"
+                  "\"11111111-2222-3333-4444-555555555555\"}]},\"k\":true}");
+    expect_render("[]", "[]");
+    expect_render("{}", "{}");
+}
+
+Test(template, missing_paths_render_null_or_empty)
+{
+    expect_render("\"{{input.missing}}\"", "null");
+    expect_render("\"{{steps.unknown.reply.x}}\"", "null");
+    expect_render("\"{{steps.reserve_inventory.reply.nope}}\"", "null");
+    expect_render("\"{{input.orderId.deeper}}\"", "null");
+    expect_render("\"{{input.items.7}}\"", "null");
+    expect_render("\"{{input.items.x}}\"", "null");
+    expect_render("\"{{nowhere}}\"", "null");
+    expect_render("\"a{{input.missing}}b\"", "\"ab\"");
+    expect_render("{\"r\": \"{{steps.later.reply.id}}\"}", "{\"r\":null}");
+}
+
+Test(template, malformed_placeholders_fail)
+{
+    expect_render_error("\"{{\"", "unclosed");
+    expect_render_error("\"abc {{input.x\"", "unclosed");
+    expect_render_error("\"{{}}\"", "empty");
+    expect_render_error("\"{{   }}\"", "empty");
+    expect_render_error("\"ok {{input.orderId}} then {{\"", "unclosed");
+    expect_render_error("\"{{input..x}}\"", "malformed");
+    expect_render_error("\"{{.x}}\"", "malformed");
+    expect_render_error("\"{{a{{b}}\"", "malformed");
+    /* The error names where in the template the bad string is. */
+    expect_render_error("{\"a\": [1, {\"b\": \"{{}}\"}]}", ".a[1].b");
+}
+
+Test(template, render_text)
+{
+    struct {
+        const char *tmpl, *expected;
+    } cases[] = {
+        {"\"{{input.orderId}}\"", "o-1"},
+        {"\"{{input.count}}\"", "3"},
+        {"\"{{input.missing}}\"", ""},
+        {"\"{{input.nothing}}\"", ""},
+        {"\"{{input.customer}}\"", "{\"id\":\"c-9\",\"tags\":[\"x\"]}"},
+        {"\"order-{{input.orderId}}-{{input.count}}\"", "order-o-1-3"},
+        {"\"plain\"", "plain"},
+        {"12", "12"},
+        {"null", ""},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        cJSON *tmpl = cJSON_Parse(cases[i].tmpl);
+        cr_assert_not_null(tmpl);
+        char *out = NULL;
+        char err[128] = "";
+        cr_assert_eq(template_render_text(tmpl, ctx, &out, err, sizeof(err)), 0, "%s: %s",
+                     cases[i].tmpl, err);
+        cr_expect_str_eq(out, cases[i].expected, "template %s", cases[i].tmpl);
+        free(out);
+        cJSON_Delete(tmpl);
+    }
+    cJSON *bad = cJSON_CreateString("{{x");
+    char *out = (char *)1;
+    char err[128] = "";
+    cr_expect_eq(template_render_text(bad, ctx, &out, err, sizeof(err)), -1);
+    cr_expect_null(out);
+    cr_expect_neq(err[0], '\0');
+    cJSON_Delete(bad);
+}
+
+/* Collects what template_foreach_path reports as "path@json_path" / "!message@json_path". */
+struct seen {
+    char items[32][512];
+    int count;
+};
+
+static void on_path(const char *path, const char *json_path, void *arg)
+{
+    struct seen *seen = arg;
+    cr_assert_lt(seen->count, 32);
+    snprintf(seen->items[seen->count++], sizeof(seen->items[0]), "%s@%s", path, json_path);
+}
+
+static void on_bad(const char *message, const char *json_path, void *arg)
+{
+    struct seen *seen = arg;
+    cr_assert_lt(seen->count, 32);
+    snprintf(seen->items[seen->count++], sizeof(seen->items[0]), "!%s@%s", message, json_path);
+}
+
+Test(template, foreach_path_reports_every_path)
+{
+    cJSON *tmpl = cJSON_Parse("{\"orderId\": \"{{input.orderId}}\", \"items\": [1, "
+                              "\"{{ input.items }}\", {\"r\": \"x {{steps.a.reply.id}} y "
+                              "{{saga.id}}\"}], \"plain\": \"text\", \"n\": 4}");
+    cr_assert_not_null(tmpl);
+    struct seen seen = {0};
+    cr_assert_eq(template_foreach_path(tmpl, on_path, on_bad, &seen), 0);
+    cr_assert_eq(seen.count, 4);
+    cr_expect_str_eq(seen.items[0], "input.orderId@.orderId");
+    cr_expect_str_eq(seen.items[1], "input.items@.items[1]");
+    cr_expect_str_eq(seen.items[2], "steps.a.reply.id@.items[2].r");
+    cr_expect_str_eq(seen.items[3], "saga.id@.items[2].r");
+    cJSON_Delete(tmpl);
+
+    cJSON *top = cJSON_CreateString("{{input.key}}");
+    struct seen seen2 = {0};
+    cr_assert_eq(template_foreach_path(top, on_path, NULL, &seen2), 0);
+    cr_assert_eq(seen2.count, 1);
+    cr_expect_str_eq(seen2.items[0], "input.key@");
+    cJSON_Delete(top);
+
+    cr_expect_eq(template_foreach_path(NULL, on_path, on_bad, &seen2), 0);
+}
+
+Test(template, foreach_path_reports_malformed)
+{
+    cJSON *tmpl = cJSON_Parse("{\"a\": \"{{}}\", \"b\": [\"ok {{input.x}}\", \"{{input.y\"],"
+                              " \"c\": \"{{input..z}} and {{input.w}}\"}");
+    cr_assert_not_null(tmpl);
+    struct seen seen = {0};
+    cr_assert_eq(template_foreach_path(tmpl, on_path, on_bad, &seen), -1);
+    cr_assert_eq(seen.count, 5);
+    cr_expect(strncmp(seen.items[0], "!empty", 6) == 0, "%s", seen.items[0]);
+    cr_expect(strstr(seen.items[0], "@.a") != NULL, "%s", seen.items[0]);
+    cr_expect_str_eq(seen.items[1], "input.x@.b[0]");
+    cr_expect(strncmp(seen.items[2], "!unclosed", 9) == 0, "%s", seen.items[2]);
+    cr_expect(strstr(seen.items[2], "@.b[1]") != NULL, "%s", seen.items[2]);
+    cr_expect(strncmp(seen.items[3], "!malformed", 10) == 0, "%s", seen.items[3]);
+    cr_expect(strstr(seen.items[3], "@.c") != NULL, "%s", seen.items[3]);
+    cr_expect_str_eq(seen.items[4], "input.w@.c");
+
+    /* Without bad_cb the result still says so. */
+    cr_expect_eq(template_foreach_path(tmpl, NULL, NULL, NULL), -1);
+    cJSON_Delete(tmpl);
+}
