@@ -5,8 +5,13 @@
 #define SAGA_MIGRATE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <libpq-fe.h>
+
+/* The key of the session advisory lock (pg_advisory_lock(bigint)) held while migrating:
+ * the ASCII bytes "sagaMIGR". Other tools that change the saga schema can take it too. */
+#define MIGRATE_LOCK_KEY INT64_C(0x736167614d494752)
 
 struct migration {
     int version;
@@ -21,8 +26,20 @@ extern const size_t migrations_builtin_count;
 /* Applies every migration of list not yet recorded, in order, on conn (a connected, blocking
  * libpq connection; borrowed). A recorded migration whose text changed since is an error.
  * On success returns the number applied (0 when up to date); on failure returns -1 and
- * writes a message into err (never a password). Used before any event loop runs. */
+ * writes a message into err (never a password), such as "migration 001_schema: <server
+ * message>"; the failed migration is rolled back. Versions recorded in the database that list
+ * lacks (a newer binary migrated) are fine. The advisory lock MIGRATE_LOCK_KEY is held
+ * throughout (blocking until another migrating process is done) and always released.
+ * Migration texts must not contain BEGIN/COMMIT. Used before any event loop runs. */
 __attribute__((warn_unused_result)) int migrate_apply(PGconn *conn, const struct migration *list,
                                                       size_t count, char *err, size_t errlen);
+
+/* Sets *version to the highest version recorded in saga.schema_migrations (0 when the table
+ * is missing or empty). Returns 0, or -1 with a message in err. conn is borrowed. */
+__attribute__((warn_unused_result)) int migrate_current_version(PGconn *conn, int *version,
+                                                                char *err, size_t errlen);
+
+/* The checksum recorded for a migration's text: FNV-1a 64 as 16 lowercase hex digits. */
+void migrate_checksum(const char *sql, char out[17]);
 
 #endif
