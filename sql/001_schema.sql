@@ -116,6 +116,8 @@ CREATE TABLE saga.instances (
     CONSTRAINT instances_idempotency_key UNIQUE (saga_name, idempotency_key)
 );
 COMMENT ON TABLE saga.instances IS 'One row per saga: its status and the engine state the orchestrator persists';
+COMMENT ON COLUMN saga.instances.id IS 'Saga id (header saga-id), from saga.start';
+COMMENT ON COLUMN saga.instances.saga_name IS 'Definition name (saga.definitions.name)';
 COMMENT ON COLUMN saga.instances.saga_version IS 'The definition version the saga started with (kept until it ends)';
 COMMENT ON COLUMN saga.instances.status IS 'pending, running, compensating, completed, compensated or failed (waits for saga.retry)';
 COMMENT ON COLUMN saga.instances.current_step IS 'Name of the step being run or compensated';

@@ -1,1 +1,217 @@
+/* saga.create_outbox and the outbox tables it makes. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include <criterion/criterion.h>
+
+#include "pgtest.h"
+
+static struct pgtest_db db;
+static PGconn *conn;
+
+static void setup(void)
+{
+    conn = pgtest_fresh(&db, true);
+}
+
+static void teardown(void)
+{
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+TestSuite(outbox, .init = setup, .fini = teardown, .timeout = 120);
+
+static void create_outbox(const char *schema)
+{
+    const char *params[] = {schema};
+    PQclear(pgtest_query(conn, "SELECT saga.create_outbox($1)", 1, params));
+}
+
+/* The columns of schema.table as "name type nullable default identity" lines, in order. */
+static char *describe_columns(const char *schema, const char *table)
+{
+    const char *params[] = {schema, table};
+    return pgtest_value(
+        conn,
+        "SELECT string_agg(format('%s %s %s %s %s', column_name, data_type, is_nullable, "
+        "coalesce(column_default, '-'), coalesce(identity_generation, '-')), E'\\n' "
+        "ORDER BY ordinal_position) "
+        "FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+        2, params);
+}
+
+static const char outbox_columns[] = "id uuid NO - -\n"
+                                     "seq bigint NO - ALWAYS\n"
+                                     "topic text NO - -\n"
+                                     "key text YES - -\n"
+                                     "event_type text NO - -\n"
+                                     "payload jsonb NO - -\n"
+                                     "headers jsonb NO '{}'::jsonb -\n"
+                                     "created_at timestamp with time zone NO now() -";
+
+Test(outbox, has_exactly_the_spec_shape)
+{
+    create_outbox("inventory");
+    char *cols = describe_columns("inventory", "outbox");
+    cr_assert_str_eq(cols, outbox_columns);
+    free(cols);
+
+    /* id is the primary key; seq has a unique index. */
+    char *pk = pgtest_value(conn,
+                            "SELECT string_agg(a.attname, ',') FROM pg_index i "
+                            "JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                            "AND a.attnum = ANY (i.indkey) "
+                            "WHERE i.indrelid = 'inventory.outbox'::regclass AND i.indisprimary",
+                            0, NULL);
+    cr_assert_str_eq(pk, "id");
+    free(pk);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM pg_index i JOIN pg_attribute a "
+                              "ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+                              "WHERE i.indrelid = 'inventory.outbox'::regclass "
+                              "AND i.indisunique AND i.indnatts = 1 AND a.attname = 'seq'",
+                              0, NULL),
+                 1);
+
+    char *dead = describe_columns("inventory", "outbox_dead_letters");
+    cr_assert_str_eq(dead, "id uuid NO - -\n"
+                           "seq bigint YES - -\n"
+                           "topic text NO - -\n"
+                           "key text YES - -\n"
+                           "event_type text NO - -\n"
+                           "payload jsonb NO - -\n"
+                           "headers jsonb NO '{}'::jsonb -\n"
+                           "created_at timestamp with time zone NO now() -\n"
+                           "error text NO - -\n"
+                           "failed_at timestamp with time zone NO now() -");
+    free(dead);
+
+    /* The orchestrator's own outbox has the same shape. */
+    cols = describe_columns("saga", "outbox");
+    cr_assert_str_eq(cols, outbox_columns);
+    free(cols);
+}
+
+Test(outbox, creating_twice_is_fine)
+{
+    create_outbox("payment");
+    pgtest_exec(conn, "INSERT INTO payment.outbox (id, topic, event_type, payload) "
+                      "VALUES (gen_random_uuid(), 't', 'E', '{}')");
+    create_outbox("payment");
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM payment.outbox", 0, NULL), 1);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM pg_trigger "
+                              "WHERE tgrelid = 'payment.outbox'::regclass AND NOT tgisinternal",
+                              0, NULL),
+                 1);
+    /* Statement level (tgtype bit 0 clear): a bulk insert wakes the relay once, not per row;
+     * PostgreSQL would fold the identical notifications anyway, so the NOTIFY test below
+     * cannot tell the two apart. */
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT tgtype & 1 FROM pg_trigger "
+                              "WHERE tgrelid = 'payment.outbox'::regclass AND NOT tgisinternal",
+                              0, NULL),
+                 0);
+    /* A name that needs quoting is quoted, not spliced. */
+    create_outbox("Shipping Dept");
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM \"Shipping Dept\".outbox", 0, NULL), 0);
+}
+
+Test(outbox, rejects_bad_names)
+{
+    static const char *const bad[] = {NULL, "", "   "};
+    for (size_t i = 0; i < 3; i++) {
+        const char *params[] = {bad[i]};
+        char state[6], msg[256];
+        pgtest_expect_error(conn, "SELECT saga.create_outbox($1)", 1, params, state, msg,
+                            sizeof(msg));
+        cr_assert_str_eq(state, "22023");
+        cr_assert_str_eq(msg, "saga.create_outbox: the schema name must not be empty");
+    }
+    char longname[80];
+    memset(longname, 'x', 64);
+    longname[64] = '\0';
+    const char *params[] = {longname};
+    char state[6], msg[256];
+    pgtest_expect_error(conn, "SELECT saga.create_outbox($1)", 1, params, state, msg, sizeof(msg));
+    cr_assert_str_eq(state, "22023");
+    cr_assert(strstr(msg, "longer than 63 bytes"), "got: %s", msg);
+}
+
+Test(outbox, defaults_fill_seq_headers_and_created_at)
+{
+    create_outbox("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.outbox (id, topic, event_type, payload) VALUES "
+                      "('11111111-1111-4111-8111-111111111111', 'inventory.events', "
+                      "'StockReserved', '{\"n\": 1}')");
+    PGresult *res = pgtest_query(conn,
+                                 "SELECT seq IS NOT NULL, headers::text, "
+                                 "created_at > now() - interval '1 hour', key IS NULL "
+                                 "FROM inventory.outbox",
+                                 0, NULL);
+    cr_assert_eq(PQntuples(res), 1);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "t");
+    cr_assert_str_eq(PQgetvalue(res, 0, 1), "{}");
+    cr_assert_str_eq(PQgetvalue(res, 0, 2), "t");
+    cr_assert_str_eq(PQgetvalue(res, 0, 3), "t");
+    PQclear(res);
+
+    /* seq is generated: a caller cannot set it by mistake. */
+    char state[6];
+    pgtest_expect_error(conn,
+                        "INSERT INTO inventory.outbox (id, seq, topic, event_type, payload) "
+                        "VALUES (gen_random_uuid(), 5, 't', 'E', '{}')",
+                        0, NULL, state, NULL, 0);
+    cr_assert_str_eq(state, "428C9");
+}
+
+Test(outbox, seq_follows_insert_order)
+{
+    create_outbox("inventory");
+    for (int i = 0; i < 5; i++) {
+        char n[8];
+        snprintf(n, sizeof(n), "%d", i);
+        const char *params[] = {n};
+        PQclear(pgtest_query(conn,
+                             "INSERT INTO inventory.outbox (id, topic, event_type, payload) "
+                             "VALUES (gen_random_uuid(), 't', 'E', jsonb_build_object('n', "
+                             "$1::int))",
+                             1, params));
+    }
+    pgtest_exec(conn, "INSERT INTO inventory.outbox (id, topic, event_type, payload) "
+                      "SELECT gen_random_uuid(), 't', 'E', jsonb_build_object('n', 5 + g) "
+                      "FROM generate_series(0, 4) g ORDER BY g");
+    char *order = pgtest_value(
+        conn, "SELECT string_agg(payload->>'n', ',' ORDER BY seq) FROM inventory.outbox", 0, NULL);
+    cr_assert_str_eq(order, "0,1,2,3,4,5,6,7,8,9");
+    free(order);
+}
+
+Test(outbox, an_insert_statement_notifies_once)
+{
+    create_outbox("inventory");
+    PGconn *listener = pgtest_connect(db.url);
+    pgtest_exec(listener, "LISTEN saga_outbox");
+
+    pgtest_exec(conn, "INSERT INTO inventory.outbox (id, topic, event_type, payload) "
+                      "SELECT gen_random_uuid(), 't', 'E', '{}' FROM generate_series(1, 3)");
+    PGnotify *note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note, "no saga_outbox notification within 10 s");
+    cr_assert_str_eq(note->relname, "saga_outbox");
+    cr_assert_str_eq(note->extra, "inventory.outbox");
+    PQfreemem(note);
+    note = pgtest_poll_notify(listener);
+    cr_assert_null(note, "a second notification for the same statement: %s",
+                   note ? note->extra : "");
+
+    /* The orchestrator's outbox names itself too. */
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, event_type, payload) "
+                      "VALUES (gen_random_uuid(), 't', 'E', '{}')");
+    note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note);
+    cr_assert_str_eq(note->extra, "saga.outbox");
+    PQfreemem(note);
+    PQfinish(listener);
+}

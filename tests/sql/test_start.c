@@ -1,1 +1,527 @@
+/* The SQL API of schema saga: register_definition, start, retry, abort. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
 #include <criterion/criterion.h>
+
+#include "pgtest.h"
+
+static struct pgtest_db db;
+static PGconn *conn;
+
+static const char order_body[] =
+    "{\"saga\": \"order_fulfillment\", \"version\": 1,"
+    " \"input\": {\"required\": [\"orderId\", \"customerId\", \"items\", \"amount\"]},"
+    " \"steps\": [{\"name\": \"reserve_inventory\"}]}";
+static const char good_input[] =
+    "{\"orderId\": \"o-1\", \"customerId\": \"c-1\", \"items\": [1, 2], \"amount\": 42}";
+
+static void register_order(void)
+{
+    const char *params[] = {"order_fulfillment", "1", order_body};
+    char *got =
+        pgtest_value(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, params);
+    cr_assert_str_eq(got, "registered");
+    free(got);
+}
+
+static void setup(void)
+{
+    conn = pgtest_fresh(&db, true);
+    register_order();
+}
+
+static void teardown(void)
+{
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+TestSuite(start, .init = setup, .fini = teardown, .timeout = 120);
+TestSuite(definitions, .init = setup, .fini = teardown, .timeout = 120);
+TestSuite(operator, .init = setup, .fini = teardown, .timeout = 120);
+
+static long instance_count(PGconn *c)
+{
+    return pgtest_count(c, "SELECT count(*) FROM saga.instances", 0, NULL);
+}
+
+/* saga.start with text parameters (NULL: SQL NULL); returns the new id (caller frees). */
+static char *start_saga(PGconn *c, const char *name, const char *input, const char *key)
+{
+    const char *params[] = {name, input, key};
+    return pgtest_value(c, "SELECT saga.start($1, $2::jsonb, $3)", 3, params);
+}
+
+/* ---- register_definition ---------------------------------------------------------------- */
+
+Test(definitions, registered_unchanged_conflict)
+{
+    /* The same content in another key order or spacing is the same jsonb: unchanged. */
+    const char *same[] = {"order_fulfillment", "1",
+                          "{\"version\": 1, \"steps\": [{\"name\": \"reserve_inventory\"}],"
+                          "\"saga\":\"order_fulfillment\","
+                          "\"input\":{\"required\":[\"orderId\",\"customerId\",\"items\","
+                          "\"amount\"]}}"};
+    char *got =
+        pgtest_value(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, same);
+    cr_assert_str_eq(got, "unchanged");
+    free(got);
+
+    const char *other[] = {"order_fulfillment", "1", "{\"changed\": true}"};
+    char state[6], msg[512];
+    pgtest_expect_error(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, other,
+                        state, msg, sizeof(msg));
+    cr_assert_str_eq(state, "SG020");
+    cr_assert_str_eq(msg, "saga definition \"order_fulfillment\" version 1 is already registered "
+                          "with different content; register a new version");
+
+    const char *v2[] = {"order_fulfillment", "2", "{\"changed\": true}"};
+    got = pgtest_value(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, v2);
+    cr_assert_str_eq(got, "registered");
+    free(got);
+
+    char *sum = pgtest_value(conn,
+                             "SELECT checksum = md5(body::text) FROM saga.definitions "
+                             "WHERE name = 'order_fulfillment' AND version = 2",
+                             0, NULL);
+    cr_assert_str_eq(sum, "t");
+    free(sum);
+
+    const char *bad[] = {"", "1", "{}"};
+    pgtest_expect_error(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, bad,
+                        state, msg, sizeof(msg));
+    cr_assert_str_eq(state, "22023");
+    const char *zero[] = {"x", "0", "{}"};
+    pgtest_expect_error(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, zero,
+                        state, msg, sizeof(msg));
+    cr_assert_str_eq(state, "22023");
+}
+
+/* ---- start ----------------------------------------------------------------------------- */
+
+Test(start, inserts_a_pending_saga_with_the_latest_version)
+{
+    const char *v2[] = {"order_fulfillment", "2",
+                        "{\"input\": {\"required\": [\"orderId\"]}, \"v\": 2}"};
+    PQclear(pgtest_query(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, v2));
+
+    const char *params[] = {"order_fulfillment", "{\"orderId\": \"o-9\"}", "corr-1"};
+    char *id =
+        pgtest_value(conn, "SELECT saga.start($1, $2::jsonb, correlation_id => $3)", 3, params);
+    cr_assert_not_null(id);
+    const char *idp[] = {id};
+    PGresult *res = pgtest_query(conn,
+                                 "SELECT saga_name, saga_version, status, input->>'orderId', "
+                                 "correlation_id, idempotency_key IS NULL, step_index, phase, "
+                                 "attempt, wait, pivot_sent, replies::text, trace_id ~ "
+                                 "'^[0-9a-f]{32}$', pending_request IS NULL "
+                                 "FROM saga.instances WHERE id = $1",
+                                 1, idp);
+    cr_assert_eq(PQntuples(res), 1);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "order_fulfillment");
+    cr_assert_str_eq(PQgetvalue(res, 0, 1), "2");
+    cr_assert_str_eq(PQgetvalue(res, 0, 2), "pending");
+    cr_assert_str_eq(PQgetvalue(res, 0, 3), "o-9");
+    cr_assert_str_eq(PQgetvalue(res, 0, 4), "corr-1");
+    cr_assert_str_eq(PQgetvalue(res, 0, 5), "t");
+    cr_assert_str_eq(PQgetvalue(res, 0, 6), "0");
+    cr_assert_str_eq(PQgetvalue(res, 0, 7), "action");
+    cr_assert_str_eq(PQgetvalue(res, 0, 8), "0");
+    cr_assert_str_eq(PQgetvalue(res, 0, 9), "none");
+    cr_assert_str_eq(PQgetvalue(res, 0, 10), "f");
+    cr_assert_str_eq(PQgetvalue(res, 0, 11), "{}");
+    cr_assert_str_eq(PQgetvalue(res, 0, 12), "t");
+    cr_assert_str_eq(PQgetvalue(res, 0, 13), "t");
+    PQclear(res);
+    free(id);
+
+    /* Without a key, every call is a new saga, each with its own trace id. */
+    char *a = start_saga(conn, "order_fulfillment", "{\"orderId\": 1}", NULL);
+    char *b = start_saga(conn, "order_fulfillment", "{\"orderId\": 1}", NULL);
+    cr_assert_str_neq(a, b);
+    free(a);
+    free(b);
+    cr_assert_eq(instance_count(conn), 3);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(DISTINCT trace_id) FROM saga.instances", 0, NULL),
+                 3);
+}
+
+Test(start, is_atomic_with_the_callers_transaction)
+{
+    pgtest_exec(conn, "CREATE TABLE public.orders (id text PRIMARY KEY)");
+
+    pgtest_exec(conn, "BEGIN");
+    pgtest_exec(conn, "INSERT INTO public.orders VALUES ('o-1')");
+    free(start_saga(conn, "order_fulfillment", good_input, NULL));
+    pgtest_exec(conn, "ROLLBACK");
+    cr_assert_eq(instance_count(conn), 0);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM public.orders", 0, NULL), 0);
+
+    pgtest_exec(conn, "BEGIN");
+    pgtest_exec(conn, "INSERT INTO public.orders VALUES ('o-1')");
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    pgtest_exec(conn, "COMMIT");
+    cr_assert_eq(instance_count(conn), 1);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM public.orders", 0, NULL), 1);
+    const char *params[] = {id};
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.instances WHERE id = $1", 1, params),
+                 1);
+    free(id);
+}
+
+Test(start, same_idempotency_key_returns_the_same_saga)
+{
+    char *a = start_saga(conn, "order_fulfillment", good_input, "order-1");
+    char *b = start_saga(conn, "order_fulfillment", good_input, "order-1");
+    cr_assert_str_eq(a, b);
+    cr_assert_eq(instance_count(conn), 1);
+
+    /* The key is per saga name. */
+    const char *other[] = {"other_saga", "1", "{}"};
+    PQclear(
+        pgtest_query(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, other));
+    char *c = start_saga(conn, "other_saga", "{}", "order-1");
+    cr_assert_str_neq(a, c);
+    cr_assert_eq(instance_count(conn), 2);
+    free(a);
+    free(b);
+    free(c);
+}
+
+/* Is the backend pid (text) waiting on a lock? */
+static bool waits_on_lock(PGconn *observer, const char *pid)
+{
+    const char *params[] = {pid};
+    return pgtest_count(observer,
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE pid = $1::int AND wait_event_type = 'Lock'",
+                        1, params) == 1;
+}
+
+/* Sends saga.start on c without waiting for the result. */
+static void send_start(PGconn *c, const char *key)
+{
+    const char *params[] = {"order_fulfillment", good_input, key};
+    cr_assert_eq(PQsendQueryParams(c, "SELECT saga.start($1, $2::jsonb, $3)", 3, NULL, params, NULL,
+                                   NULL, 0),
+                 1, "%s", PQerrorMessage(c));
+}
+
+static char *receive_value(PGconn *c)
+{
+    PGresult *res = PQgetResult(c);
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(res));
+    char *value = strdup(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    cr_assert_null(PQgetResult(c));
+    return value;
+}
+
+/* Waits (bounded, by polling the server) until the backend pid blocks on a lock. */
+static void wait_until_blocked(PGconn *observer, const char *pid)
+{
+    time_t until = time(NULL) + 20;
+    while (!waits_on_lock(observer, pid) && time(NULL) < until)
+        ;
+    cr_assert(waits_on_lock(observer, pid), "the second saga.start never waited for the first");
+}
+
+Test(start, concurrent_same_key_gives_one_saga)
+{
+    PGconn *first = pgtest_connect(db.url);
+    PGconn *second = pgtest_connect(db.url);
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", PQbackendPID(second));
+
+    pgtest_exec(first, "BEGIN");
+    char *a = start_saga(first, "order_fulfillment", good_input, "race-1");
+    send_start(second, "race-1");
+    /* The second waits on the unique index until the first ends. */
+    wait_until_blocked(conn, pid);
+    pgtest_exec(first, "COMMIT");
+    char *b = receive_value(second);
+    cr_assert_str_eq(a, b);
+    cr_assert_eq(instance_count(conn), 1);
+    free(a);
+    free(b);
+
+    /* If the first rolls back, the second's own insert goes through. */
+    pgtest_exec(first, "BEGIN");
+    a = start_saga(first, "order_fulfillment", good_input, "race-2");
+    send_start(second, "race-2");
+    wait_until_blocked(conn, pid);
+    pgtest_exec(first, "ROLLBACK");
+    b = receive_value(second);
+    cr_assert_str_neq(a, b);
+    const char *params[] = {b};
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.instances "
+                              "WHERE idempotency_key = 'race-2' AND id = $1",
+                              1, params),
+                 1);
+    cr_assert_eq(instance_count(conn), 2);
+    free(a);
+    free(b);
+    PQfinish(first);
+    PQfinish(second);
+}
+
+/* Calls saga.start expecting an error; checks SQLSTATE and message and that nothing changed. */
+static void expect_start_error(const char *name, const char *input, const char *traceparent,
+                               const char *want_state, const char *want_msg)
+{
+    const char *params[] = {name, input, traceparent};
+    char state[6], msg[512];
+    pgtest_expect_error(conn, "SELECT saga.start($1, $2::jsonb, traceparent => $3)", 3, params,
+                        state, msg, sizeof(msg));
+    cr_assert_str_eq(state, want_state, "message: %s", msg);
+    cr_assert_str_eq(msg, want_msg);
+    cr_assert_eq(instance_count(conn), 0);
+    cr_assert_eq(PQtransactionStatus(conn), PQTRANS_IDLE);
+}
+
+Test(start, unknown_saga)
+{
+    expect_start_error("no_such_saga", good_input, NULL, "SG001", "unknown saga \"no_such_saga\"");
+}
+
+Test(start, input_must_be_an_object)
+{
+    expect_start_error("order_fulfillment", "[1, 2]", NULL, "SG002",
+                       "saga \"order_fulfillment\": input must be a JSON object, not array");
+    expect_start_error("order_fulfillment", "\"text\"", NULL, "SG002",
+                       "saga \"order_fulfillment\": input must be a JSON object, not string");
+    expect_start_error("order_fulfillment", NULL, NULL, "SG002",
+                       "saga \"order_fulfillment\": input must be a JSON object, not NULL");
+}
+
+Test(start, missing_required_keys_are_named)
+{
+    expect_start_error("order_fulfillment",
+                       "{\"orderId\": \"o\", \"customerId\": \"c\", \"items\": []}", NULL, "SG003",
+                       "saga \"order_fulfillment\": input is missing required key \"amount\"");
+    expect_start_error("order_fulfillment", "{\"orderId\": \"o\", \"items\": []}", NULL, "SG003",
+                       "saga \"order_fulfillment\": input is missing required keys \"customerId\", "
+                       "\"amount\"");
+    /* A key with a null value is present. */
+    const char *params[] = {"order_fulfillment",
+                            "{\"orderId\": null, \"customerId\": 1, \"items\": 2, \"amount\": 3}"};
+    free(pgtest_value(conn, "SELECT saga.start($1, $2::jsonb)", 2, params));
+    cr_assert_eq(instance_count(conn), 1);
+}
+
+Test(start, malformed_traceparent)
+{
+    static const char *const bad[] = {
+        "",
+        "garbage",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char want[256];
+        snprintf(want, sizeof(want), "saga \"order_fulfillment\": malformed traceparent \"%s\"",
+                 bad[i]);
+        expect_start_error("order_fulfillment", good_input, bad[i], "SG004", want);
+    }
+}
+
+Test(start, trace_id_comes_from_the_traceparent)
+{
+    const char *params[] = {"order_fulfillment", good_input,
+                            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"};
+    char *id = pgtest_value(conn, "SELECT saga.start($1, $2::jsonb, traceparent => $3)", 3, params);
+    const char *idp[] = {id};
+    char *trace = pgtest_value(conn, "SELECT trace_id FROM saga.instances WHERE id = $1", 1, idp);
+    cr_assert_str_eq(trace, "0af7651916cd43dd8448eb211c80319c");
+    free(trace);
+    free(id);
+}
+
+Test(start, wakeup_is_notified_only_after_commit)
+{
+    PGconn *listener = pgtest_connect(db.url);
+    pgtest_exec(listener, "LISTEN saga_wakeup");
+
+    pgtest_exec(conn, "BEGIN");
+    free(start_saga(conn, "order_fulfillment", good_input, NULL));
+    PGnotify *note = pgtest_poll_notify(listener);
+    cr_assert_null(note, "notified before the commit");
+    pgtest_exec(conn, "COMMIT");
+
+    note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note, "no saga_wakeup notification within 10 s of the commit");
+    cr_assert_str_eq(note->relname, "saga_wakeup");
+    cr_assert_eq(note->be_pid, PQbackendPID(conn));
+    PQfreemem(note);
+
+    /* A rolled back start notifies nobody. */
+    pgtest_exec(conn, "BEGIN");
+    free(start_saga(conn, "order_fulfillment", good_input, NULL));
+    pgtest_exec(conn, "ROLLBACK");
+    note = pgtest_poll_notify(listener);
+    cr_assert_null(note, "a rolled back start notified");
+    PQfinish(listener);
+}
+
+/* ---- retry and abort ------------------------------------------------------------------- */
+
+/* Starts a saga and forces its state; returns its id (caller frees). */
+static char *saga_in(const char *status, bool pivot_sent, const char *current_step)
+{
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *params[] = {id, status, pivot_sent ? "true" : "false", current_step};
+    PQclear(pgtest_query(conn,
+                         "UPDATE saga.instances SET status = $2, pivot_sent = $3::boolean, "
+                         "current_step = $4 WHERE id = $1",
+                         4, params));
+    return id;
+}
+
+static long history_count(const char *id)
+{
+    const char *params[] = {id};
+    return pgtest_count(conn, "SELECT count(*) FROM saga.step_history WHERE saga_id = $1", 1,
+                        params);
+}
+
+Test(operator, unknown_id)
+{
+    const char *params[] = {"7b0d9d2e-2c57-4a43-9b8e-3c1c50bf0a11"};
+    char state[6], msg[256];
+    pgtest_expect_error(conn, "SELECT saga.retry($1::uuid)", 1, params, state, msg, sizeof(msg));
+    cr_assert_str_eq(state, "SG010");
+    cr_assert_str_eq(msg, "unknown saga id 7b0d9d2e-2c57-4a43-9b8e-3c1c50bf0a11");
+    pgtest_expect_error(conn, "SELECT saga.abort($1::uuid, 'why')", 1, params, state, msg,
+                        sizeof(msg));
+    cr_assert_str_eq(state, "SG010");
+    cr_assert_str_eq(msg, "unknown saga id 7b0d9d2e-2c57-4a43-9b8e-3c1c50bf0a11");
+}
+
+Test(operator, retry_only_a_failed_saga)
+{
+    static const char *const wrong[] = {"pending", "running", "compensating", "completed",
+                                        "compensated"};
+    for (size_t i = 0; i < sizeof(wrong) / sizeof(wrong[0]); i++) {
+        char *id = saga_in(wrong[i], false, NULL);
+        const char *params[] = {id};
+        char state[6], msg[256], want[256];
+        pgtest_expect_error(conn, "SELECT saga.retry($1::uuid)", 1, params, state, msg,
+                            sizeof(msg));
+        cr_assert_str_eq(state, "SG011");
+        snprintf(want, sizeof(want), "saga %s is %s; only a failed saga can be retried", id,
+                 wrong[i]);
+        cr_assert_str_eq(msg, want);
+        cr_assert_eq(history_count(id), 0);
+        cr_assert_eq(pgtest_count(conn,
+                                  "SELECT count(*) FROM saga.instances "
+                                  "WHERE id = $1 AND pending_request IS NULL",
+                                  1, params),
+                     1);
+        free(id);
+    }
+}
+
+Test(operator, retry_records_the_request)
+{
+    PGconn *listener = pgtest_connect(db.url);
+    pgtest_exec(listener, "LISTEN saga_wakeup");
+
+    char *id = saga_in("failed", true, "release_stock");
+    const char *params[] = {id};
+    PQclear(pgtest_query(conn, "SELECT saga.retry($1::uuid)", 1, params));
+    PGresult *res = pgtest_query(
+        conn, "SELECT pending_request, request_reason IS NULL FROM saga.instances WHERE id = $1", 1,
+        params);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "retry");
+    cr_assert_str_eq(PQgetvalue(res, 0, 1), "t");
+    PQclear(res);
+    res = pgtest_query(conn,
+                       "SELECT step, phase, attempt, status, message_id IS NULL, reply IS NULL "
+                       "FROM saga.step_history WHERE saga_id = $1",
+                       1, params);
+    cr_assert_eq(PQntuples(res), 1);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "release_stock");
+    cr_assert_str_eq(PQgetvalue(res, 0, 1), "operator");
+    cr_assert_str_eq(PQgetvalue(res, 0, 2), "0");
+    cr_assert_str_eq(PQgetvalue(res, 0, 3), "retry_requested");
+    cr_assert_str_eq(PQgetvalue(res, 0, 4), "t");
+    cr_assert_str_eq(PQgetvalue(res, 0, 5), "t");
+    PQclear(res);
+
+    PGnotify *note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note, "saga.retry did not notify saga_wakeup");
+    cr_assert_str_eq(note->relname, "saga_wakeup");
+    PQfreemem(note);
+    PQfinish(listener);
+    free(id);
+}
+
+Test(operator, abort_only_before_the_pivot_of_a_pending_or_running_saga)
+{
+    static const char *const wrong[] = {"compensating", "completed", "compensated", "failed"};
+    char state[6], msg[256], want[256];
+    for (size_t i = 0; i < sizeof(wrong) / sizeof(wrong[0]); i++) {
+        char *id = saga_in(wrong[i], false, NULL);
+        const char *params[] = {id};
+        pgtest_expect_error(conn, "SELECT saga.abort($1::uuid, 'stop')", 1, params, state, msg,
+                            sizeof(msg));
+        cr_assert_str_eq(state, "SG011");
+        snprintf(want, sizeof(want), "saga %s is %s; only a pending or running saga can be aborted",
+                 id, wrong[i]);
+        cr_assert_str_eq(msg, want);
+        cr_assert_eq(history_count(id), 0);
+        free(id);
+    }
+
+    char *id = saga_in("running", true, "approve_order");
+    const char *params[] = {id};
+    pgtest_expect_error(conn, "SELECT saga.abort($1::uuid, 'stop')", 1, params, state, msg,
+                        sizeof(msg));
+    cr_assert_str_eq(state, "SG012");
+    snprintf(want, sizeof(want),
+             "saga %s has passed its pivot step and can no longer be compensated", id);
+    cr_assert_str_eq(msg, want);
+    cr_assert_eq(history_count(id), 0);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.instances "
+                              "WHERE id = $1 AND pending_request IS NULL",
+                              1, params),
+                 1);
+    free(id);
+}
+
+Test(operator, abort_records_the_request)
+{
+    static const char *const ok[] = {"pending", "running"};
+    for (size_t i = 0; i < 2; i++) {
+        char *id = saga_in(ok[i], false, i == 0 ? NULL : "reserve_inventory");
+        const char *params[] = {id, "customer cancelled"};
+        PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, $2)", 2, params));
+        PGresult *res = pgtest_query(
+            conn, "SELECT pending_request, request_reason FROM saga.instances WHERE id = $1", 1,
+            params);
+        cr_assert_str_eq(PQgetvalue(res, 0, 0), "abort");
+        cr_assert_str_eq(PQgetvalue(res, 0, 1), "customer cancelled");
+        PQclear(res);
+        res = pgtest_query(conn,
+                           "SELECT step, phase, attempt, status, reply->>'reason' "
+                           "FROM saga.step_history WHERE saga_id = $1",
+                           1, params);
+        cr_assert_eq(PQntuples(res), 1);
+        cr_assert_str_eq(PQgetvalue(res, 0, 0), i == 0 ? "-" : "reserve_inventory");
+        cr_assert_str_eq(PQgetvalue(res, 0, 1), "operator");
+        cr_assert_str_eq(PQgetvalue(res, 0, 2), "0");
+        cr_assert_str_eq(PQgetvalue(res, 0, 3), "abort_requested");
+        cr_assert_str_eq(PQgetvalue(res, 0, 4), "customer cancelled");
+        PQclear(res);
+        free(id);
+    }
+}

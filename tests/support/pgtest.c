@@ -98,15 +98,16 @@ PGconn *pgtest_connect(const char *url)
 void pgtest_db_create(struct pgtest_db *db)
 {
     static unsigned counter;
+    const char *server = pgtest_server_url();
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     /* pid: unique among the parallel test processes; counter: within one; the clock: across
      * runs against a cluster that outlives them (scripts/test). */
     snprintf(db->name, sizeof(db->name), "saga_test_%ld_%u_%lx", (long)getpid(), counter++,
              (unsigned long)((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20)) & 0xffffffffUL);
-    pgtest_url_for(pgtest_server_url(), db->name, db->url, sizeof(db->url));
+    pgtest_url_for(server, db->name, db->url, sizeof(db->url));
 
-    PGconn *admin = pgtest_connect(pgtest_server_url());
+    PGconn *admin = pgtest_connect(server);
     char sql[160];
     snprintf(sql, sizeof(sql), "CREATE DATABASE %s", db->name);
     pgtest_exec(admin, sql);
@@ -128,9 +129,10 @@ PGconn *pgtest_fresh(struct pgtest_db *db, bool migrated)
 
 void pgtest_db_drop(const struct pgtest_db *db)
 {
-    if (!db->name[0])
+    const char *url = getenv("SAGA_TEST_PGURL");
+    if (!url || !*url || !db->name[0])
         return;
-    PGconn *admin = PQconnectdb(pgtest_server_url());
+    PGconn *admin = PQconnectdb(url);
     if (admin && PQstatus(admin) == CONNECTION_OK) {
         char sql[160];
         snprintf(sql, sizeof(sql), "DROP DATABASE IF EXISTS %s WITH (FORCE)", db->name);
