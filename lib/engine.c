@@ -302,9 +302,29 @@ static void wait_backoff(struct work *w)
 
 /* ---- messages ---- */
 
+/* Adds v to obj under key without copying it when it is an object or an array: deleting the
+ * context then leaves v alone. (cJSON_AddItemReferenceToObject leaks its reference when the
+ * add fails, hence this by hand.) Scalars are copied: they are small. */
+static int add_borrowed(cJSON *obj, const char *key, const cJSON *v)
+{
+    cJSON *ref;
+    if (cJSON_IsObject(v))
+        ref = cJSON_CreateObjectReference(v->child);
+    else if (cJSON_IsArray(v))
+        ref = cJSON_CreateArrayReference(v->child);
+    else
+        ref = cJSON_Duplicate(v, 1);
+    if (!ref)
+        return -1;
+    if (!cJSON_AddItemToObject(obj, key, ref)) {
+        cJSON_Delete(ref);
+        return -1;
+    }
+    return 0;
+}
+
 /* The template context: input, the replies of the succeeded steps and the saga itself. The
- * input and replies are added as references: nothing is copied and deleting the context
- * leaves them alone. */
+ * input and replies are borrowed, not copied. */
 static cJSON *context_build(const struct work *w)
 {
     cJSON *ctx = cJSON_CreateObject();
@@ -312,7 +332,7 @@ static cJSON *context_build(const struct work *w)
     if (!ctx)
         return NULL;
     if (w->st.input) {
-        if (!cJSON_AddItemReferenceToObject(ctx, "input", w->st.input))
+        if (add_borrowed(ctx, "input", w->st.input) < 0)
             goto fail;
     } else if (!cJSON_AddObjectToObject(ctx, "input")) {
         goto fail;
@@ -322,7 +342,7 @@ static cJSON *context_build(const struct work *w)
         goto fail;
     for (cJSON *r = w->st.replies ? w->st.replies->child : NULL; r; r = r->next) {
         cJSON *entry = cJSON_AddObjectToObject(steps, r->string);
-        if (!entry || !cJSON_AddItemReferenceToObject(entry, "reply", r))
+        if (!entry || add_borrowed(entry, "reply", r) < 0)
             goto fail;
     }
     saga = cJSON_AddObjectToObject(ctx, "saga");
