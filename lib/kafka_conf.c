@@ -1,0 +1,71 @@
+#include "kafka_conf.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern char **environ;
+
+int kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, const char *what,
+                   char *err, size_t errlen)
+{
+    char reason[512];
+    if (rd_kafka_conf_set(conf, name, value, reason, sizeof(reason)) != RD_KAFKA_CONF_OK) {
+        snprintf(err, errlen, "%s: %s", what, reason);
+        return -1;
+    }
+    return 0;
+}
+
+int kafka_conf_apply_env(rd_kafka_conf_t *conf, char *err, size_t errlen)
+{
+    for (char **e = environ; *e; e++) {
+        if (strncmp(*e, "KAFKA_", 6))
+            continue;
+        const char *eq = strchr(*e, '=');
+        if (!eq || eq == *e + 6)
+            continue;
+        char var[256], name[256];
+        size_t n = (size_t)(eq - *e);
+        if (n >= sizeof(var))
+            continue;
+        memcpy(var, *e, n);
+        var[n] = '\0';
+        const char *value = eq + 1;
+        char *file_value = NULL;
+        size_t vlen = n;
+        if (n > 11 && !strcmp(var + n - 5, "_FILE")) {
+            FILE *f = fopen(value, "r");
+            if (!f) {
+                snprintf(err, errlen, "%s: cannot read %s: %s", var, value, strerror(errno));
+                return -1;
+            }
+            char buf[8192];
+            size_t len = fread(buf, 1, sizeof(buf) - 1, f);
+            fclose(f);
+            while (len && (buf[len - 1] == '\n' || buf[len - 1] == '\r'))
+                len--;
+            buf[len] = '\0';
+            file_value = strdup(buf);
+            if (!file_value) {
+                snprintf(err, errlen, "out of memory");
+                return -1;
+            }
+            value = file_value;
+            vlen = n - 5;
+        }
+        size_t j = 0;
+        for (size_t i = 6; i < vlen; i++)
+            name[j++] = var[i] == '_' ? '.' : (char)tolower((unsigned char)var[i]);
+        name[j] = '\0';
+        char what[600];
+        snprintf(what, sizeof(what), "environment variable %s (librdkafka property %s)", var, name);
+        int rc = kafka_conf_set(conf, name, value, what, err, errlen);
+        free(file_value);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}

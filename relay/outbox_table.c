@@ -1,0 +1,730 @@
+/* outbox_table: publishes one outbox table, in seq order, through one PostgreSQL session.
+ *
+ * Everything this table does in the database goes through ONE connection, which also holds
+ * the session advisory lock that makes this relay the table's only publisher. That is the
+ * fencing: a relay whose connection (and so whose lock) is gone cannot run anything on it,
+ * and a new connection must win the lock again before it claims or deletes a row.
+ *
+ * Claims do not lock rows and do not wait for acknowledgements (pipeline): the leader keeps
+ * in memory which rows it has claimed and not yet deleted, with `cursor` the highest seq
+ * claimed and `low` the lowest seq claimed and not yet deleted. The next claim reads
+ *   seq < low  (rows committed late with a seq below everything in flight)  and  seq > cursor
+ * so that a transaction that commits after a higher seq was published is still found once
+ * the rows around it are gone. Acknowledged rows are deleted in batches (DELETE ... WHERE seq
+ * = ANY($1)), rejected-for-good rows are moved to <table>_dead_letters, each in one statement.
+ *
+ * Crash at any point: rows are only deleted after Kafka acknowledged them, so a crash (of the
+ * relay, the database connection or the broker) can only make rows be published again, with
+ * the same message-id (the row's id). After a lost connection the in-memory state is
+ * dropped (a new generation) and the table is read again from its head. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+#include "log.h"
+#include "metrics.h"
+#include "relay.h"
+#include "settings.h"
+
+enum row_state { ROW_INFLIGHT, ROW_ACKED, ROW_DEAD, ROW_DONE };
+
+struct batch;
+
+struct topic_label {
+    char *name;
+    char labels[600];
+};
+
+struct row {
+    int64_t seq;
+    uint32_t topic; /* index into the table's topics */
+    struct batch *batch;
+    enum row_state state;
+    char *dead_error; /* owned when ROW_DEAD */
+    int64_t created_ms;
+};
+
+struct batch {
+    struct batch *next;
+    struct outbox_table *table;
+    unsigned gen;      /* the table generation that claimed it */
+    size_t count;      /* rows claimed */
+    size_t unresolved; /* rows still waiting for a delivery report */
+    size_t done;       /* rows deleted or dead-lettered */
+    size_t first_open; /* rows[0 .. first_open) are ROW_DONE */
+    struct row rows[];
+};
+
+enum table_phase {
+    PHASE_DISCONNECTED, /* waiting for the reconnect timer */
+    PHASE_CONNECTING,
+    PHASE_LOCKING,   /* pg_try_advisory_lock in flight */
+    PHASE_STANDBY,   /* another relay leads; retry the lock on a timer */
+    PHASE_LISTENING, /* LISTEN in flight */
+    PHASE_LEADING,
+};
+
+struct row_vec {
+    struct row **items;
+    size_t count, cap;
+};
+
+struct outbox_table {
+    struct relay *relay;
+    const struct outbox_source *src;
+    char label[256];            /* schema.table, for logs */
+    char mlabels[300];          /* table="schema.table", for metrics */
+    struct topic_label *topics; /* every topic seen, for per-topic metrics */
+    size_t topic_count;
+    char redacted[512]; /* the conninfo without password */
+    char *claim_sql;
+    char *delete_sql;
+    char *dead_sql;
+    char lock_key[24];
+    struct pgloop *pg;
+    enum table_phase phase;
+    ev_timer timer; /* reconnect, standby retry, poll fallback */
+    ev_idle kick;   /* runs the next step from the loop */
+    int64_t backoff_ms;
+    unsigned gen;
+    bool claiming; /* false after SIGTERM */
+    bool more;     /* the last claim was full or a NOTIFY arrived */
+    int64_t cursor;
+    size_t inflight; /* claimed rows not yet deleted (this generation) */
+    struct batch *head, *tail;
+    struct row_vec acked;    /* waiting for DELETE */
+    struct row_vec deleting; /* the DELETE in flight */
+    struct row *dead_row;    /* the dead-letter move in flight */
+    struct row_vec dead;     /* waiting for the dead-letter move */
+};
+
+static void step(struct outbox_table *t);
+
+static uint32_t topic_index(struct outbox_table *t, const char *topic)
+{
+    for (size_t i = 0; i < t->topic_count; i++)
+        if (!strcmp(t->topics[i].name, topic))
+            return (uint32_t)i;
+    struct topic_label *grown = realloc(t->topics, (t->topic_count + 1) * sizeof(*grown));
+    if (!grown) {
+        log_error("out of memory adding a topic");
+        abort();
+    }
+    t->topics = grown;
+    struct topic_label *tl = &t->topics[t->topic_count];
+    tl->name = strdup(topic);
+    if (!tl->name) {
+        log_error("out of memory adding a topic");
+        abort();
+    }
+    char topic_label[300];
+    metrics_label(topic_label, sizeof(topic_label), "topic", topic);
+    snprintf(tl->labels, sizeof(tl->labels), "%s,%s", t->mlabels, topic_label);
+    return (uint32_t)t->topic_count++;
+}
+
+static void vec_push(struct row_vec *v, struct row *r)
+{
+    if (v->count == v->cap) {
+        size_t cap = v->cap ? v->cap * 2 : 1024;
+        struct row **items = realloc(v->items, cap * sizeof(*items));
+        if (!items) {
+            log_error("out of memory growing a row list");
+            abort();
+        }
+        v->items = items;
+        v->cap = cap;
+    }
+    v->items[v->count++] = r;
+}
+
+static void kick(struct outbox_table *t)
+{
+    if (!ev_is_active(&t->kick))
+        ev_idle_start(t->relay->loop, &t->kick);
+}
+
+static void batch_free_if_unused(struct batch *b)
+{
+    if (b->unresolved)
+        return;
+    for (size_t i = 0; i < b->count; i++)
+        free(b->rows[i].dead_error);
+    free(b);
+}
+
+/* Forgets every claimed row: they stay in the table and will be claimed again. Batches still
+ * in the producer are freed by their last delivery report. */
+static void reset_state(struct outbox_table *t)
+{
+    t->gen++;
+    struct batch *b = t->head;
+    while (b) {
+        struct batch *next = b->next;
+        b->next = NULL;
+        batch_free_if_unused(b);
+        b = next;
+    }
+    t->head = t->tail = NULL;
+    t->acked.count = t->deleting.count = t->dead.count = 0;
+    t->dead_row = NULL;
+    t->cursor = 0;
+    t->inflight = 0;
+    t->more = true;
+}
+
+static void mark_done(struct outbox_table *t, struct row *r)
+{
+    r->state = ROW_DONE;
+    r->batch->done++;
+    t->inflight--;
+}
+
+/* Drops fully deleted batches from the head and returns the lowest seq not yet deleted,
+ * or cursor + 1 when nothing is claimed. */
+static int64_t low_watermark(struct outbox_table *t)
+{
+    while (t->head && t->head->done == t->head->count && !t->head->unresolved) {
+        struct batch *b = t->head;
+        t->head = b->next;
+        if (!t->head)
+            t->tail = NULL;
+        batch_free_if_unused(b);
+    }
+    int64_t low = t->cursor + 1;
+    for (struct batch *b = t->head; b; b = b->next) {
+        while (b->first_open < b->count && b->rows[b->first_open].state == ROW_DONE)
+            b->first_open++;
+        if (b->first_open < b->count && b->rows[b->first_open].seq < low)
+            low = b->rows[b->first_open].seq;
+    }
+    return low;
+}
+
+static void set_phase(struct outbox_table *t, enum table_phase phase)
+{
+    t->phase = phase;
+    metrics_gauge_set("relay_table_leader", t->mlabels, phase == PHASE_LEADING ? 1 : 0);
+}
+
+static void schedule(struct outbox_table *t, int64_t ms)
+{
+    ev_timer_stop(t->relay->loop, &t->timer);
+    ev_timer_set(&t->timer, (double)ms / 1000.0, 0.0);
+    ev_timer_start(t->relay->loop, &t->timer);
+}
+
+static void connection_lost(struct outbox_table *t)
+{
+    if (t->phase == PHASE_LEADING)
+        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->pg)),
+               "lost the database connection; leadership released, claimed rows will be "
+               "published again");
+    else
+        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->pg)),
+               "cannot connect to the database; retrying");
+    pgloop_close(t->pg);
+    reset_state(t);
+    set_phase(t, PHASE_DISCONNECTED);
+    metrics_counter_add("relay_db_reconnects_total", t->mlabels, 1);
+    schedule(t, t->backoff_ms);
+    t->backoff_ms *= 2;
+    if (t->backoff_ms > t->relay->settings.reconnect_max_ms)
+        t->backoff_ms = t->relay->settings.reconnect_max_ms;
+}
+
+static void state_cb(struct pgloop *pg, bool ok, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!ok) {
+        connection_lost(t);
+        return;
+    }
+    log_at(LOG_DEBUG, LOG_FIELDS("table", t->label), "connected");
+    set_phase(t, PHASE_LOCKING);
+    kick(t);
+}
+
+static void notify_cb(struct pgloop *pg, const char *channel, const char *payload, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (payload && strcmp(payload, t->label))
+        return; /* another table of the same database */
+    t->more = true;
+    kick(t);
+}
+
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct outbox_table *t = w->data;
+    switch (t->phase) {
+    case PHASE_DISCONNECTED:
+        set_phase(t, PHASE_CONNECTING);
+        if (pgloop_connect(t->pg))
+            connection_lost(t);
+        return;
+    case PHASE_STANDBY:
+        set_phase(t, PHASE_LOCKING);
+        kick(t);
+        return;
+    case PHASE_LEADING:
+        t->more = true; /* fallback poll: notifications are lost while disconnected */
+        kick(t);
+        return;
+    default:
+        return;
+    }
+}
+
+static void kick_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+    struct outbox_table *t = w->data;
+    ev_idle_stop(loop, w);
+    step(t);
+}
+
+static bool result_ok(struct outbox_table *t, PGresult *res, const char *what)
+{
+    if (!res)
+        return false; /* connection lost: state_cb follows */
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
+        return true;
+    const char *msg = PQresultErrorMessage(res);
+    log_at(LOG_ERROR, LOG_FIELDS("table", t->label, "error", msg), "%s failed", what);
+    return false;
+}
+
+static void lock_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!result_ok(t, res, "leader lock")) {
+        if (res)
+            schedule(t, t->relay->settings.leader_retry_ms);
+        return;
+    }
+    if (strcmp(PQgetvalue(res, 0, 0), "t")) {
+        if (t->phase != PHASE_STANDBY)
+            log_at(LOG_INFO, LOG_FIELDS("table", t->label),
+                   "another relay publishes this table; standing by");
+        set_phase(t, PHASE_STANDBY);
+        schedule(t, t->relay->settings.leader_retry_ms);
+        return;
+    }
+    set_phase(t, PHASE_LISTENING);
+    kick(t);
+}
+
+static void listen_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!result_ok(t, res, "LISTEN"))
+        return;
+    log_at(LOG_INFO, LOG_FIELDS("table", t->label), "leading: publishing this table");
+    t->backoff_ms = 100;
+    reset_state(t);
+    set_phase(t, PHASE_LEADING);
+    kick(t);
+}
+
+static rd_kafka_headers_t *make_headers(const char *id, const char *event_type, const char *extra,
+                                        size_t extra_len)
+{
+    rd_kafka_headers_t *h = rd_kafka_headers_new(12);
+    rd_kafka_header_add(h, "message-id", -1, id, -1);
+    rd_kafka_header_add(h, "event-type", -1, event_type, -1);
+    if (extra_len <= 2)
+        return h; /* "{}" */
+    cJSON *obj = cJSON_ParseWithLength(extra, extra_len);
+    if (cJSON_IsObject(obj)) {
+        for (cJSON *c = obj->child; c; c = c->next) {
+            if (!strcmp(c->string, "message-id") || !strcmp(c->string, "event-type"))
+                continue; /* the row's own columns win */
+            if (cJSON_IsString(c)) {
+                rd_kafka_header_add(h, c->string, -1, c->valuestring, -1);
+            } else {
+                char *text = cJSON_PrintUnformatted(c);
+                if (text)
+                    rd_kafka_header_add(h, c->string, -1, text, -1);
+                free(text);
+            }
+        }
+    }
+    cJSON_Delete(obj);
+    return h;
+}
+
+static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!result_ok(t, res, "claim")) {
+        if (res)
+            schedule(t, 1000);
+        return;
+    }
+    int n = PQntuples(res);
+    t->more = n >= t->relay->settings.batch_size;
+    if (n == 0) {
+        kick(t);
+        return;
+    }
+    struct batch *b = calloc(1, sizeof(*b) + (size_t)n * sizeof(struct row));
+    if (!b) {
+        log_error("out of memory claiming %d rows", n);
+        abort();
+    }
+    b->table = t;
+    b->gen = t->gen;
+    int produced = 0;
+    for (int i = 0; i < n; i++) {
+        struct row *r = &b->rows[i];
+        r->seq = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        r->batch = b;
+        r->created_ms = strtoll(PQgetvalue(res, i, 7), NULL, 10);
+        const char *id = PQgetvalue(res, i, 1);
+        const char *topic = PQgetvalue(res, i, 2);
+        r->topic = topic_index(t, topic);
+        bool key_null = PQgetisnull(res, i, 3);
+        const char *key = PQgetvalue(res, i, 3);
+        rd_kafka_headers_t *h = make_headers(id, PQgetvalue(res, i, 4), PQgetvalue(res, i, 6),
+                                             (size_t)PQgetlength(res, i, 6));
+        b->count++;
+        b->unresolved++;
+        rd_kafka_resp_err_t err = relay_produce(
+            t->relay, topic, key_null ? NULL : key, key_null ? 0 : (size_t)PQgetlength(res, i, 3),
+            PQgetvalue(res, i, 5), (size_t)PQgetlength(res, i, 5), r->created_ms, h, r);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            produced++;
+            t->inflight++;
+            if (r->seq > t->cursor)
+                t->cursor = r->seq;
+            continue;
+        }
+        rd_kafka_headers_destroy(h);
+        b->unresolved--;
+        if (relay_error_is_permanent(err)) {
+            t->inflight++;
+            if (r->seq > t->cursor)
+                t->cursor = r->seq;
+            r->state = ROW_DEAD;
+            r->dead_error = strdup(rd_kafka_err2str(err));
+            vec_push(&t->dead, r);
+            continue;
+        }
+        /* Transient (local queue full): leave this row and the rest of the batch in the
+         * table; they are above cursor and will be claimed again. */
+        b->count--;
+        log_at(LOG_WARN,
+               LOG_FIELDS("table", t->label, "topic", topic, "error", rd_kafka_err2str(err)),
+               "producer queue refused a message; claiming it again later");
+        t->more = false;
+        schedule(t, 100);
+        break;
+    }
+    if (b->count == 0) {
+        free(b);
+    } else {
+        if (t->tail)
+            t->tail->next = b;
+        else
+            t->head = b;
+        t->tail = b;
+    }
+    metrics_counter_add("relay_rows_claimed_total", t->mlabels, (uint64_t)produced);
+    metrics_histogram_observe("relay_claim_batch_rows", t->mlabels, (double)n);
+    kick(t);
+}
+
+static void delete_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!result_ok(t, res, "delete")) {
+        /* Not deleted: on a live connection (a statement error) try again; a lost
+         * connection resets the state and the rows are published again. */
+        if (res) {
+            for (size_t i = 0; i < t->deleting.count; i++)
+                vec_push(&t->acked, t->deleting.items[i]);
+            t->deleting.count = 0;
+            schedule(t, 1000);
+        }
+        return;
+    }
+    for (size_t i = 0; i < t->deleting.count; i++)
+        mark_done(t, t->deleting.items[i]);
+    metrics_counter_add("relay_rows_deleted_total", t->mlabels, (uint64_t)t->deleting.count);
+    t->deleting.count = 0;
+    kick(t);
+}
+
+static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    struct row *r = t->dead_row;
+    t->dead_row = NULL;
+    if (!result_ok(t, res, "dead-letter move")) {
+        if (res && r) {
+            vec_push(&t->dead, r);
+            schedule(t, 1000);
+        }
+        return;
+    }
+    if (r) {
+        char seq[24];
+        snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
+        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "seq", seq, "error", r->dead_error),
+               "row rejected by Kafka for good; moved to the dead-letter table");
+        metrics_counter_add("relay_dead_letters_total", t->mlabels, 1);
+        mark_done(t, r);
+    }
+    kick(t);
+}
+
+static void send_delete(struct outbox_table *t)
+{
+    /* Build '{1,2,3}' from the acknowledged rows. */
+    size_t cap = t->acked.count * 21 + 3;
+    char *arr = malloc(cap);
+    if (!arr) {
+        log_error("out of memory deleting rows");
+        abort();
+    }
+    size_t len = 0;
+    arr[len++] = '{';
+    for (size_t i = 0; i < t->acked.count; i++)
+        len += (size_t)snprintf(arr + len, cap - len, "%s%" PRId64, i ? "," : "",
+                                t->acked.items[i]->seq);
+    arr[len++] = '}';
+    arr[len] = '\0';
+    struct row_vec tmp = t->deleting;
+    t->deleting = t->acked;
+    t->acked = tmp;
+    t->acked.count = 0;
+    const char *params[1] = {arr};
+    if (pgloop_query(t->pg, t->delete_sql, 1, params, delete_result_cb, t)) {
+        for (size_t i = 0; i < t->deleting.count; i++)
+            vec_push(&t->acked, t->deleting.items[i]);
+        t->deleting.count = 0;
+    }
+    free(arr);
+}
+
+static void send_dead(struct outbox_table *t)
+{
+    struct row *r = t->dead.items[--t->dead.count];
+    char seq[24];
+    snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
+    const char *params[2] = {seq, r->dead_error ? r->dead_error : "rejected"};
+    t->dead_row = r;
+    if (pgloop_query(t->pg, t->dead_sql, 2, params, dead_result_cb, t)) {
+        t->dead_row = NULL;
+        vec_push(&t->dead, r);
+    }
+}
+
+static void send_claim(struct outbox_table *t)
+{
+    char low[24], cursor[24], limit[24];
+    snprintf(low, sizeof(low), "%" PRId64, low_watermark(t));
+    snprintf(cursor, sizeof(cursor), "%" PRId64, t->cursor);
+    int64_t room = (int64_t)t->relay->settings.max_inflight - (int64_t)t->inflight;
+    if (room > t->relay->settings.batch_size)
+        room = t->relay->settings.batch_size;
+    snprintf(limit, sizeof(limit), "%" PRId64, room);
+    const char *params[3] = {low, cursor, limit};
+    t->more = false;
+    if (pgloop_query(t->pg, t->claim_sql, 3, params, claim_result_cb, t))
+        t->more = true;
+}
+
+/* The one place that decides what this table's connection does next. */
+static void step(struct outbox_table *t)
+{
+    if (!pgloop_ready(t->pg) || pgloop_busy(t->pg))
+        return;
+    switch (t->phase) {
+    case PHASE_LOCKING: {
+        const char *params[1] = {t->lock_key};
+        if (pgloop_query(t->pg, "SELECT pg_try_advisory_lock($1::bigint)", 1, params,
+                         lock_result_cb, t))
+            return;
+        return;
+    }
+    case PHASE_LISTENING:
+        if (pgloop_query(t->pg, "LISTEN saga_outbox", 0, NULL, listen_result_cb, t))
+            return; /* a failed send is reported through state_cb */
+        return;
+    case PHASE_LEADING:
+        break;
+    default:
+        return;
+    }
+    if (t->acked.count) {
+        send_delete(t);
+        return;
+    }
+    if (t->dead.count) {
+        send_dead(t);
+        return;
+    }
+    if (t->claiming && t->more && !t->relay->stopping &&
+        t->inflight < (size_t)t->relay->settings.max_inflight) {
+        send_claim(t);
+        return;
+    }
+    /* Idle: wait for a NOTIFY, an acknowledgement or the fallback poll. */
+    if (!ev_is_active(&t->timer))
+        schedule(t, t->relay->settings.poll_ms);
+}
+
+void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const char *errstr,
+                            int32_t partition, int64_t offset)
+{
+    struct row *r = row_opaque;
+    struct batch *b = r->batch;
+    struct outbox_table *t = b->table;
+    b->unresolved--;
+    if (b->gen != t->gen) {
+        /* Claimed before a reset: the row is still in the table and is claimed again. The
+         * reset detached this batch; its last report frees it. */
+        batch_free_if_unused(b);
+        return;
+    }
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        r->state = ROW_ACKED;
+        vec_push(&t->acked, r);
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+        metrics_histogram_observe("relay_commit_to_ack_seconds", t->mlabels,
+                                  (double)(now_ms - r->created_ms) / 1000.0);
+        metrics_counter_add("relay_rows_published_total", t->topics[r->topic].labels, 1);
+    } else if (relay_error_is_permanent(err)) {
+        r->state = ROW_DEAD;
+        r->dead_error = strdup(errstr ? errstr : rd_kafka_err2str(err));
+        vec_push(&t->dead, r);
+    } else {
+        /* A transient failure the producer gave up on: start over from the table so that
+         * order per key holds (what was delivered meanwhile is published again, same
+         * message-id). */
+        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
+               "delivery failed; publishing the table again from its first row");
+        metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
+        reset_state(t); /* frees b too once nothing in the producer refers to it */
+    }
+    kick(t);
+}
+
+struct outbox_table *outbox_table_create(struct relay *relay, const struct outbox_source *src)
+{
+    struct outbox_table *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->relay = relay;
+    t->src = src;
+    snprintf(t->label, sizeof(t->label), "%s.%s", src->schema, src->table);
+    metrics_label(t->mlabels, sizeof(t->mlabels), "table", t->label);
+    settings_redact_conninfo(src->conninfo, t->redacted, sizeof(t->redacted));
+    uint64_t h = 1469598103934665603ULL;
+    const char *prefix = "saga-relay:";
+    for (const char *p = prefix; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    for (const char *p = t->label; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    snprintf(t->lock_key, sizeof(t->lock_key), "%" PRId64, (int64_t)h);
+    /* Identifiers were validated by relay_config_load ([A-Za-z_][A-Za-z0-9_]*); quoting keeps
+     * them exact. */
+    char q[600];
+    snprintf(q, sizeof(q), "\"%s\".\"%s\"", src->schema, src->table);
+    if (asprintf(&t->claim_sql,
+                 "SELECT seq, id::text, topic, key, event_type, payload::text, headers::text, "
+                 "(extract(epoch FROM created_at) * 1000)::bigint FROM ("
+                 "(SELECT * FROM %s WHERE seq < $1::bigint ORDER BY seq LIMIT $3::int) UNION ALL "
+                 "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
+                 "ORDER BY seq LIMIT $3::int",
+                 q, q) < 0 ||
+        asprintf(&t->delete_sql, "DELETE FROM %s WHERE seq = ANY($1::bigint[])", q) < 0 ||
+        asprintf(&t->dead_sql,
+                 "WITH moved AS (DELETE FROM %s WHERE seq = $1::bigint RETURNING *) "
+                 "INSERT INTO \"%s\".\"%s_dead_letters\" "
+                 "(id, seq, topic, key, event_type, payload, headers, created_at, error) "
+                 "SELECT id, seq, topic, key, event_type, payload, headers, created_at, $2 "
+                 "FROM moved",
+                 q, src->schema, src->table) < 0) {
+        outbox_table_destroy(t);
+        return NULL;
+    }
+    t->pg = pgloop_create(relay->loop, src->conninfo, state_cb, notify_cb, t);
+    if (!t->pg) {
+        outbox_table_destroy(t);
+        return NULL;
+    }
+    ev_init(&t->timer, timer_cb);
+    t->timer.data = t;
+    ev_idle_init(&t->kick, kick_cb);
+    t->kick.data = t;
+    t->claiming = true;
+    t->backoff_ms = 100;
+    t->phase = PHASE_DISCONNECTED;
+    return t;
+}
+
+void outbox_table_start(struct outbox_table *t)
+{
+    schedule(t, 0);
+}
+
+void outbox_table_stop_claiming(struct outbox_table *t)
+{
+    t->claiming = false;
+    kick(t);
+}
+
+bool outbox_table_drained(const struct outbox_table *t)
+{
+    if (t->phase != PHASE_LEADING)
+        return true; /* nothing of ours can be deleted without the lock anyway */
+    return t->inflight == 0 && !pgloop_busy(t->pg);
+}
+
+void outbox_table_describe(const struct outbox_table *t, char *buf, size_t size, bool *ready)
+{
+    static const char *const names[] = {"disconnected", "connecting", "locking",
+                                        "standby",      "listening",  "leading"};
+    size_t len = strlen(buf);
+    snprintf(buf + len, size - len, "%s %s inflight=%zu\n", t->label, names[t->phase], t->inflight);
+    if (t->phase != PHASE_LEADING && t->phase != PHASE_STANDBY)
+        *ready = false;
+}
+
+void outbox_table_destroy(struct outbox_table *t)
+{
+    if (!t)
+        return;
+    if (t->relay && t->relay->loop) {
+        ev_timer_stop(t->relay->loop, &t->timer);
+        ev_idle_stop(t->relay->loop, &t->kick);
+    }
+    pgloop_destroy(t->pg);
+    struct batch *b = t->head;
+    while (b) {
+        struct batch *next = b->next;
+        for (size_t i = 0; i < b->count; i++)
+            free(b->rows[i].dead_error);
+        free(b);
+        b = next;
+    }
+    for (size_t i = 0; i < t->topic_count; i++)
+        free(t->topics[i].name);
+    free(t->topics);
+    free(t->acked.items);
+    free(t->deleting.items);
+    free(t->dead.items);
+    free(t->claim_sql);
+    free(t->delete_sql);
+    free(t->dead_sql);
+    free(t);
+}

@@ -1,0 +1,100 @@
+/* relay: the outbox relay's shared types. See ARCHITECTURE.md for the data flow:
+ * outbox table --(claim, pgloop)--> producer --(delivery report)--> delete / dead-letter. */
+#ifndef SAGA_RELAY_H
+#define SAGA_RELAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <ev.h>
+#include <librdkafka/rdkafka.h>
+
+#include "pgloop.h"
+
+struct relay;
+struct outbox_table;
+
+/* Settings of the relay process (relay/relay_config.c). */
+struct relay_settings {
+    char *database_url;  /* RELAY_DATABASE_URL: source of RELAY_OUTBOX_TABLES */
+    char *kafka_brokers; /* RELAY_KAFKA_BROKERS */
+    char *outbox_tables; /* RELAY_OUTBOX_TABLES */
+    char *config_file;   /* RELAY_CONFIG */
+    char *admin_addr;    /* RELAY_ADMIN_ADDR */
+    char *log_level;     /* RELAY_LOG_LEVEL */
+    int batch_size;      /* rows per claim */
+    int max_inflight;    /* claimed rows not yet deleted, per table */
+    int64_t poll_ms;     /* fallback poll when no NOTIFY arrives */
+    int64_t leader_retry_ms;
+    int64_t reconnect_max_ms;
+    int64_t drain_timeout_ms; /* SIGTERM: how long to wait for acknowledgements */
+    int64_t linger_ms;
+};
+
+/* One outbox table of one database. */
+struct outbox_source {
+    char *conninfo; /* owned */
+    char *schema;   /* owned */
+    char *table;    /* owned */
+};
+
+/* Parses the settings and the sources (RELAY_OUTBOX_TABLES against RELAY_DATABASE_URL, plus
+ * every source of RELAY_CONFIG). Returns 0, 1 for --help, or -1 with err naming the setting.
+ * *sources is a new array the caller frees with relay_sources_free(). */
+__attribute__((warn_unused_result)) int relay_config_load(int argc, char **argv,
+                                                          struct relay_settings *settings,
+                                                          struct outbox_source **sources,
+                                                          size_t *count, char *err, size_t errlen);
+void relay_sources_free(struct outbox_source *sources, size_t count);
+void relay_settings_free(struct relay_settings *settings);
+
+/* Checks, with a blocking connection before the loop starts, that the table and its dead-letter
+ * table exist with the columns the relay needs. Returns 0, or -1 with err naming the
+ * table and the column (the caller exits 2). */
+__attribute__((warn_unused_result)) int outbox_table_check(const struct outbox_source *src,
+                                                           char *err, size_t errlen);
+
+/* Creates the publisher of one table (not started). src is borrowed for the table's life. */
+struct outbox_table *outbox_table_create(struct relay *relay, const struct outbox_source *src);
+void outbox_table_destroy(struct outbox_table *t);
+
+/* Starts connecting (and then leading or standing by). */
+void outbox_table_start(struct outbox_table *t);
+
+/* Stop claiming; keep deleting what is acknowledged. */
+void outbox_table_stop_claiming(struct outbox_table *t);
+
+/* True when nothing claimed is left unresolved (all acknowledged rows deleted). */
+bool outbox_table_drained(const struct outbox_table *t);
+
+/* Readiness for /readyz: appends "label role state\n" to buf. */
+void outbox_table_describe(const struct outbox_table *t, char *buf, size_t size, bool *ready);
+
+/* Delivery report for one message produced by this table (called by the producer). */
+void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const char *errstr,
+                            int32_t partition, int64_t offset);
+
+struct relay {
+    struct ev_loop *loop;
+    struct relay_settings settings;
+    rd_kafka_t *producer;
+    struct outbox_table **tables;
+    size_t table_count;
+    bool stopping;
+    bool kafka_up;
+    ev_io kafka_io;
+    ev_timer kafka_poll;
+    int kafka_event_fds[2];
+};
+
+/* Produces one message; on failure returns the error (the row is not in flight). Headers are
+ * taken over on success. */
+rd_kafka_resp_err_t relay_produce(struct relay *relay, const char *topic, const char *key,
+                                  size_t key_len, const char *value, size_t value_len,
+                                  int64_t timestamp_ms, rd_kafka_headers_t *headers, void *opaque);
+
+/* True for errors that no retry can fix: the row goes to the dead-letter table. */
+bool relay_error_is_permanent(rd_kafka_resp_err_t err);
+
+#endif

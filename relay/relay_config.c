@@ -1,0 +1,483 @@
+/* relay_config: the relay's settings table, its sources, and the start-up table check. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <libpq-fe.h>
+
+#include "relay.h"
+#include "settings.h"
+
+#define SETTINGS_TABLE(s)                                                                          \
+    {                                                                                              \
+        {"database-url",                                                                           \
+         "RELAY_DATABASE_URL",                                                                     \
+         SETTING_STRING,                                                                           \
+         &(s)->database_url,                                                                       \
+         NULL,                                                                                     \
+         "libpq conninfo or URI of the database of RELAY_OUTBOX_TABLES",                           \
+         true,                                                                                     \
+         0,                                                                                        \
+         0},                                                                                       \
+            {"kafka-brokers",                                                                      \
+             "RELAY_KAFKA_BROKERS",                                                                \
+             SETTING_STRING,                                                                       \
+             &(s)->kafka_brokers,                                                                  \
+             NULL,                                                                                 \
+             "Kafka bootstrap servers (host:port,...)",                                            \
+             false,                                                                                \
+             0,                                                                                    \
+             0},                                                                                   \
+            {"outbox-tables",                                                                      \
+             "RELAY_OUTBOX_TABLES",                                                                \
+             SETTING_STRING,                                                                       \
+             &(s)->outbox_tables,                                                                  \
+             "saga.outbox",                                                                        \
+             "comma list of schema.table",                                                         \
+             false,                                                                                \
+             0,                                                                                    \
+             0},                                                                                   \
+            {"config",                                                                             \
+             "RELAY_CONFIG",                                                                       \
+             SETTING_STRING,                                                                       \
+             &(s)->config_file,                                                                    \
+             NULL,                                                                                 \
+             "JSON file with several sources (databases and their tables)",                        \
+             false,                                                                                \
+             0,                                                                                    \
+             0},                                                                                   \
+            {"admin-addr",                                                                         \
+             "RELAY_ADMIN_ADDR",                                                                   \
+             SETTING_STRING,                                                                       \
+             &(s)->admin_addr,                                                                     \
+             "127.0.0.1:9188",                                                                     \
+             "host:port of /healthz, /readyz and /metrics (empty: off)",                           \
+             false,                                                                                \
+             0,                                                                                    \
+             0},                                                                                   \
+            {"log-level",                                                                          \
+             "RELAY_LOG_LEVEL",                                                                    \
+             SETTING_STRING,                                                                       \
+             &(s)->log_level,                                                                      \
+             "info",                                                                               \
+             "debug, info, warn or error",                                                         \
+             false,                                                                                \
+             0,                                                                                    \
+             0},                                                                                   \
+            {"batch-size", "RELAY_BATCH_SIZE", SETTING_INT, &(s)->batch_size,                      \
+             "1000",       "rows per claim",   false,       1,                                     \
+             100000},                                                                              \
+            {"max-inflight", "RELAY_MAX_INFLIGHT",                                                 \
+             SETTING_INT,    &(s)->max_inflight,                                                   \
+             "50000",        "claimed rows not yet deleted, per table",                            \
+             false,          1,                                                                    \
+             10000000},                                                                            \
+            {"poll-interval",                                                                      \
+             "RELAY_POLL_INTERVAL",                                                                \
+             SETTING_DURATION,                                                                     \
+             &(s)->poll_ms,                                                                        \
+             "500ms",                                                                              \
+             "fallback poll when no notification arrives",                                         \
+             false,                                                                                \
+             1,                                                                                    \
+             3600000},                                                                             \
+            {"leader-retry",                                                                       \
+             "RELAY_LEADER_RETRY",                                                                 \
+             SETTING_DURATION,                                                                     \
+             &(s)->leader_retry_ms,                                                                \
+             "1s",                                                                                 \
+             "how often a standby tries to take a table over",                                     \
+             false,                                                                                \
+             10,                                                                                   \
+             3600000},                                                                             \
+            {"reconnect-max",                                                                      \
+             "RELAY_RECONNECT_MAX",                                                                \
+             SETTING_DURATION,                                                                     \
+             &(s)->reconnect_max_ms,                                                               \
+             "10s",                                                                                \
+             "longest wait between reconnection attempts",                                         \
+             false,                                                                                \
+             100,                                                                                  \
+             3600000},                                                                             \
+            {"drain-timeout",                                                                      \
+             "RELAY_DRAIN_TIMEOUT",                                                                \
+             SETTING_DURATION,                                                                     \
+             &(s)->drain_timeout_ms,                                                               \
+             "30s",                                                                                \
+             "on SIGTERM, how long to wait for acknowledgements",                                  \
+             false,                                                                                \
+             0,                                                                                    \
+             3600000},                                                                             \
+            {"linger",                                                                             \
+             "RELAY_LINGER",                                                                       \
+             SETTING_DURATION,                                                                     \
+             &(s)->linger_ms,                                                                      \
+             "5ms",                                                                                \
+             "producer linger.ms (batching delay)",                                                \
+             false,                                                                                \
+             0,                                                                                    \
+             60000},                                                                               \
+    }
+
+static bool ident_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > 63 || !(isalpha((unsigned char)s[0]) || s[0] == '_'))
+        return false;
+    for (size_t i = 1; i < n; i++)
+        if (!(isalnum((unsigned char)s[i]) || s[i] == '_'))
+            return false;
+    return true;
+}
+
+/* "schema.table" -> source; error names the setting. */
+static int add_table(struct outbox_source **srcs, size_t *count, const char *conninfo,
+                     const char *spec, const char *where, char *err, size_t errlen)
+{
+    while (isspace((unsigned char)*spec))
+        spec++;
+    size_t n = strlen(spec);
+    while (n && isspace((unsigned char)spec[n - 1]))
+        n--;
+    const char *dot = memchr(spec, '.', n);
+    if (!dot || !ident_ok(spec, (size_t)(dot - spec)) ||
+        !ident_ok(dot + 1, n - (size_t)(dot - spec) - 1)) {
+        snprintf(err, errlen,
+                 "%s: \"%.*s\" is not a table name like schema.outbox (letters, digits, _)", where,
+                 (int)n, spec);
+        return -1;
+    }
+    for (size_t i = 0; i < *count; i++) {
+        if (!strcmp((*srcs)[i].conninfo, conninfo) &&
+            strlen((*srcs)[i].schema) == (size_t)(dot - spec) &&
+            !strncmp((*srcs)[i].schema, spec, (size_t)(dot - spec)) &&
+            !strncmp((*srcs)[i].table, dot + 1, n - (size_t)(dot - spec) - 1) &&
+            strlen((*srcs)[i].table) == n - (size_t)(dot - spec) - 1) {
+            snprintf(err, errlen, "%s: table %.*s is listed twice", where, (int)n, spec);
+            return -1;
+        }
+    }
+    struct outbox_source *grown = realloc(*srcs, (*count + 1) * sizeof(**srcs));
+    if (!grown) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    *srcs = grown;
+    struct outbox_source *s = &grown[*count];
+    s->conninfo = strdup(conninfo);
+    s->schema = strndup(spec, (size_t)(dot - spec));
+    s->table = strndup(dot + 1, n - (size_t)(dot - spec) - 1);
+    (*count)++;
+    if (!s->conninfo || !s->schema || !s->table) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_conninfo(const char *conninfo, const char *where, char *err, size_t errlen)
+{
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &msg);
+    if (!opts) {
+        /* libpq's message names the bad keyword, never a password value. */
+        size_t n = msg ? strlen(msg) : 0;
+        while (n && msg[n - 1] == '\n')
+            msg[--n] = '\0';
+        snprintf(err, errlen, "%s: malformed connection string: %s", where,
+                 msg ? msg : "cannot parse");
+        PQfreemem(msg);
+        return -1;
+    }
+    PQconninfoFree(opts);
+    return 0;
+}
+
+static int load_config_file(const char *path, struct outbox_source **srcs, size_t *count, char *err,
+                            size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "RELAY_CONFIG: cannot read %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char *text = NULL;
+    size_t len = 0, cap = 0;
+    for (;;) {
+        if (len + 4096 > cap) {
+            cap = cap ? cap * 2 : 8192;
+            char *grown = realloc(text, cap);
+            if (!grown) {
+                free(text);
+                fclose(f);
+                snprintf(err, errlen, "out of memory");
+                return -1;
+            }
+            text = grown;
+        }
+        size_t n = fread(text + len, 1, cap - len - 1, f);
+        len += n;
+        if (n == 0)
+            break;
+    }
+    fclose(f);
+    text[len] = '\0';
+    int rc = -1;
+    cJSON *doc = cJSON_ParseWithLength(text, len);
+    if (!doc) {
+        const char *at = cJSON_GetErrorPtr();
+        int line = 1, col = 1;
+        for (const char *p = text; at && p < at && *p; p++) {
+            if (*p == '\n') {
+                line++;
+                col = 1;
+            } else {
+                col++;
+            }
+        }
+        snprintf(err, errlen, "%s:%d:%d: invalid JSON", path, line, col);
+        goto out;
+    }
+    cJSON *sources = cJSON_GetObjectItemCaseSensitive(doc, "sources");
+    if (!cJSON_IsObject(doc) || !cJSON_IsArray(sources)) {
+        snprintf(err, errlen, "%s: $.sources: expected an array of sources", path);
+        goto out;
+    }
+    for (cJSON *c = doc->child; c; c = c->next) {
+        if (strcmp(c->string, "sources")) {
+            snprintf(err, errlen, "%s: $.%s: unknown key", path, c->string);
+            goto out;
+        }
+    }
+    int i = 0;
+    for (cJSON *s = sources->child; s; s = s->next, i++) {
+        char where[512];
+        if (!cJSON_IsObject(s)) {
+            snprintf(err, errlen, "%s: $.sources[%d]: expected an object", path, i);
+            goto out;
+        }
+        for (cJSON *c = s->child; c; c = c->next) {
+            if (strcmp(c->string, "name") && strcmp(c->string, "database_url") &&
+                strcmp(c->string, "database_url_env") && strcmp(c->string, "tables")) {
+                snprintf(err, errlen,
+                         "%s: $.sources[%d].%s: unknown key (known: name, database_url, "
+                         "database_url_env, tables)",
+                         path, i, c->string);
+                goto out;
+            }
+        }
+        cJSON *url = cJSON_GetObjectItemCaseSensitive(s, "database_url");
+        cJSON *url_env = cJSON_GetObjectItemCaseSensitive(s, "database_url_env");
+        cJSON *tables = cJSON_GetObjectItemCaseSensitive(s, "tables");
+        const char *conninfo = NULL;
+        if (cJSON_IsString(url) && !url_env) {
+            conninfo = url->valuestring;
+            snprintf(where, sizeof(where), "%s: $.sources[%d].database_url", path, i);
+        } else if (cJSON_IsString(url_env) && !url) {
+            conninfo = getenv(url_env->valuestring);
+            snprintf(where, sizeof(where), "%s: $.sources[%d].database_url_env (%s)", path, i,
+                     url_env->valuestring);
+            if (!conninfo) {
+                snprintf(err, errlen, "%s: the variable is not set", where);
+                goto out;
+            }
+        } else {
+            snprintf(err, errlen,
+                     "%s: $.sources[%d]: needs exactly one of database_url or database_url_env",
+                     path, i);
+            goto out;
+        }
+        if (check_conninfo(conninfo, where, err, errlen))
+            goto out;
+        if (!cJSON_IsArray(tables) || !cJSON_GetArraySize(tables)) {
+            snprintf(err, errlen, "%s: $.sources[%d].tables: expected a non-empty array", path, i);
+            goto out;
+        }
+        int j = 0;
+        for (cJSON *tb = tables->child; tb; tb = tb->next, j++) {
+            char twhere[600];
+            snprintf(twhere, sizeof(twhere), "%s: $.sources[%d].tables[%d]", path, i, j);
+            if (!cJSON_IsString(tb)) {
+                snprintf(err, errlen, "%s: expected a string", twhere);
+                goto out;
+            }
+            if (add_table(srcs, count, conninfo, tb->valuestring, twhere, err, errlen))
+                goto out;
+        }
+    }
+    rc = 0;
+out:
+    cJSON_Delete(doc);
+    free(text);
+    return rc;
+}
+
+int relay_config_load(int argc, char **argv, struct relay_settings *settings,
+                      struct outbox_source **sources, size_t *count, char *err, size_t errlen)
+{
+    struct setting table[] = SETTINGS_TABLE(settings);
+    size_t n = sizeof(table) / sizeof(table[0]);
+    *sources = NULL;
+    *count = 0;
+    int rc = settings_load(table, n, argc, argv, "outbox-relay", err, errlen);
+    if (rc)
+        return rc;
+    if (!settings->kafka_brokers || !*settings->kafka_brokers) {
+        snprintf(err, errlen, "RELAY_KAFKA_BROKERS (--kafka-brokers) is required");
+        return -1;
+    }
+    if (strcmp(settings->log_level, "debug") && strcmp(settings->log_level, "info") &&
+        strcmp(settings->log_level, "warn") && strcmp(settings->log_level, "error")) {
+        snprintf(err, errlen,
+                 "RELAY_LOG_LEVEL (--log-level): \"%s\" is not one of debug, info, warn, error",
+                 settings->log_level);
+        return -1;
+    }
+    /* RELAY_OUTBOX_TABLES goes with RELAY_DATABASE_URL (or libpq's PG* variables) unless
+     * RELAY_CONFIG alone names the sources. */
+    bool tables_given = getenv("RELAY_OUTBOX_TABLES") != NULL;
+    for (int i = 0; i < argc; i++)
+        if (!strncmp(argv[i], "--outbox-tables", 15))
+            tables_given = true;
+    if (settings->database_url || !settings->config_file || tables_given) {
+        const char *conninfo = settings->database_url ? settings->database_url : "";
+        if (check_conninfo(conninfo, "RELAY_DATABASE_URL (--database-url)", err, errlen))
+            return -1;
+        char *list = strdup(settings->outbox_tables);
+        if (!list) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        char *save = NULL;
+        int any = 0;
+        for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            any = 1;
+            if (add_table(sources, count, conninfo, tok, "RELAY_OUTBOX_TABLES (--outbox-tables)",
+                          err, errlen)) {
+                free(list);
+                return -1;
+            }
+        }
+        free(list);
+        if (!any) {
+            snprintf(err, errlen, "RELAY_OUTBOX_TABLES (--outbox-tables): no table given");
+            return -1;
+        }
+    }
+    if (settings->config_file &&
+        load_config_file(settings->config_file, sources, count, err, errlen))
+        return -1;
+    if (settings->admin_addr && *settings->admin_addr && !strchr(settings->admin_addr, ':')) {
+        snprintf(err, errlen, "RELAY_ADMIN_ADDR (--admin-addr): \"%s\" is not host:port",
+                 settings->admin_addr);
+        return -1;
+    }
+    return 0;
+}
+
+void relay_settings_free(struct relay_settings *settings)
+{
+    struct setting table[] = SETTINGS_TABLE(settings);
+    settings_free(table, sizeof(table) / sizeof(table[0]));
+}
+
+void relay_sources_free(struct outbox_source *sources, size_t count)
+{
+    for (size_t i = 0; i < count; i++) {
+        free(sources[i].conninfo);
+        free(sources[i].schema);
+        free(sources[i].table);
+    }
+    free(sources);
+}
+
+static const struct {
+    const char *column;
+    const char *type;
+} required_columns[] = {
+    {"id", "uuid"},         {"seq", "bigint"},
+    {"topic", "text"},      {"key", "text"},
+    {"event_type", "text"}, {"payload", "jsonb"},
+    {"headers", "jsonb"},   {"created_at", "timestamp with time zone"},
+};
+
+static int check_columns(PGconn *conn, const char *schema, const char *table, bool dead,
+                         const char *db, char *err, size_t errlen)
+{
+    const char *params[2] = {schema, table};
+    PGresult *res = PQexecParams(conn,
+                                 "SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_schema = $1 AND table_name = $2",
+                                 2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(err, errlen, "table %s.%s (%s): cannot read its columns: %s", schema, table, db,
+                 PQresultErrorMessage(res));
+        PQclear(res);
+        return -1;
+    }
+    int rows = PQntuples(res);
+    if (rows == 0) {
+        snprintf(err, errlen, "table %s.%s does not exist in database %s%s", schema, table, db,
+                 dead ? " (the relay's dead-letter table: create the outbox with "
+                        "saga.create_outbox())"
+                      : " (create it with SELECT saga.create_outbox('schema'))");
+        PQclear(res);
+        return -1;
+    }
+    size_t ncols = sizeof(required_columns) / sizeof(required_columns[0]);
+    for (size_t k = 0; k < ncols + (dead ? 1 : 0); k++) {
+        const char *col = k < ncols ? required_columns[k].column : "error";
+        const char *type = k < ncols ? required_columns[k].type : "text";
+        int found = -1;
+        for (int i = 0; i < rows; i++)
+            if (!strcmp(PQgetvalue(res, i, 0), col))
+                found = i;
+        if (found < 0) {
+            snprintf(err, errlen, "table %s.%s (%s): column %s is missing (expected %s)", schema,
+                     table, db, col, type);
+            PQclear(res);
+            return -1;
+        }
+        if (strcmp(PQgetvalue(res, found, 1), type)) {
+            snprintf(err, errlen, "table %s.%s (%s): column %s is %s, expected %s", schema, table,
+                     db, col, PQgetvalue(res, found, 1), type);
+            PQclear(res);
+            return -1;
+        }
+    }
+    PQclear(res);
+    return 0;
+}
+
+int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen)
+{
+    char db[512];
+    settings_redact_conninfo(src->conninfo, db, sizeof(db));
+    /* A bounded connect: an unreachable database at start is a configuration error. */
+    const char *keys[] = {"dbname", "connect_timeout", "application_name", NULL};
+    const char *vals[] = {src->conninfo, "10", "outbox-relay", NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    int rc = -1;
+    if (PQstatus(conn) != CONNECTION_OK) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", PQerrorMessage(conn));
+        size_t n = strlen(msg);
+        while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+            msg[--n] = '\0';
+        snprintf(err, errlen, "cannot connect to database %s for table %s.%s: %s", db, src->schema,
+                 src->table, msg);
+        goto out;
+    }
+    if (check_columns(conn, src->schema, src->table, false, db, err, errlen))
+        goto out;
+    char dead[128];
+    snprintf(dead, sizeof(dead), "%s_dead_letters", src->table);
+    if (check_columns(conn, src->schema, dead, true, db, err, errlen))
+        goto out;
+    rc = 0;
+out:
+    PQfinish(conn);
+    return rc;
+}
