@@ -292,6 +292,8 @@ static void wait_none(struct work *w)
     w->st.waiting_message_id[0] = '\0';
 }
 
+/* Waits before resending. The exponent counts the sends since the budget was last reset, so
+ * a RETRY of a failed compensation starts again from the first backoff. */
 static void wait_backoff(struct work *w)
 {
     int n = w->st.attempt - w->st.budget_base;
@@ -700,6 +702,8 @@ static int on_abort(struct work *w, const struct saga_event *ev)
     return reject(w, "saga %s has an unknown status", w->st.id);
 }
 
+/* RETRY is an operator request, so on anything but a failed saga (a pending one included) it
+ * is REJECTED with a reason rather than silently IGNORED. */
 static int on_retry(struct work *w)
 {
     if (w->st.status != SAGA_FAILED)
