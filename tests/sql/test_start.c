@@ -55,6 +55,9 @@ static char *start_saga(PGconn *c, const char *name, const char *input, const ch
     return pgtest_value(c, "SELECT saga.start($1, $2::jsonb, $3)", 3, params);
 }
 
+static void wait_until_blocked(PGconn *observer, const char *pid);
+static char *receive_value(PGconn *c);
+
 /* ---- register_definition ---------------------------------------------------------------- */
 
 Test(definitions, registered_unchanged_conflict)
@@ -98,6 +101,42 @@ Test(definitions, registered_unchanged_conflict)
     pgtest_expect_error(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, zero,
                         state, msg, sizeof(msg));
     cr_assert_str_eq(state, "22023");
+}
+
+Test(definitions, concurrent_registration_of_one_version)
+{
+    PGconn *first = pgtest_connect(db.url);
+    PGconn *second = pgtest_connect(db.url);
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", PQbackendPID(second));
+    const char *sql = "SELECT saga.register_definition($1, $2::int, $3::jsonb)";
+    const char *a[] = {"race", "1", "{\"a\": 1}"};
+    const char *b[] = {"race", "1", "{\"b\": 2}"};
+
+    /* Same content: the second waits for the first, then finds it unchanged. */
+    pgtest_exec(first, "BEGIN");
+    PQclear(pgtest_query(first, sql, 3, a));
+    cr_assert_eq(PQsendQueryParams(second, sql, 3, NULL, a, NULL, NULL, 0), 1);
+    wait_until_blocked(conn, pid);
+    pgtest_exec(first, "COMMIT");
+    char *got = receive_value(second);
+    cr_assert_str_eq(got, "unchanged");
+    free(got);
+
+    /* Other content under a version being registered: the loser gets the conflict error. */
+    a[1] = b[1] = "2";
+    pgtest_exec(first, "BEGIN");
+    PQclear(pgtest_query(first, sql, 3, a));
+    cr_assert_eq(PQsendQueryParams(second, sql, 3, NULL, b, NULL, NULL, 0), 1);
+    wait_until_blocked(conn, pid);
+    pgtest_exec(first, "COMMIT");
+    PGresult *res = PQgetResult(second);
+    cr_assert_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    cr_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "SG020");
+    PQclear(res);
+    cr_assert_null(PQgetResult(second));
+    PQfinish(first);
+    PQfinish(second);
 }
 
 /* ---- start ----------------------------------------------------------------------------- */
