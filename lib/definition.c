@@ -667,11 +667,58 @@ static void parse_message(struct checker *ck, const cJSON *item, const char *pat
     }
 }
 
+/* Pivot and compensation rules; the pivot is known from the first pass. */
+static void check_compensation(struct checker *ck, struct saga_definition *def, const cJSON *item,
+                               const char *path, size_t idx, bool pivot_unknown,
+                               struct template_scope *sc)
+{
+    struct saga_step_def *step = &def->steps[idx];
+    bool compensatable = def->pivot_index < 0 || idx < (size_t)def->pivot_index;
+    const cJSON *comp = cJSON_GetObjectItemCaseSensitive(item, "compensation");
+    char *sub = path_member(path, "compensation");
+
+    if (!comp) {
+        /* With a mistyped "pivot" we cannot tell which steps need one: that error
+         * is enough. */
+        bool needed = compensatable && !pivot_unknown;
+        if (needed && def->pivot_index >= 0)
+            check_errf(ck, path,
+                       "missing required key \"compensation\" (steps before the pivot "
+                       "need one; write \"compensation\": null if there is nothing to "
+                       "undo)");
+        else if (needed)
+            check_errf(ck, path,
+                       "missing required key \"compensation\" (a saga without a pivot "
+                       "compensates every step; write \"compensation\": null if there is "
+                       "nothing to undo)");
+    } else if (cJSON_IsNull(comp)) {
+        /* Nothing to undo: allowed anywhere. */
+    } else if (!cJSON_IsObject(comp)) {
+        type_error(ck, sub, "an object or null", comp);
+    } else if (!compensatable) {
+        if ((int)idx == def->pivot_index)
+            check_errf(ck, sub, "the pivot step is never compensated; remove this key");
+        else
+            check_errf(ck, sub,
+                       "a step after the pivot is never compensated (it is retried until "
+                       "it succeeds); remove this key");
+    } else {
+        sc->step_idx = idx;
+        sc->compensation = true;
+        parse_message(ck, comp, sub, &step->compensation, sc);
+        /* The compensation goes to the same entity by default. */
+        if (!cJSON_GetObjectItemCaseSensitive(comp, "key") && step->command.key)
+            step->compensation.key = xduplicate(step->command.key);
+        step->has_compensation = true;
+    }
+    free(sub);
+}
+
 static const char *const step_keys[] = {"name",         "participant", "pivot", "command",
                                         "compensation", "timeout",     "retry", NULL};
 
 static void parse_step(struct checker *ck, struct saga_definition *def, const cJSON *item,
-                       const char *path, size_t idx, struct template_scope *sc)
+                       const char *path, size_t idx, bool pivot_unknown, struct template_scope *sc)
 {
     struct saga_step_def *step = &def->steps[idx];
 
@@ -679,11 +726,23 @@ static void parse_step(struct checker *ck, struct saga_definition *def, const cJ
     step->retry = def->default_retry;
     check_keys(ck, item, path, step_keys);
 
-    /* The name was checked in the first pass; keep it even when invalid so that messages
-     * and the struct stay aligned. */
-    const cJSON *name = cJSON_GetObjectItemCaseSensitive(item, "name");
-    if (cJSON_IsString(name) && name->valuestring)
-        step->name = xstrdup(name->valuestring);
+    const char *name = member_string(ck, item, path, "name", true, false);
+    if (name) {
+        char *sub = path_member(path, "name");
+        char *q = quote(name);
+        int first = -1;
+        for (size_t i = 0; i < idx && first < 0; i++) {
+            if (sc->step_names[i] && !strcmp(sc->step_names[i], name))
+                first = (int)i;
+        }
+        if (!step_name_valid(name))
+            check_errf(ck, sub, "invalid step name %s (must match ^[A-Za-z][A-Za-z0-9_]*$)", q);
+        else if (first >= 0)
+            check_errf(ck, sub, "duplicate step name %s (also $.steps[%d])", q, first);
+        step->name = xstrdup(name);
+        free(q);
+        free(sub);
+    }
 
     const char *participant = member_string(ck, item, path, "participant", true, true);
     if (participant)
@@ -696,6 +755,9 @@ static void parse_step(struct checker *ck, struct saga_definition *def, const cJ
             type_error(ck, sub, "a boolean", pivot);
         else
             step->pivot = cJSON_IsTrue(pivot);
+        if (step->pivot && (int)idx != def->pivot_index)
+            check_errf(ck, sub, "only one step can be the pivot (already $.steps[%d])",
+                       def->pivot_index);
         free(sub);
     }
 
@@ -725,59 +787,8 @@ static void parse_step(struct checker *ck, struct saga_definition *def, const cJ
             parse_message(ck, command, sub, &step->command, sc);
         free(sub);
     }
-}
 
-/* Pivot and compensation rules, once every step's "pivot" flag is known. */
-static void check_compensations(struct checker *ck, struct saga_definition *def, const cJSON *steps,
-                                bool pivot_unknown, struct template_scope *sc)
-{
-    size_t idx = 0;
-    for (const cJSON *item = steps->child; item; item = item->next, idx++) {
-        if (!cJSON_IsObject(item))
-            continue;
-        struct saga_step_def *step = &def->steps[idx];
-        char *path = path_index("$.steps", idx);
-        bool compensatable = def->pivot_index < 0 || idx < (size_t)def->pivot_index;
-        const cJSON *comp = cJSON_GetObjectItemCaseSensitive(item, "compensation");
-        char *sub = path_member(path, "compensation");
-
-        if (!comp) {
-            /* With a mistyped "pivot" we cannot tell which steps need one: that error
-             * is enough. */
-            bool needed = compensatable && !pivot_unknown;
-            if (needed && def->pivot_index >= 0)
-                check_errf(ck, path,
-                           "missing required key \"compensation\" (steps before the pivot "
-                           "need one; write \"compensation\": null if there is nothing to "
-                           "undo)");
-            else if (needed)
-                check_errf(ck, path,
-                           "missing required key \"compensation\" (a saga without a pivot "
-                           "compensates every step; write \"compensation\": null if there is "
-                           "nothing to undo)");
-        } else if (cJSON_IsNull(comp)) {
-            /* Nothing to undo: allowed anywhere. */
-        } else if (!cJSON_IsObject(comp)) {
-            type_error(ck, sub, "an object or null", comp);
-        } else if (!compensatable) {
-            if ((int)idx == def->pivot_index)
-                check_errf(ck, sub, "the pivot step is never compensated; remove this key");
-            else
-                check_errf(ck, sub,
-                           "a step after the pivot is never compensated (it is retried until "
-                           "it succeeds); remove this key");
-        } else {
-            sc->step_idx = idx;
-            sc->compensation = true;
-            parse_message(ck, comp, sub, &step->compensation, sc);
-            /* The compensation goes to the same entity by default. */
-            if (!cJSON_GetObjectItemCaseSensitive(comp, "key") && step->command.key)
-                step->compensation.key = xduplicate(step->command.key);
-            step->has_compensation = true;
-        }
-        free(sub);
-        free(path);
-    }
+    check_compensation(ck, def, item, path, idx, pivot_unknown, sc);
 }
 
 static void parse_steps(struct checker *ck, struct saga_definition *def, const cJSON *steps)
@@ -796,63 +807,40 @@ static void parse_steps(struct checker *ck, struct saga_definition *def, const c
     def->steps = xcalloc(n, sizeof(*def->steps));
     def->step_count = n;
 
-    /* First pass: names and the pivot, which templates and compensations depend on. */
+    /* First pass, silent: the names and the pivot, which templates and compensation rules
+     * of earlier steps depend on. The second pass reports, in document order. */
     const char **names = xcalloc(n, sizeof(*names));
     bool pivot_unknown = false;
     size_t idx = 0;
     for (const cJSON *item = steps->child; item; item = item->next, idx++) {
-        char *path = path_index("$.steps", idx);
-        if (!cJSON_IsObject(item)) {
-            type_error(ck, path, "an object", item);
-            free(path);
+        if (!cJSON_IsObject(item))
             continue;
-        }
-        const char *name = member_string(ck, item, path, "name", true, false);
-        if (name) {
-            char *sub = path_member(path, "name");
-            char *q = quote(name);
-            int first = -1;
-            for (size_t i = 0; i < idx && first < 0; i++) {
-                if (names[i] && !strcmp(names[i], name))
-                    first = (int)i;
-            }
-            if (!step_name_valid(name)) {
-                check_errf(ck, sub, "invalid step name %s (must match ^[A-Za-z][A-Za-z0-9_]*$)", q);
-            } else if (first >= 0) {
-                check_errf(ck, sub, "duplicate step name %s (also $.steps[%d])", q, first);
-            } else {
-                names[idx] = name;
-            }
-            free(q);
-            free(sub);
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(item, "name");
+        if (cJSON_IsString(name) && name->valuestring && step_name_valid(name->valuestring)) {
+            bool seen = false;
+            for (size_t i = 0; i < idx && !seen; i++)
+                seen = names[i] && !strcmp(names[i], name->valuestring);
+            if (!seen)
+                names[idx] = name->valuestring;
         }
         const cJSON *pivot = cJSON_GetObjectItemCaseSensitive(item, "pivot");
         if (pivot && !cJSON_IsBool(pivot))
             pivot_unknown = true;
-        if (cJSON_IsTrue(pivot)) {
-            if (def->pivot_index < 0) {
-                def->pivot_index = (int)idx;
-            } else {
-                char *sub = path_member(path, "pivot");
-                check_errf(ck, sub, "only one step can be the pivot (already $.steps[%d])",
-                           def->pivot_index);
-                free(sub);
-            }
-        }
-        free(path);
+        if (cJSON_IsTrue(pivot) && def->pivot_index < 0)
+            def->pivot_index = (int)idx;
     }
 
     struct template_scope sc = {
         .ck = ck, .def = def, .step_names = names, .step_count = n, .step_idx = 0};
     idx = 0;
     for (const cJSON *item = steps->child; item; item = item->next, idx++) {
-        if (!cJSON_IsObject(item))
-            continue;
         char *path = path_index("$.steps", idx);
-        parse_step(ck, def, item, path, idx, &sc);
+        if (cJSON_IsObject(item))
+            parse_step(ck, def, item, path, idx, pivot_unknown, &sc);
+        else
+            type_error(ck, path, "an object", item);
         free(path);
     }
-    check_compensations(ck, def, steps, pivot_unknown, &sc);
     free(names);
 }
 

@@ -94,12 +94,17 @@ int cmd_validate(int argc, char **argv)
     return rc;
 }
 
-/* Mermaid labels are quoted strings; '"' would end them early. */
+/* Mermaid labels are quoted strings that may hold HTML: '"' would end them early and '<' could
+ * open a tag. Mermaid's entity codes keep the text as written. */
 static void mermaid_text(const char *s)
 {
     for (; *s; s++) {
         if (*s == '"')
             fputs("#quot;", stdout);
+        else if (*s == '<')
+            fputs("#lt;", stdout);
+        else if (*s == '>')
+            fputs("#gt;", stdout);
         else if (*s == '\n' || *s == '\r')
             putchar(' ');
         else
