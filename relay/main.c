@@ -80,13 +80,8 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
 
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    /* Re-read the log level: the one setting that is safe to change under load. */
-    const char *level = getenv("RELAY_LOG_LEVEL");
-    enum log_level parsed;
-    if (level && !log_level_parse(level, &parsed))
-        log_min_level = parsed;
-    log_info("SIGHUP: log level is %s; other settings need a restart",
-             level ? level : relay.settings.log_level);
+    /* Nothing is reloadable yet: the sources and the producer need a restart. */
+    log_info("SIGHUP: nothing to reload; restart the relay to change its settings");
 }
 
 static void describe_metrics(void)
