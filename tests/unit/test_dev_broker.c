@@ -1,0 +1,543 @@
+/* dev-broker (tools/dev-broker.c) and its TCP_NODELAY interposer (tools/nodelay.c).
+ *
+ * The interposer is linked into this test executable too, so an in-process mock cluster gets
+ * the same accept() as dev-broker. The server-side sockets are then found in /proc/self/fd and
+ * their TCP_NODELAY read back with getsockopt(). The last tests run the real binary, whose
+ * path meson passes in DEV_BROKER. Every wait has a deadline; nothing sleeps to synchronise. */
+#include <criterion/criterion.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+
+#include "nodelay.h"
+
+#define WAIT_MS 30000 /* generous: CI machines are slow, but every wait ends */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A topic name no test run has used before: auto-creation must happen in this test. */
+static void unique_topic(char *buf, size_t size, const char *what)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(buf, size, "%s-%ld-%ld-%ld", what, (long)getpid(), (long)ts.tv_sec, (long)ts.tv_nsec);
+}
+
+/* Port of the first "127.0.0.1:PORT" in a bootstrap list. */
+static int bootstrap_port(const char *bootstraps)
+{
+    const char *colon = strchr(bootstraps, ':');
+    cr_assert_not_null(colon, "no port in '%s'", bootstraps);
+    return atoi(colon + 1);
+}
+
+/* ---- in-process mock cluster --------------------------------------------------------------
+ */
+
+struct mock {
+    rd_kafka_t *rk;
+    rd_kafka_mock_cluster_t *cluster;
+    const char *bootstraps; /* owned by cluster */
+};
+
+static void mock_start(struct mock *mock)
+{
+    char errstr[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "log_level", "3", errstr, sizeof(errstr)),
+                 RD_KAFKA_CONF_OK);
+    mock->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    cr_assert_not_null(mock->rk, "%s", errstr);
+    mock->cluster = rd_kafka_mock_cluster_new(mock->rk, 1);
+    cr_assert_not_null(mock->cluster);
+    mock->bootstraps = rd_kafka_mock_cluster_bootstraps(mock->cluster);
+}
+
+static void mock_stop(struct mock *mock)
+{
+    rd_kafka_mock_cluster_destroy(mock->cluster);
+    rd_kafka_destroy(mock->rk);
+}
+
+/* Connects to 127.0.0.1:port, sends an ApiVersions v0 request and waits for the whole
+ * response. Once it has arrived the broker has certainly accepted the connection. Returns the
+ * connected socket (the caller closes it). */
+static int connect_and_roundtrip(int port)
+{
+    static const unsigned char request[] = {
+        0, 0,  0,   12, /* size of what follows */
+        0, 18,          /* ApiKey: ApiVersions */
+        0, 0,           /* ApiVersion 0 */
+        0, 0,  0,   7,  /* CorrelationId */
+        0, 2,  't', 'c' /* ClientId */
+    };
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons((uint16_t)port),
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    unsigned char header[8];
+    size_t have = 0;
+    int64_t deadline = now_ms() + WAIT_MS;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&addr, sizeof(addr)), 0, "connect: %s",
+                 strerror(errno));
+    cr_assert_eq(write(fd, request, sizeof(request)), (ssize_t)sizeof(request));
+
+    /* Size + CorrelationId first, then the rest of the body. */
+    size_t want = sizeof(header);
+    size_t body = 0;
+    while (have < want) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int left = (int)(deadline - now_ms());
+        cr_assert_gt(left, 0, "no ApiVersions response within %d ms", WAIT_MS);
+        if (poll(&pfd, 1, left) <= 0)
+            continue;
+        unsigned char buf[4096];
+        size_t room = want - have < sizeof(buf) ? want - have : sizeof(buf);
+        ssize_t got = read(fd, buf, room);
+        cr_assert_gt(got, 0, "broker closed the connection");
+        if (have < sizeof(header))
+            memcpy(header + have, buf,
+                   (size_t)got < sizeof(header) - have ? (size_t)got : sizeof(header) - have);
+        have += (size_t)got;
+        if (have >= sizeof(header) && body == 0) {
+            body = ((size_t)header[0] << 24) | ((size_t)header[1] << 16) |
+                   ((size_t)header[2] << 8) | header[3];
+            want = 4 + body;
+            cr_assert_eq(header[7], 7, "CorrelationId not echoed");
+        }
+    }
+    return fd;
+}
+
+struct server_sockets {
+    int count;   /* accepted (non-listening) TCP sockets bound to the broker's port */
+    int nodelay; /* how many of them have TCP_NODELAY */
+};
+
+/* Scans this process's descriptors for the broker's side of connections to `port`. */
+static struct server_sockets find_server_sockets(int port)
+{
+    struct server_sockets found = {0, 0};
+    DIR *dir = opendir("/proc/self/fd");
+    struct dirent *entry;
+
+    cr_assert_not_null(dir);
+    while ((entry = readdir(dir)) != NULL) {
+        int fd = atoi(entry->d_name);
+        struct sockaddr_in local;
+        socklen_t len = sizeof(local);
+        int listening = 0, on = 0;
+        socklen_t optlen = sizeof(int);
+
+        if (entry->d_name[0] == '.' || fd == dirfd(dir))
+            continue;
+        if (getsockname(fd, (struct sockaddr *)&local, &len) != 0 || local.sin_family != AF_INET ||
+            ntohs(local.sin_port) != port)
+            continue;
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || listening)
+            continue;
+        optlen = sizeof(int);
+        cr_assert_eq(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &optlen), 0);
+        found.count++;
+        if (on)
+            found.nodelay++;
+    }
+    closedir(dir);
+    return found;
+}
+
+Test(dev_broker, accepted_sockets_have_nodelay)
+{
+    struct mock mock;
+    mock_start(&mock);
+    int port = bootstrap_port(mock.bootstraps);
+
+    int client = connect_and_roundtrip(port);
+    struct server_sockets found = find_server_sockets(port);
+    cr_assert_eq(found.count, 1, "expected the one accepted socket, found %d", found.count);
+    cr_assert_eq(found.nodelay, 1, "accepted socket lacks TCP_NODELAY");
+
+    close(client);
+    mock_stop(&mock);
+}
+
+/* Control case: the same check with the interposer switched off must see Nagle still on,
+ * which shows that the socket option comes from nodelay.c and not from librdkafka. */
+Test(dev_broker, without_interposer_nagle_stays_on)
+{
+    struct mock mock;
+    nodelay_set_enabled(0);
+    mock_start(&mock);
+    int port = bootstrap_port(mock.bootstraps);
+
+    int client = connect_and_roundtrip(port);
+    struct server_sockets found = find_server_sockets(port);
+    cr_assert_eq(found.count, 1);
+    cr_assert_eq(found.nodelay, 0);
+
+    close(client);
+    mock_stop(&mock);
+}
+
+/* ---- librdkafka clients --------------------------------------------------------------------
+ */
+
+static rd_kafka_t *client_new(rd_kafka_type_t type, const char *bootstraps, const char *group)
+{
+    char errstr[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *settings[][2] = {
+        {"bootstrap.servers", bootstraps},
+        {"log_level", "3"},
+        {"socket.nagle.disable", "true"},
+    };
+    for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
+        cr_assert_eq(
+            rd_kafka_conf_set(conf, settings[i][0], settings[i][1], errstr, sizeof(errstr)),
+            RD_KAFKA_CONF_OK, "%s", errstr);
+    if (type == RD_KAFKA_CONSUMER) {
+        cr_assert_eq(rd_kafka_conf_set(conf, "group.id", group, errstr, sizeof(errstr)),
+                     RD_KAFKA_CONF_OK);
+        cr_assert_eq(
+            rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, sizeof(errstr)),
+            RD_KAFKA_CONF_OK);
+        cr_assert_eq(rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, sizeof(errstr)),
+                     RD_KAFKA_CONF_OK);
+    } else {
+        cr_assert_eq(rd_kafka_conf_set(conf, "message.timeout.ms", "20000", errstr, sizeof(errstr)),
+                     RD_KAFKA_CONF_OK);
+    }
+    rd_kafka_t *rk = rd_kafka_new(type, conf, errstr, sizeof(errstr));
+    cr_assert_not_null(rk, "%s", errstr);
+    if (type == RD_KAFKA_CONSUMER)
+        rd_kafka_poll_set_consumer(rk);
+    return rk;
+}
+
+static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
+{
+    *(rd_kafka_resp_err_t *)msg->_private = msg->err;
+}
+
+/* Produces one message to topic (partition 0) and waits for its delivery report. Returns the
+ * delivery error. */
+static rd_kafka_resp_err_t produce_one(const char *bootstraps, const char *topic,
+                                       const char *payload)
+{
+    char errstr[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *settings[][2] = {
+        {"bootstrap.servers", bootstraps},
+        {"log_level", "3"},
+        {"message.timeout.ms", "20000"},
+    };
+    for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
+        cr_assert_eq(
+            rd_kafka_conf_set(conf, settings[i][0], settings[i][1], errstr, sizeof(errstr)),
+            RD_KAFKA_CONF_OK, "%s", errstr);
+    rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    cr_assert_not_null(rk, "%s", errstr);
+
+    rd_kafka_resp_err_t delivery = RD_KAFKA_RESP_ERR__IN_PROGRESS;
+    cr_assert_eq(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(0),
+                                   RD_KAFKA_V_VALUE((void *)payload, strlen(payload)),
+                                   RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                                   RD_KAFKA_V_OPAQUE(&delivery), RD_KAFKA_V_END),
+                 RD_KAFKA_RESP_ERR_NO_ERROR);
+    /* message.timeout.ms bounds this: a report (success or error) always comes. */
+    cr_assert_eq(rd_kafka_flush(rk, WAIT_MS), RD_KAFKA_RESP_ERR_NO_ERROR, "flush timed out");
+    cr_assert_neq(delivery, RD_KAFKA_RESP_ERR__IN_PROGRESS);
+    rd_kafka_destroy(rk);
+    return delivery;
+}
+
+/* Reads from topic until a message with payload arrives. subscribe: join a group (like the
+ * relay does) instead of assigning partition 0 directly. */
+static void consume_expect(const char *bootstraps, const char *topic, const char *payload,
+                           int subscribe)
+{
+    char group[128];
+    unique_topic(group, sizeof(group), "group");
+    rd_kafka_t *rk = client_new(RD_KAFKA_CONSUMER, bootstraps, group);
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+
+    if (subscribe) {
+        rd_kafka_topic_partition_list_add(list, topic, RD_KAFKA_PARTITION_UA);
+        cr_assert_eq(rd_kafka_subscribe(rk, list), RD_KAFKA_RESP_ERR_NO_ERROR);
+    } else {
+        rd_kafka_topic_partition_list_add(list, topic, 0)->offset = RD_KAFKA_OFFSET_BEGINNING;
+        cr_assert_eq(rd_kafka_assign(rk, list), RD_KAFKA_RESP_ERR_NO_ERROR);
+    }
+    rd_kafka_topic_partition_list_destroy(list);
+
+    int64_t deadline = now_ms() + WAIT_MS;
+    int found = 0;
+    while (!found && now_ms() < deadline) {
+        rd_kafka_message_t *msg = rd_kafka_consumer_poll(rk, 200);
+        if (!msg)
+            continue;
+        if (!msg->err && msg->len == strlen(payload) &&
+            memcmp(msg->payload, payload, msg->len) == 0)
+            found = 1;
+        rd_kafka_message_destroy(msg);
+    }
+    cr_assert(found, "message '%s' not consumed from %s within %d ms", payload, topic, WAIT_MS);
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+}
+
+Test(dev_broker, unknown_topic_is_created_on_first_produce)
+{
+    struct mock mock;
+    char topic[128];
+    mock_start(&mock);
+    unique_topic(topic, sizeof(topic), "fresh");
+
+    cr_assert_eq(produce_one(mock.bootstraps, topic, "hello"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    consume_expect(mock.bootstraps, topic, "hello", 0);
+
+    /* The mock's default for auto-created topics, which dev-broker documents. */
+    rd_kafka_t *rk = client_new(RD_KAFKA_PRODUCER, mock.bootstraps, NULL);
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    const rd_kafka_metadata_t *md = NULL;
+    cr_assert_eq(rd_kafka_metadata(rk, 0, rkt, &md, WAIT_MS), RD_KAFKA_RESP_ERR_NO_ERROR);
+    cr_assert_eq(md->topic_cnt, 1);
+    cr_assert_eq(md->topics[0].partition_cnt, 4);
+    rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    rd_kafka_destroy(rk);
+
+    mock_stop(&mock);
+}
+
+/* ---- the real binary ----------------------------------------------------------------------
+ */
+
+struct child {
+    pid_t pid;
+    int in;  /* write end of its stdin */
+    int out; /* read end of its stdout */
+    int err; /* read end of its stderr, or -1 when not captured */
+    char buf[4096];
+    size_t len;
+};
+
+static const char *dev_broker_path(void)
+{
+    const char *path = getenv("DEV_BROKER");
+    cr_assert_not_null(path, "DEV_BROKER (path of the dev-broker binary) is not set");
+    return path;
+}
+
+/* Starts dev-broker with pipes on stdin and stdout. Its stderr is piped only when
+ * capture_stderr is set (a pipe nobody drains could fill up and block it), else shared. */
+static void child_start(struct child *child, char *const argv[], int capture_stderr)
+{
+    int in[2], out[2], err[2] = {-1, -1};
+    cr_assert_eq(pipe2(in, O_CLOEXEC), 0);
+    cr_assert_eq(pipe2(out, O_CLOEXEC), 0);
+    if (capture_stderr)
+        cr_assert_eq(pipe2(err, O_CLOEXEC), 0);
+    pid_t parent = getpid();
+    child->pid = fork();
+    cr_assert_geq(child->pid, 0);
+    if (child->pid == 0) {
+        /* If the test dies on a failed assertion the broker must not outlive it. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent)
+            _exit(127);
+        dup2(in[0], STDIN_FILENO);
+        dup2(out[1], STDOUT_FILENO);
+        if (capture_stderr)
+            dup2(err[1], STDERR_FILENO);
+        execv(dev_broker_path(), argv);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    if (capture_stderr)
+        close(err[1]);
+    child->in = in[1];
+    child->out = out[0];
+    child->err = err[0];
+    child->len = 0;
+}
+
+/* Reads one line of the child's stdout into line (without the newline), waiting at most
+ * WAIT_MS. Returns 0, or -1 at end of file. */
+static int child_read_line(struct child *child, char *line, size_t size)
+{
+    int64_t deadline = now_ms() + WAIT_MS;
+    for (;;) {
+        char *nl = memchr(child->buf, '\n', child->len);
+        if (nl) {
+            size_t n = (size_t)(nl - child->buf);
+            cr_assert_lt(n, size);
+            memcpy(line, child->buf, n);
+            line[n] = '\0';
+            memmove(child->buf, nl + 1, child->len - n - 1);
+            child->len -= n + 1;
+            return 0;
+        }
+        cr_assert_lt(child->len, sizeof(child->buf), "line too long");
+        struct pollfd pfd = {.fd = child->out, .events = POLLIN};
+        int left = (int)(deadline - now_ms());
+        cr_assert_gt(left, 0, "dev-broker wrote no line within %d ms", WAIT_MS);
+        if (poll(&pfd, 1, left) <= 0)
+            continue;
+        ssize_t got = read(child->out, child->buf + child->len, sizeof(child->buf) - child->len);
+        cr_assert_geq(got, 0);
+        if (got == 0)
+            return -1;
+        child->len += (size_t)got;
+    }
+}
+
+/* Sends one control command and returns its answer line in answer. */
+static void child_command(struct child *child, const char *command, char *answer, size_t size)
+{
+    size_t len = strlen(command);
+    cr_assert_eq(write(child->in, command, len), (ssize_t)len);
+    cr_assert_eq(write(child->in, "\n", 1), 1);
+    cr_assert_eq(child_read_line(child, answer, size), 0, "no answer to '%s'", command);
+}
+
+/* Waits for the child to exit: its stdout reaching end of file (bounded) means it is gone or
+ * going, then waitpid() collects it. Returns the wait status. */
+static int child_wait(struct child *child)
+{
+    char line[512];
+    int status = 0;
+    while (child_read_line(child, line, sizeof(line)) == 0)
+        ; /* discard anything left */
+    cr_assert_eq(waitpid(child->pid, &status, 0), child->pid);
+    close(child->in);
+    close(child->out);
+    return status;
+}
+
+/* Everything the child wrote to its captured stderr (it must have exited); closes it. */
+static void child_stderr(struct child *child, char *text, size_t size)
+{
+    size_t have = 0;
+    ssize_t got;
+    while (have + 1 < size && (got = read(child->err, text + have, size - 1 - have)) > 0)
+        have += (size_t)got;
+    text[have] = '\0';
+    close(child->err);
+}
+
+Test(dev_broker, binary_serves_injects_errors_and_stops_on_sigterm)
+{
+    struct child child;
+    char line[512], topic[128];
+    char *const argv[] = {(char *)"dev-broker", (char *)"--topic", (char *)"preset:2", NULL};
+
+    child_start(&child, argv, 0);
+    cr_assert_eq(child_read_line(&child, line, sizeof(line)), 0, "no bootstrap line");
+    cr_assert_eq(strncmp(line, "bootstrap=127.0.0.1:", 20), 0, "got '%s'", line);
+    cr_assert_gt(atoi(line + 20), 0);
+    const char *bootstraps = line + strlen("bootstrap=");
+    char bs[512];
+    snprintf(bs, sizeof(bs), "%s", bootstraps);
+
+    /* Auto-create through the binary, consumed by a group member like the relay. */
+    unique_topic(topic, sizeof(topic), "bin");
+    cr_assert_eq(produce_one(bs, topic, "through-the-binary"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    consume_expect(bs, topic, "through-the-binary", 1);
+
+    /* Control protocol: an injected non-retriable Produce error reaches the producer, once. */
+    child_command(&child, "ping", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    child_command(&child, "errors Produce 1 TOPIC_AUTHORIZATION_FAILED", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    cr_assert_eq(produce_one(bs, "preset", "refused"),
+                 RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED);
+    cr_assert_eq(produce_one(bs, "preset", "accepted"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    child_command(&child, "topic preset 2", line, sizeof(line));
+    cr_assert_eq(strncmp(line, "error TOPIC_ALREADY_EXISTS", 26), 0, "got '%s'", line);
+    child_command(&child, "down 1", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    child_command(&child, "up 1", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    child_command(&child, "down 9", line, sizeof(line));
+    cr_assert_eq(strncmp(line, "error ", 6), 0, "got '%s'", line);
+    child_command(&child, "frobnicate", line, sizeof(line));
+    cr_assert_eq(strncmp(line, "error ", 6), 0, "got '%s'", line);
+
+    cr_assert_eq(kill(child.pid, SIGTERM), 0);
+    int status = child_wait(&child);
+    cr_assert(WIFEXITED(status), "dev-broker did not exit normally (status %d)", status);
+    cr_assert_eq(WEXITSTATUS(status), 0);
+}
+
+Test(dev_broker, binary_listens_on_the_requested_port)
+{
+    /* Ask the kernel for a free port, release it, and hand it to dev-broker. */
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    socklen_t len = sizeof(addr);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&addr, &len), 0);
+    int port = ntohs(addr.sin_port);
+    close(fd);
+
+    struct child child;
+    char line[512], port_text[16], expected[64];
+    snprintf(port_text, sizeof(port_text), "%d", port);
+    char *const argv[] = {(char *)"dev-broker", (char *)"--port", port_text, NULL};
+    child_start(&child, argv, 0);
+    cr_assert_eq(child_read_line(&child, line, sizeof(line)), 0, "no bootstrap line");
+    snprintf(expected, sizeof(expected), "bootstrap=127.0.0.1:%d", port);
+    cr_assert_str_eq(line, expected);
+
+    cr_assert_eq(kill(child.pid, SIGINT), 0);
+    int status = child_wait(&child);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+Test(dev_broker, binary_rejects_a_bad_flag_naming_it)
+{
+    struct child child;
+    char text[2048];
+    char *const argv[] = {(char *)"dev-broker", (char *)"--partitions", (char *)"0", NULL};
+    child_start(&child, argv, 1);
+    int status = child_wait(&child);
+    cr_assert(WIFEXITED(status));
+    cr_assert_eq(WEXITSTATUS(status), 2);
+    child_stderr(&child, text, sizeof(text));
+    cr_assert_not_null(strstr(text, "--partitions"), "stderr: %s", text);
+
+    char *const argv2[] = {(char *)"dev-broker", (char *)"--bogus", NULL};
+    child_start(&child, argv2, 1);
+    status = child_wait(&child);
+    cr_assert(WIFEXITED(status));
+    cr_assert_eq(WEXITSTATUS(status), 2);
+    child_stderr(&child, text, sizeof(text));
+    cr_assert_not_null(strstr(text, "--bogus"), "stderr: %s", text);
+}
