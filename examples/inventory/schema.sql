@@ -1,0 +1,314 @@
+-- inventory: the example participant that reserves stock (ReserveStock / ReleaseStock).
+--
+-- Applied by example-participant at every start (idempotent; it needs the saga schema for
+-- saga.create_outbox, which the participant installs first). The first part is the
+-- participant contract, the same in every example; the business part is inventory.execute.
+CREATE SCHEMA IF NOT EXISTS inventory;
+
+CREATE TABLE IF NOT EXISTS inventory.stock (
+    sku       text PRIMARY KEY,
+    available int  NOT NULL CHECK (available >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS inventory.reservations (
+    id          uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    saga_id     text        NOT NULL,
+    order_id    text        NOT NULL,
+    items       jsonb       NOT NULL, -- [{"sku": ..., "qty": n}], one entry per sku
+    status      text        NOT NULL CHECK (status IN ('reserved', 'released')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    released_at timestamptz
+);
+
+------------------------------------------------------------------------------------------
+-- The participant contract (the same in every example service; copy it as it is)
+------------------------------------------------------------------------------------------
+-- The reply outbox: the relay publishes its rows (topic = the command's reply-to).
+SELECT saga.create_outbox('inventory');
+
+-- One row per idempotency-key handled: a command seen again is answered again with the
+-- recorded outcome and data, and changes nothing twice. A tombstone is the row of an action
+-- whose compensation arrived first: the late action is then refused without effect.
+CREATE TABLE IF NOT EXISTS inventory.inbox (
+    idempotency_key text        PRIMARY KEY,
+    message_id      text,                      -- the first command's message-id (NULL: tombstone)
+    saga_id         text        NOT NULL,
+    step            text,
+    phase           text,
+    event_type      text        NOT NULL,
+    outcome         text        NOT NULL CHECK (outcome IN ('success', 'failure')),
+    reply           jsonb       NOT NULL,
+    tombstone       boolean     NOT NULL DEFAULT false,
+    replies         int         NOT NULL DEFAULT 1, -- how many replies were sent for this key
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    last_reply_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE inventory.inbox IS
+    'Commands handled, by idempotency-key, with the outcome and reply data sent (dedup)';
+
+-- Test and demo knobs (one row). They apply to the next commands whatever they are (or only
+-- to command_type when set), before the inbox is looked at:
+--   delay_ms   sleep that long before handling each command (a slow participant);
+--   drop_next  handle nothing and send no reply, N times (the orchestrator times out); the
+--              command is not recorded, so its retry is handled normally;
+--   fail_next  reply failure N times without recording it (a transient failure: the retry
+--              with the same idempotency-key is handled normally).
+CREATE TABLE IF NOT EXISTS inventory.behavior (
+    id           boolean PRIMARY KEY DEFAULT true CHECK (id),
+    delay_ms     int     NOT NULL DEFAULT 0 CHECK (delay_ms >= 0),
+    drop_next    int     NOT NULL DEFAULT 0 CHECK (drop_next >= 0),
+    fail_next    int     NOT NULL DEFAULT 0 CHECK (fail_next >= 0),
+    command_type text    -- NULL: the knobs apply to every command type
+);
+INSERT INTO inventory.behavior (id) VALUES (true) ON CONFLICT DO NOTHING;
+
+-- payload->>key as non-empty text, or a data_exception (the command is then answered with
+-- a recorded failure "invalid command").
+CREATE OR REPLACE FUNCTION inventory.required_text(payload jsonb, key text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF jsonb_typeof(payload -> key) IS DISTINCT FROM 'string' OR payload ->> key = '' THEN
+        RAISE EXCEPTION 'payload.% must be a non-empty string', key USING ERRCODE = '22023';
+    END IF;
+    RETURN payload ->> key;
+END;
+$$;
+
+-- Inserts the reply to cmd into the outbox: topic = reply-to, key = saga id, a new
+-- message-id (the row id), in-reply-to = the command's message-id.
+CREATE OR REPLACE FUNCTION inventory.send_reply(cmd jsonb, outcome text, reply jsonb)
+RETURNS void
+LANGUAGE sql
+AS $$
+    INSERT INTO inventory.outbox (id, topic, key, event_type, payload, headers)
+    VALUES (gen_random_uuid(),
+            cmd -> 'headers' ->> 'reply-to',
+            cmd -> 'headers' ->> 'saga-id',
+            (cmd -> 'headers' ->> 'event-type') || '.Reply',
+            reply,
+            jsonb_strip_nulls(jsonb_build_object(
+                'in-reply-to',    cmd -> 'headers' ->> 'message-id',
+                'saga-id',        cmd -> 'headers' ->> 'saga-id',
+                'outcome',        outcome,
+                'correlation-id', cmd -> 'headers' ->> 'correlation-id',
+                'traceparent',    cmd -> 'headers' ->> 'traceparent')));
+$$;
+
+-- Handles a batch of commands in the caller's transaction (the participant calls it once per
+-- batch, autocommit: everything below commits or rolls back together). cmds is a JSON array
+-- of {"message_id": ..., "headers": {...}, "payload": {...}}. Per command: the knobs, the
+-- inbox (replay), the business change (inventory.execute), the inbox row, the reply. Returns
+-- counts: {"handled", "replayed", "failed", "dropped", "skipped"}.
+CREATE OR REPLACE FUNCTION inventory.handle_commands(cmds jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cmd        jsonb;
+    h          jsonb;
+    ikey       text;
+    etype      text;
+    phase      text;
+    action_key text;
+    knobs      inventory.behavior;
+    seen       inventory.inbox;
+    action     inventory.inbox;
+    res        record;
+    outcome    text;
+    reply      jsonb;
+    handled    int := 0;
+    replayed   int := 0;
+    failed     int := 0;
+    dropped    int := 0;
+    skipped    int := 0;
+BEGIN
+    IF jsonb_typeof(cmds) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'inventory.handle_commands: expects a JSON array of commands'
+            USING ERRCODE = '22023';
+    END IF;
+    FOR cmd IN SELECT value FROM jsonb_array_elements(cmds) LOOP
+        h := cmd -> 'headers';
+        -- Without these there is nobody to answer or nothing to dedupe by: skip (the consumer
+        -- checks them too, and logs what it skips).
+        IF jsonb_typeof(h) IS DISTINCT FROM 'object'
+           OR coalesce(h ->> 'message-id', '') = '' OR coalesce(h ->> 'idempotency-key', '') = ''
+           OR coalesce(h ->> 'reply-to', '') = '' OR coalesce(h ->> 'saga-id', '') = ''
+           OR coalesce(h ->> 'event-type', '') = '' THEN
+            skipped := skipped + 1;
+            CONTINUE;
+        END IF;
+        IF jsonb_typeof(cmd -> 'payload') IS DISTINCT FROM 'object' THEN
+            cmd := jsonb_set(cmd, '{payload}', '{}');
+        END IF;
+        ikey := h ->> 'idempotency-key';
+        etype := h ->> 'event-type';
+        phase := coalesce(h ->> 'saga-phase', 'action');
+
+        -- Knobs first, as if the command were slow, lost, or failed on its way in.
+        SELECT * INTO knobs FROM inventory.behavior WHERE id;
+        IF knobs.command_type IS NULL OR knobs.command_type = etype THEN
+            IF knobs.delay_ms > 0 THEN
+                PERFORM pg_sleep(knobs.delay_ms / 1000.0);
+            END IF;
+            IF knobs.drop_next > 0 THEN
+                UPDATE inventory.behavior SET drop_next = drop_next - 1 WHERE id;
+                dropped := dropped + 1;
+                CONTINUE;
+            END IF;
+            IF knobs.fail_next > 0 THEN
+                UPDATE inventory.behavior SET fail_next = fail_next - 1 WHERE id;
+                PERFORM inventory.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
+                failed := failed + 1;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        -- Seen before (a redelivery, or the orchestrator's retry): answer again, change nothing.
+        -- The reply goes to the latest attempt: in-reply-to is this command's message-id.
+        SELECT * INTO seen FROM inventory.inbox WHERE idempotency_key = ikey FOR UPDATE;
+        IF FOUND THEN
+            UPDATE inventory.inbox SET replies = replies + 1, last_reply_at = now()
+             WHERE idempotency_key = ikey;
+            PERFORM inventory.send_reply(cmd, seen.outcome, seen.reply);
+            replayed := replayed + 1;
+            CONTINUE;
+        END IF;
+
+        BEGIN
+            IF phase = 'compensation' THEN
+                -- The action this compensates: "<saga-id>/<step>/action".
+                IF ikey LIKE '%/compensation' THEN
+                    action_key := left(ikey, -length('/compensation')) || '/action';
+                ELSE
+                    action_key := (h ->> 'saga-id') || '/' || coalesce(h ->> 'saga-step', '') || '/action';
+                END IF;
+                SELECT * INTO action FROM inventory.inbox WHERE idempotency_key = action_key FOR UPDATE;
+                IF NOT FOUND THEN
+                    -- Never happened (lost, dropped, or still on its way): nothing to undo, and
+                    -- a tombstone so that the action, should it arrive later, does nothing.
+                    INSERT INTO inventory.inbox (idempotency_key, saga_id, step, phase, event_type,
+                                           outcome, reply, tombstone, replies)
+                    VALUES (action_key, h ->> 'saga-id', h ->> 'saga-step', 'action',
+                            'tombstone', 'failure',
+                            jsonb_build_object('reason', 'compensated before the action arrived'),
+                            true, 0);
+                    outcome := 'success';
+                    reply := '{"compensated": false, "reason": "the action never happened"}';
+                ELSIF action.outcome = 'failure' THEN
+                    outcome := 'success';
+                    reply := '{"compensated": false, "reason": "the action had failed"}';
+                ELSE
+                    SELECT * INTO res FROM inventory.execute(cmd, action.reply);
+                    outcome := res.outcome;
+                    reply := res.reply;
+                END IF;
+            ELSE
+                SELECT * INTO res FROM inventory.execute(cmd, NULL);
+                outcome := res.outcome;
+                reply := res.reply;
+            END IF;
+        EXCEPTION WHEN data_exception OR not_null_violation OR check_violation THEN
+            -- A command that can never succeed (missing field, wrong type): a recorded
+            -- failure, so that its retries get the same answer. Its partial changes are
+            -- rolled back with this block.
+            outcome := 'failure';
+            reply := jsonb_build_object('reason', 'invalid command', 'detail', SQLERRM);
+        END;
+
+        INSERT INTO inventory.inbox (idempotency_key, message_id, saga_id, step, phase, event_type,
+                               outcome, reply)
+        VALUES (ikey, h ->> 'message-id', h ->> 'saga-id', h ->> 'saga-step', phase, etype,
+                outcome, reply);
+        PERFORM inventory.send_reply(cmd, outcome, reply);
+        handled := handled + 1;
+        IF outcome = 'failure' THEN
+            failed := failed + 1;
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
+                              'dropped', dropped, 'skipped', skipped);
+END;
+$$;
+COMMENT ON FUNCTION inventory.handle_commands(jsonb) IS
+    'Handles a batch of commands in one transaction: knobs, inbox dedup, business change, reply';
+
+------------------------------------------------------------------------------------------
+-- The business: one call per new command (never for a replay). action_reply is the recorded
+-- reply of the action a compensation undoes (NULL for an action). Raising a data_exception
+-- answers "invalid command".
+------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION inventory.execute(cmd jsonb, action_reply jsonb,
+                                             OUT outcome text, OUT reply jsonb)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    payload  jsonb := cmd -> 'payload';
+    order_id text;
+    wanted   jsonb;
+    short    record;
+    res_id   uuid;
+    released jsonb;
+BEGIN
+    CASE cmd -> 'headers' ->> 'event-type'
+    WHEN 'ReserveStock' THEN
+        order_id := inventory.required_text(payload, 'orderId');
+        IF jsonb_typeof(payload -> 'items') IS DISTINCT FROM 'array'
+           OR jsonb_array_length(payload -> 'items') = 0 THEN
+            RAISE EXCEPTION 'payload.items must be a non-empty array' USING ERRCODE = '22023';
+        END IF;
+        -- One line per sku ({"sku", "qty"} or {"sku", "quantity"}), quantities summed.
+        SELECT jsonb_agg(jsonb_build_object('sku', sku, 'qty', qty) ORDER BY sku) INTO wanted
+          FROM (SELECT inventory.required_text(i, 'sku') AS sku,
+                       sum(coalesce(i ->> 'qty', i ->> 'quantity')::int) AS qty
+                  FROM jsonb_array_elements(payload -> 'items') AS i
+                 GROUP BY 1) AS lines;
+        IF EXISTS (SELECT 1 FROM jsonb_array_elements(wanted) AS w
+                    WHERE (w ->> 'qty') IS NULL OR (w ->> 'qty')::int <= 0) THEN
+            RAISE EXCEPTION 'payload.items: every item needs a positive qty' USING ERRCODE = '22023';
+        END IF;
+        -- Lock the rows in sku order (no deadlock between concurrent batches), then all or
+        -- nothing: the first sku short of stock fails the whole reservation.
+        PERFORM 1 FROM inventory.stock
+          WHERE sku IN (SELECT w ->> 'sku' FROM jsonb_array_elements(wanted) AS w)
+          ORDER BY sku FOR UPDATE;
+        SELECT w ->> 'sku' AS sku INTO short
+          FROM jsonb_array_elements(wanted) AS w
+          LEFT JOIN inventory.stock s ON s.sku = w ->> 'sku'
+         WHERE coalesce(s.available, 0) < (w ->> 'qty')::int
+         ORDER BY 1 LIMIT 1;
+        IF FOUND THEN
+            outcome := 'failure';
+            reply := jsonb_build_object('reason', 'out of stock', 'sku', short.sku);
+            RETURN;
+        END IF;
+        UPDATE inventory.stock s SET available = s.available - (w ->> 'qty')::int
+          FROM jsonb_array_elements(wanted) AS w
+         WHERE s.sku = w ->> 'sku';
+        INSERT INTO inventory.reservations (saga_id, order_id, items, status)
+        VALUES (cmd -> 'headers' ->> 'saga-id', order_id, wanted, 'reserved')
+        RETURNING id INTO res_id;
+        outcome := 'success';
+        reply := jsonb_build_object('reservationId', res_id);
+    WHEN 'ReleaseStock' THEN
+        -- The reservation comes from the action's recorded reply, not from the payload: the
+        -- payload's reservationId is null when the action's reply never reached the saga.
+        res_id := coalesce(action_reply ->> 'reservationId', payload ->> 'reservationId')::uuid;
+        UPDATE inventory.reservations SET status = 'released', released_at = now()
+         WHERE id = res_id AND status = 'reserved'
+        RETURNING items INTO released;
+        IF FOUND THEN
+            UPDATE inventory.stock s SET available = s.available + (w ->> 'qty')::int
+              FROM jsonb_array_elements(released) AS w
+             WHERE s.sku = w ->> 'sku';
+        END IF;
+        outcome := 'success';
+        reply := jsonb_build_object('reservationId', res_id, 'released', released IS NOT NULL);
+    ELSE
+        outcome := 'failure';
+        reply := jsonb_build_object('reason', 'unknown command type',
+                                    'type', cmd -> 'headers' ->> 'event-type');
+    END CASE;
+END;
+$$;

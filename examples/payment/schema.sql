@@ -1,0 +1,293 @@
+-- payment: the example participant that authorizes payments (AuthorizePayment /
+-- RefundPayment).
+--
+-- Applied by example-participant at every start (idempotent; it needs the saga schema for
+-- saga.create_outbox, which the participant installs first). The first part is the
+-- participant contract, the same in every example; the business part is payment.execute.
+CREATE SCHEMA IF NOT EXISTS payment;
+
+CREATE TABLE IF NOT EXISTS payment.payments (
+    id          uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    saga_id     text        NOT NULL,
+    order_id    text        NOT NULL,
+    customer_id text        NOT NULL,
+    amount      numeric     NOT NULL CHECK (amount > 0),
+    status      text        NOT NULL CHECK (status IN ('authorized', 'refunded')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    refunded_at timestamptz
+);
+
+-- One row: amounts above decline_above are declined.
+CREATE TABLE IF NOT EXISTS payment.settings (
+    id            boolean PRIMARY KEY DEFAULT true CHECK (id),
+    decline_above numeric NOT NULL DEFAULT 1000
+);
+INSERT INTO payment.settings (id) VALUES (true) ON CONFLICT DO NOTHING;
+
+------------------------------------------------------------------------------------------
+-- The participant contract (the same in every example service; copy it as it is)
+------------------------------------------------------------------------------------------
+-- The reply outbox: the relay publishes its rows (topic = the command's reply-to).
+SELECT saga.create_outbox('payment');
+
+-- One row per idempotency-key handled: a command seen again is answered again with the
+-- recorded outcome and data, and changes nothing twice. A tombstone is the row of an action
+-- whose compensation arrived first: the late action is then refused without effect.
+CREATE TABLE IF NOT EXISTS payment.inbox (
+    idempotency_key text        PRIMARY KEY,
+    message_id      text,                      -- the first command's message-id (NULL: tombstone)
+    saga_id         text        NOT NULL,
+    step            text,
+    phase           text,
+    event_type      text        NOT NULL,
+    outcome         text        NOT NULL CHECK (outcome IN ('success', 'failure')),
+    reply           jsonb       NOT NULL,
+    tombstone       boolean     NOT NULL DEFAULT false,
+    replies         int         NOT NULL DEFAULT 1, -- how many replies were sent for this key
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    last_reply_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE payment.inbox IS
+    'Commands handled, by idempotency-key, with the outcome and reply data sent (dedup)';
+
+-- Test and demo knobs (one row). They apply to the next commands whatever they are (or only
+-- to command_type when set), before the inbox is looked at:
+--   delay_ms   sleep that long before handling each command (a slow participant);
+--   drop_next  handle nothing and send no reply, N times (the orchestrator times out); the
+--              command is not recorded, so its retry is handled normally;
+--   fail_next  reply failure N times without recording it (a transient failure: the retry
+--              with the same idempotency-key is handled normally).
+CREATE TABLE IF NOT EXISTS payment.behavior (
+    id           boolean PRIMARY KEY DEFAULT true CHECK (id),
+    delay_ms     int     NOT NULL DEFAULT 0 CHECK (delay_ms >= 0),
+    drop_next    int     NOT NULL DEFAULT 0 CHECK (drop_next >= 0),
+    fail_next    int     NOT NULL DEFAULT 0 CHECK (fail_next >= 0),
+    command_type text    -- NULL: the knobs apply to every command type
+);
+INSERT INTO payment.behavior (id) VALUES (true) ON CONFLICT DO NOTHING;
+
+-- payload->>key as non-empty text, or a data_exception (the command is then answered with
+-- a recorded failure "invalid command").
+CREATE OR REPLACE FUNCTION payment.required_text(payload jsonb, key text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF jsonb_typeof(payload -> key) IS DISTINCT FROM 'string' OR payload ->> key = '' THEN
+        RAISE EXCEPTION 'payload.% must be a non-empty string', key USING ERRCODE = '22023';
+    END IF;
+    RETURN payload ->> key;
+END;
+$$;
+
+-- Inserts the reply to cmd into the outbox: topic = reply-to, key = saga id, a new
+-- message-id (the row id), in-reply-to = the command's message-id.
+CREATE OR REPLACE FUNCTION payment.send_reply(cmd jsonb, outcome text, reply jsonb)
+RETURNS void
+LANGUAGE sql
+AS $$
+    INSERT INTO payment.outbox (id, topic, key, event_type, payload, headers)
+    VALUES (gen_random_uuid(),
+            cmd -> 'headers' ->> 'reply-to',
+            cmd -> 'headers' ->> 'saga-id',
+            (cmd -> 'headers' ->> 'event-type') || '.Reply',
+            reply,
+            jsonb_strip_nulls(jsonb_build_object(
+                'in-reply-to',    cmd -> 'headers' ->> 'message-id',
+                'saga-id',        cmd -> 'headers' ->> 'saga-id',
+                'outcome',        outcome,
+                'correlation-id', cmd -> 'headers' ->> 'correlation-id',
+                'traceparent',    cmd -> 'headers' ->> 'traceparent')));
+$$;
+
+-- Handles a batch of commands in the caller's transaction (the participant calls it once per
+-- batch, autocommit: everything below commits or rolls back together). cmds is a JSON array
+-- of {"message_id": ..., "headers": {...}, "payload": {...}}. Per command: the knobs, the
+-- inbox (replay), the business change (payment.execute), the inbox row, the reply. Returns
+-- counts: {"handled", "replayed", "failed", "dropped", "skipped"}.
+CREATE OR REPLACE FUNCTION payment.handle_commands(cmds jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cmd        jsonb;
+    h          jsonb;
+    ikey       text;
+    etype      text;
+    phase      text;
+    action_key text;
+    knobs      payment.behavior;
+    seen       payment.inbox;
+    action     payment.inbox;
+    res        record;
+    outcome    text;
+    reply      jsonb;
+    handled    int := 0;
+    replayed   int := 0;
+    failed     int := 0;
+    dropped    int := 0;
+    skipped    int := 0;
+BEGIN
+    IF jsonb_typeof(cmds) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'payment.handle_commands: expects a JSON array of commands'
+            USING ERRCODE = '22023';
+    END IF;
+    FOR cmd IN SELECT value FROM jsonb_array_elements(cmds) LOOP
+        h := cmd -> 'headers';
+        -- Without these there is nobody to answer or nothing to dedupe by: skip (the consumer
+        -- checks them too, and logs what it skips).
+        IF jsonb_typeof(h) IS DISTINCT FROM 'object'
+           OR coalesce(h ->> 'message-id', '') = '' OR coalesce(h ->> 'idempotency-key', '') = ''
+           OR coalesce(h ->> 'reply-to', '') = '' OR coalesce(h ->> 'saga-id', '') = ''
+           OR coalesce(h ->> 'event-type', '') = '' THEN
+            skipped := skipped + 1;
+            CONTINUE;
+        END IF;
+        IF jsonb_typeof(cmd -> 'payload') IS DISTINCT FROM 'object' THEN
+            cmd := jsonb_set(cmd, '{payload}', '{}');
+        END IF;
+        ikey := h ->> 'idempotency-key';
+        etype := h ->> 'event-type';
+        phase := coalesce(h ->> 'saga-phase', 'action');
+
+        -- Knobs first, as if the command were slow, lost, or failed on its way in.
+        SELECT * INTO knobs FROM payment.behavior WHERE id;
+        IF knobs.command_type IS NULL OR knobs.command_type = etype THEN
+            IF knobs.delay_ms > 0 THEN
+                PERFORM pg_sleep(knobs.delay_ms / 1000.0);
+            END IF;
+            IF knobs.drop_next > 0 THEN
+                UPDATE payment.behavior SET drop_next = drop_next - 1 WHERE id;
+                dropped := dropped + 1;
+                CONTINUE;
+            END IF;
+            IF knobs.fail_next > 0 THEN
+                UPDATE payment.behavior SET fail_next = fail_next - 1 WHERE id;
+                PERFORM payment.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
+                failed := failed + 1;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        -- Seen before (a redelivery, or the orchestrator's retry): answer again, change nothing.
+        -- The reply goes to the latest attempt: in-reply-to is this command's message-id.
+        SELECT * INTO seen FROM payment.inbox WHERE idempotency_key = ikey FOR UPDATE;
+        IF FOUND THEN
+            UPDATE payment.inbox SET replies = replies + 1, last_reply_at = now()
+             WHERE idempotency_key = ikey;
+            PERFORM payment.send_reply(cmd, seen.outcome, seen.reply);
+            replayed := replayed + 1;
+            CONTINUE;
+        END IF;
+
+        BEGIN
+            IF phase = 'compensation' THEN
+                -- The action this compensates: "<saga-id>/<step>/action".
+                IF ikey LIKE '%/compensation' THEN
+                    action_key := left(ikey, -length('/compensation')) || '/action';
+                ELSE
+                    action_key := (h ->> 'saga-id') || '/' || coalesce(h ->> 'saga-step', '') || '/action';
+                END IF;
+                SELECT * INTO action FROM payment.inbox WHERE idempotency_key = action_key FOR UPDATE;
+                IF NOT FOUND THEN
+                    -- Never happened (lost, dropped, or still on its way): nothing to undo, and
+                    -- a tombstone so that the action, should it arrive later, does nothing.
+                    INSERT INTO payment.inbox (idempotency_key, saga_id, step, phase, event_type,
+                                           outcome, reply, tombstone, replies)
+                    VALUES (action_key, h ->> 'saga-id', h ->> 'saga-step', 'action',
+                            'tombstone', 'failure',
+                            jsonb_build_object('reason', 'compensated before the action arrived'),
+                            true, 0);
+                    outcome := 'success';
+                    reply := '{"compensated": false, "reason": "the action never happened"}';
+                ELSIF action.outcome = 'failure' THEN
+                    outcome := 'success';
+                    reply := '{"compensated": false, "reason": "the action had failed"}';
+                ELSE
+                    SELECT * INTO res FROM payment.execute(cmd, action.reply);
+                    outcome := res.outcome;
+                    reply := res.reply;
+                END IF;
+            ELSE
+                SELECT * INTO res FROM payment.execute(cmd, NULL);
+                outcome := res.outcome;
+                reply := res.reply;
+            END IF;
+        EXCEPTION WHEN data_exception OR not_null_violation OR check_violation THEN
+            -- A command that can never succeed (missing field, wrong type): a recorded
+            -- failure, so that its retries get the same answer. Its partial changes are
+            -- rolled back with this block.
+            outcome := 'failure';
+            reply := jsonb_build_object('reason', 'invalid command', 'detail', SQLERRM);
+        END;
+
+        INSERT INTO payment.inbox (idempotency_key, message_id, saga_id, step, phase, event_type,
+                               outcome, reply)
+        VALUES (ikey, h ->> 'message-id', h ->> 'saga-id', h ->> 'saga-step', phase, etype,
+                outcome, reply);
+        PERFORM payment.send_reply(cmd, outcome, reply);
+        handled := handled + 1;
+        IF outcome = 'failure' THEN
+            failed := failed + 1;
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
+                              'dropped', dropped, 'skipped', skipped);
+END;
+$$;
+COMMENT ON FUNCTION payment.handle_commands(jsonb) IS
+    'Handles a batch of commands in one transaction: knobs, inbox dedup, business change, reply';
+
+------------------------------------------------------------------------------------------
+-- The business: one call per new command (never for a replay). action_reply is the recorded
+-- reply of the action a compensation undoes (NULL for an action). Raising a data_exception
+-- answers "invalid command".
+------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION payment.execute(cmd jsonb, action_reply jsonb,
+                                           OUT outcome text, OUT reply jsonb)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    payload jsonb := cmd -> 'payload';
+    amount  numeric;
+    limit_  numeric;
+    auth_id uuid;
+BEGIN
+    CASE cmd -> 'headers' ->> 'event-type'
+    WHEN 'AuthorizePayment' THEN
+        IF jsonb_typeof(payload -> 'amount') NOT IN ('number', 'string') THEN
+            RAISE EXCEPTION 'payload.amount must be a number' USING ERRCODE = '22023';
+        END IF;
+        amount := (payload ->> 'amount')::numeric;
+        IF amount <= 0 THEN
+            RAISE EXCEPTION 'payload.amount must be positive' USING ERRCODE = '22023';
+        END IF;
+        SELECT decline_above INTO limit_ FROM payment.settings WHERE id;
+        IF amount > limit_ THEN
+            outcome := 'failure';
+            reply := jsonb_build_object('reason', 'declined');
+            RETURN;
+        END IF;
+        INSERT INTO payment.payments (saga_id, order_id, customer_id, amount, status)
+        VALUES (cmd -> 'headers' ->> 'saga-id', payment.required_text(payload, 'orderId'),
+                payment.required_text(payload, 'customerId'), amount, 'authorized')
+        RETURNING id INTO auth_id;
+        outcome := 'success';
+        reply := jsonb_build_object('authorizationId', auth_id, 'amount', amount);
+    WHEN 'RefundPayment' THEN
+        -- The authorization comes from the action's recorded reply: the payload's
+        -- authorizationId is null when the action's reply never reached the saga.
+        auth_id := coalesce(action_reply ->> 'authorizationId', payload ->> 'authorizationId')::uuid;
+        UPDATE payment.payments SET status = 'refunded', refunded_at = now()
+         WHERE id = auth_id AND status = 'authorized'
+        RETURNING payments.amount INTO amount;
+        outcome := 'success';
+        reply := jsonb_build_object('authorizationId', auth_id, 'refunded', FOUND,
+                                    'amount', amount);
+    ELSE
+        outcome := 'failure';
+        reply := jsonb_build_object('reason', 'unknown command type',
+                                    'type', cmd -> 'headers' ->> 'event-type');
+    END CASE;
+END;
+$$;
