@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "admin.h"
 #include "log.h"
@@ -78,6 +79,15 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
     ev_timer_start(loop, &drain_deadline);
 }
 
+/* Until the loop's signal watchers take over, SIGTERM or SIGINT (say, while the start-up check
+ * waits for a slow database) ends the relay at once with status 0: nothing is claimed yet, so
+ * there is nothing to finish. Without this the default action killed it (status 143). */
+static void early_stop_handler(int sig)
+{
+    (void)sig;
+    _exit(0);
+}
+
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
     /* Nothing is reloadable yet: the sources and the producer need a restart. */
@@ -116,6 +126,10 @@ int main(int argc, char **argv)
     int status = 1;
 
     log_init(stdout, "outbox-relay");
+    struct sigaction early = {.sa_handler = early_stop_handler};
+    sigemptyset(&early.sa_mask);
+    sigaction(SIGTERM, &early, NULL);
+    sigaction(SIGINT, &early, NULL);
     int rc = relay_config_load(argc - 1, argv + 1, &relay.settings, &sources, &source_count, err,
                                sizeof(err));
     if (rc == 1)

@@ -177,18 +177,86 @@ static int add_table(struct outbox_source **srcs, size_t *count, const char *con
     return 0;
 }
 
+/* Replaces, in place, every occurrence of secret (len bytes) in msg (size bytes of storage)
+ * by "*****"; a message that no longer fits is cut. */
+static void mask_in(char *msg, size_t size, const char *secret, size_t len)
+{
+    static const char mask[] = "*****";
+    const size_t keep = sizeof(mask) - 1;
+    if (!len)
+        return;
+    char *from = msg;
+    for (;;) {
+        char *hit = NULL;
+        for (char *p = from; *p && !hit; p++)
+            if (!strncmp(p, secret, len))
+                hit = p;
+        if (!hit)
+            return;
+        size_t pos = (size_t)(hit - msg);
+        if (pos + keep + 1 > size) {
+            *hit = '\0';
+            return;
+        }
+        size_t tail = strlen(hit + len) + 1; /* with its NUL */
+        if (pos + keep + tail > size)
+            tail = size - pos - keep;
+        memmove(hit + keep, hit + len, tail);
+        memcpy(hit, mask, keep);
+        msg[size - 1] = '\0';
+        from = hit + keep;
+    }
+}
+
+/* libpq's parse errors quote the URI or a fragment of it ("end of string reached when looking
+ * for matching "]" in IPv6 host address in URI: "postgresql://user:secret@[::1/db""), so a
+ * password in it must be masked before the message is shown: the one in the URI's userinfo
+ * and every password=VALUE (URI query parameter or key=value). */
+static void mask_passwords(char *msg, size_t size, const char *conninfo)
+{
+    const char *scheme = strstr(conninfo, "://");
+    if (scheme) {
+        const char *user = scheme + 3;
+        const char *end = user + strcspn(user, "/?");
+        const char *at = NULL;
+        for (const char *p = user; p < end; p++)
+            if (*p == '@')
+                at = p;
+        const char *colon = at ? memchr(user, ':', (size_t)(at - user)) : NULL;
+        if (colon)
+            mask_in(msg, size, colon + 1, (size_t)(at - colon - 1));
+    }
+    for (const char *p = conninfo; (p = strstr(p, "password")); p += 8) {
+        const char *v = p + 8;
+        while (*v == ' ')
+            v++;
+        if (*v != '=')
+            continue;
+        v++;
+        while (*v == ' ')
+            v++;
+        if (*v == '\'') {
+            v++;
+            mask_in(msg, size, v, strcspn(v, "'"));
+        } else {
+            mask_in(msg, size, v, strcspn(v, " &#"));
+        }
+    }
+}
+
 static int check_conninfo(const char *conninfo, const char *where, char *err, size_t errlen)
 {
     char *msg = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, &msg);
     if (!opts) {
-        /* libpq's message names the bad keyword, never a password value. */
-        size_t n = msg ? strlen(msg) : 0;
-        while (n && msg[n - 1] == '\n')
-            msg[--n] = '\0';
-        snprintf(err, errlen, "%s: malformed connection string: %s", where,
-                 msg ? msg : "cannot parse");
+        char text[1024];
+        snprintf(text, sizeof(text), "%s", msg ? msg : "cannot parse");
         PQfreemem(msg);
+        size_t n = strlen(text);
+        while (n && text[n - 1] == '\n')
+            text[--n] = '\0';
+        mask_passwords(text, sizeof(text), conninfo);
+        snprintf(err, errlen, "%s: malformed connection string: %s", where, text);
         return -1;
     }
     PQconninfoFree(opts);

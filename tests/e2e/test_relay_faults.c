@@ -1,0 +1,277 @@
+/* End-to-end: the outbox relay under faults: kill -9 at random moments, two relays on one
+ * table with the leader killed, the broker going away and refusing requests, rows Kafka
+ * rejects for good. */
+#include "relay_e2e.h"
+
+TestSuite(relay_faults, .timeout = 170);
+
+static void pause_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static unsigned test_seed(void)
+{
+    const char *s = getenv("SAGA_E2E_SEED");
+    if (s && *s)
+        return (unsigned)strtoul(s, NULL, 10);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (unsigned)(ts.tv_nsec ^ (ts.tv_sec << 10) ^ getpid());
+}
+
+/* kill -9 of the relay at random moments while rows keep being inserted, restarted each
+ * time: every row arrives at least once, every message is exactly the row its message-id
+ * names (so a duplicate carries the id of an earlier delivery), the first deliveries of each
+ * key come in seq order, and the table ends empty. */
+Test(relay_faults, kill9_at_random_moments)
+{
+    const unsigned first_seed = test_seed();
+    unsigned seed = first_seed;
+    fprintf(stderr, "kill9_at_random_moments: seed %u (SAGA_E2E_SEED=%u repeats the choices)\n",
+            seed, seed);
+    struct e2e e;
+    e2e_setup(&e, "kill", 64);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    const long max_rows = 12000;
+    long inserted = 0;
+    int kills = 10 + (int)(rand_r(&seed) % 5);
+    /* Small claims and slow acknowledgements (every broker response is delayed) keep many
+     * rows in flight at each kill. */
+    devbroker_command(&e.broker, "rtt 1 30");
+    const char *env[] = {"RELAY_BATCH_SIZE=200", "RELAY_LINGER=2ms", NULL};
+    struct proc relay;
+    size_t mid_flight = 0;
+    for (int i = 0; i < kills; i++) {
+        e2e_relay_start(&e, &relay, env);
+        /* Kill after 0..2.5 s: some kills land while the relay starts or takes the lock, most
+         * while it publishes (its first message to a topic waits up to a second for
+         * librdkafka's metadata). A burst, then rows keep coming in small transactions. */
+        int64_t until = proc_now_ms() + (int64_t)(rand_r(&seed) % 2500);
+        size_t before = kconsumer_count(c);
+        long burst = 100 + (long)(rand_r(&seed) % 400);
+        do {
+            if (inserted < max_rows) {
+                long chunk = burst ? burst : 5 + (long)(rand_r(&seed) % 16);
+                burst = 0;
+                if (inserted + chunk > max_rows)
+                    chunk = max_rows - inserted;
+                e2e_insert(&e, inserted, inserted + chunk);
+                inserted += chunk;
+            }
+            pause_ms(20);
+        } while (proc_now_ms() < until);
+        size_t after = kconsumer_count(c);
+        long left = e2e_table_count(&e, "saga.outbox");
+        fprintf(stderr, "kill %d: %zu messages, %ld rows inserted, %ld in the table\n", i, after,
+                inserted, left);
+        if (after > before && left > 0)
+            mid_flight++;
+        proc_signal(&relay, SIGKILL);
+        cr_assert(proc_wait_exit(&relay, 10000), "the relay survived SIGKILL");
+        cr_assert_eq(proc_exit_code(&relay), 128 + SIGKILL, "the relay exited %d before the kill",
+                     proc_exit_code(&relay));
+        proc_cleanup(&relay);
+    }
+    fprintf(stderr,
+            "kill9_at_random_moments: %d kills, %ld rows, %zu kills while rows were flowing\n",
+            kills, inserted, mid_flight);
+    cr_assert(mid_flight > 0, "no kill landed while rows were flowing (seed %u)", first_seed);
+
+    /* A last run publishes what is left. */
+    e2e_relay_start(&e, &relay, env);
+    long distinct = 0;
+    if (!e2e_wait_all(c, inserted, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived (seed %u)", distinct, inserted, first_seed);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left (seed %u)",
+              e2e_table_count(&e, "saga.outbox"), first_seed);
+    size_t dups = e2e_verify(&e, c, inserted, false);
+    fprintf(stderr, "kill9_at_random_moments: %zu messages, %zu duplicates\n", kconsumer_count(c),
+            dups);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* Which of two relays logs needle first (bounded): 0, 1, or -1. */
+static int first_to_log(struct proc *p, const char *needle, int timeout_ms)
+{
+    int64_t deadline = proc_now_ms() + timeout_ms;
+    for (;;) {
+        for (int i = 0; i < 2; i++)
+            if (proc_wait_log(&p[i], needle, NULL, 0, NULL, 0))
+                return i;
+        if (proc_now_ms() > deadline)
+            return -1;
+        pause_ms(5);
+    }
+}
+
+static double leader_gauge(int port)
+{
+    char *body;
+    int status = e2e_http_get(port, "/metrics", &body);
+    double v = status == 200 ? e2e_metric(body, "relay_table_leader{table=\"saga.outbox\"}") : -2;
+    free(body);
+    return v;
+}
+
+/* Two relays on one table: exactly one leads; when it is killed (SIGKILL) while rows flow,
+ * the standby takes over and every row arrives, in order per key (first deliveries). */
+Test(relay_faults, standby_takes_over)
+{
+    struct e2e e;
+    e2e_setup(&e, "standby", 40);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    const char *env[] = {"RELAY_LEADER_RETRY=200ms", "RELAY_BATCH_SIZE=200", NULL};
+    struct proc relays[2];
+    e2e_relay_start(&e, &relays[0], env);
+    e2e_relay_start(&e, &relays[1], env);
+    int ports[2] = {e2e_admin_port(&relays[0]), e2e_admin_port(&relays[1])};
+    int leader = first_to_log(relays, "leading: publishing", 15000);
+    cr_assert(leader >= 0, "no relay leads within 15 s");
+    int standby = 1 - leader;
+    cr_assert(proc_wait_log(&relays[standby], "standing by", NULL, 15000, NULL, 0),
+              "the second relay does not stand by");
+    cr_assert_eq(proc_count_log(&relays[standby], "leading: publishing"), 0, "both relays lead");
+    cr_assert_eq(leader_gauge(ports[leader]), 1.0);
+    cr_assert_eq(leader_gauge(ports[standby]), 0.0);
+
+    const long total = 6000;
+    for (long from = 0; from < 3000; from += 500)
+        e2e_insert(&e, from, from + 500);
+    cr_assert(kconsumer_wait_count(c, 600, 30000), "no flow: %zu messages", kconsumer_count(c));
+    cr_assert_eq(proc_count_log(&relays[standby], "leading: publishing"), 0,
+                 "the standby leads while the leader lives");
+    proc_signal(&relays[leader], SIGKILL);
+    int64_t killed = proc_now_ms();
+    cr_assert(proc_wait_exit(&relays[leader], 10000));
+    for (long from = 3000; from < total; from += 500)
+        e2e_insert(&e, from, from + 500);
+    cr_assert(proc_wait_log(&relays[standby], "leading: publishing", NULL, 15000, NULL, 0),
+              "the standby did not take over within 15 s");
+    int64_t handover = proc_now_ms() - killed;
+    fprintf(stderr, "standby_takes_over: handover in %" PRId64 " ms (leader retry 200 ms)\n",
+            handover);
+
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 60000, &distinct)) {
+        proc_dump(&relays[standby], "standby", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, total, false);
+    cr_assert_eq(leader_gauge(ports[standby]), 1.0);
+    e2e_relay_stop(&relays[standby]);
+    proc_cleanup(&relays[0]);
+    proc_cleanup(&relays[1]);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* The broker goes down while rows are inserted, then comes back; then it fails Produce
+ * requests with retriable errors. Nothing is lost, the first deliveries keep the order per
+ * key, and the backlog drains. */
+Test(relay_faults, broker_down_and_request_errors)
+{
+    struct e2e e;
+    e2e_setup(&e, "down", 30);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=100", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 500);
+    cr_assert(e2e_wait_all(c, 500, 30000, NULL), "the first rows did not arrive");
+
+    /* Down: the relay claims the new rows (they wait in the producer), then the broker is
+     * back and they arrive. */
+    devbroker_command(&e.broker, "down 1");
+    for (long from = 500; from < 1500; from += 100)
+        e2e_insert(&e, from, from + 100);
+    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 1500, 20000),
+              "the relay did not claim the rows inserted while the broker was down");
+    cr_assert_gt(e2e_table_count(&e, "saga.outbox"), 0, "rows deleted while the broker was down");
+    devbroker_command(&e.broker, "up 1");
+    long distinct = 0;
+    if (!e2e_wait_all(c, 1500, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("after the broker came back, %ld of 1500 rows arrived", distinct);
+    }
+
+    /* Produce requests fail: a leader change, then time-outs. */
+    devbroker_command(&e.broker, "errors Produce 5 NOT_LEADER_FOR_PARTITION");
+    e2e_insert(&e, 1500, 2000);
+    e2e_insert(&e, 2000, 2500);
+    devbroker_command(&e.broker, "errors Produce 5 REQUEST_TIMED_OUT");
+    e2e_insert(&e, 2500, 3000);
+    devbroker_command(&e.broker, "errors Produce 4 NOT_ENOUGH_REPLICAS LEADER_NOT_AVAILABLE "
+                                 "REQUEST_TIMED_OUT NOT_LEADER_FOR_PARTITION");
+    e2e_insert(&e, 3000, 3500);
+    if (!e2e_wait_all(c, 3500, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("with request errors, %ld of 3500 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    size_t dups = e2e_verify(&e, c, 3500, false);
+    fprintf(stderr, "broker_down_and_request_errors: %zu duplicates\n", dups);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* A row larger than message.max.bytes moves to the dead-letter table with the error; the rows
+ * behind it, of its key and others, arrive; the outbox ends empty. */
+Test(relay_faults, poison_row_dead_lettered)
+{
+    struct e2e e;
+    e2e_setup(&e, "poison", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    e2e_insert(&e, 0, 100);
+    const char *params[] = {e.topic_b};
+    PQclear(pgtest_query(e.conn,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                         "('ffffffff-0000-4000-8000-000000000001', $1, 'k001', 'Big', "
+                         "jsonb_build_object('blob', repeat('x', 50000)))",
+                         1, params));
+    e2e_insert(&e, 100, 200);
+    struct proc relay;
+    const char *env[] = {"KAFKA_MESSAGE_MAX_BYTES=10000", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 200, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 200 good rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left in the outbox",
+              e2e_table_count(&e, "saga.outbox"));
+    e2e_verify(&e, c, 200, true);
+    PGresult *res = pgtest_query(e.conn,
+                                 "SELECT id::text, key, topic, event_type, "
+                                 "length(payload->>'blob'), error FROM saga.outbox_dead_letters",
+                                 0, NULL);
+    cr_assert_eq(PQntuples(res), 1, "%d dead letters", PQntuples(res));
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "ffffffff-0000-4000-8000-000000000001");
+    cr_assert_str_eq(PQgetvalue(res, 0, 1), "k001");
+    cr_assert_str_eq(PQgetvalue(res, 0, 2), e.topic_b);
+    cr_assert_str_eq(PQgetvalue(res, 0, 3), "Big");
+    cr_assert_str_eq(PQgetvalue(res, 0, 4), "50000");
+    cr_assert(strstr(PQgetvalue(res, 0, 5), "too large"), "error text: %s", PQgetvalue(res, 0, 5));
+    PQclear(res);
+    cr_assert(proc_wait_log(&relay, "moved to the dead-letter table", NULL, 5000, NULL, 0));
+    cr_assert(e2e_wait_metric(port, "relay_dead_letters_total{table=\"saga.outbox\"}", 1, 10000));
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}

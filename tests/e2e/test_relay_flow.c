@@ -1,0 +1,177 @@
+/* End-to-end: the outbox relay against a real PostgreSQL and the dev broker, without faults:
+ * exact delivery of many rows, the admin endpoint, and SIGTERM while rows flow. */
+#include "relay_e2e.h"
+
+TestSuite(relay_flow, .timeout = 150);
+
+/* 10,000+ rows over 200 keys, inserted in several transactions while the relay runs: every
+ * row arrives exactly once and exactly as inserted, in seq order per key; the table ends
+ * empty; the admin endpoint counts them per table and topic. */
+Test(relay_flow, every_row_exactly_once_in_order)
+{
+    struct e2e e;
+    e2e_setup(&e, "flow", 200);
+    const long total = 10400;
+    /* A first part before the relay starts (read from the table's head), the rest while it
+     * runs (found through NOTIFY). */
+    e2e_insert(&e, 0, 3000);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
+    for (long from = 3000; from < total; from += 1480)
+        e2e_insert(&e, from, from + 1480 < total ? from + 1480 : total);
+
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived within 60 s", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left in the outbox",
+              e2e_table_count(&e, "saga.outbox"));
+    e2e_verify(&e, c, total, true);
+
+    /* /metrics: published rows per table and topic (rows of even keys go to topic a). */
+    char series[256];
+    snprintf(series, sizeof(series),
+             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
+    cr_assert(e2e_wait_metric(port, series, (double)(total / 2), 10000), "%s never reached %ld",
+              series, total / 2);
+    char *body;
+    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
+    snprintf(series, sizeof(series),
+             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_b);
+    cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
+    cr_assert_eq(e2e_metric(body, "relay_table_leader{table=\"saga.outbox\"}"), 1.0, "%s", body);
+    free(body);
+
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* /healthz, /readyz and /metrics answer; /readyz says ready once the table is led and Kafka
+ * is reachable, and names the table. */
+Test(relay_flow, admin_endpoint)
+{
+    struct e2e e;
+    e2e_setup(&e, "admin", 4);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
+    char *body;
+    cr_assert_eq(e2e_http_get(port, "/healthz", &body), 200, "/healthz: %s", body ? body : "");
+    free(body);
+    /* Ready once leading and the producer saw a broker (its statistics come every second). */
+    int status = 0;
+    int64_t deadline = proc_now_ms() + 15000;
+    while ((status = e2e_http_get(port, "/readyz", &body)) != 200 && proc_now_ms() < deadline) {
+        free(body);
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    cr_assert_eq(status, 200, "/readyz never ready: %s", body ? body : "");
+    cr_assert(strstr(body, "saga.outbox leading"), "/readyz: %s", body);
+    free(body);
+    e2e_insert(&e, 0, 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    cr_assert(e2e_wait_all(c, 10, 20000, NULL));
+    char series[256];
+    snprintf(series, sizeof(series),
+             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
+    cr_assert(e2e_wait_metric(port, series, 5, 10000), "%s never reached 5", series);
+    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert(strstr(body, "# TYPE relay_rows_published_total counter"), "%s", body);
+    free(body);
+    cr_assert_eq(e2e_http_get(port, "/no-such-page", &body), 404);
+    free(body);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+struct deleted_rows {
+    long total;
+    const unsigned char *left; /* rows still in the table */
+    size_t processed;
+    long missing; /* deleted rows not seen yet */
+    unsigned char *seen;
+};
+
+static bool deleted_seen(struct kmsg *const *msgs, size_t n, void *arg)
+{
+    struct deleted_rows *d = arg;
+    for (; d->processed < n; d->processed++) {
+        long g = id_row(kmsg_header(msgs[d->processed], "message-id", NULL));
+        if (g >= 0 && g < d->total && !d->seen[g]) {
+            d->seen[g] = 1;
+            if (!d->left[g])
+                d->missing--;
+        }
+    }
+    return d->missing <= 0;
+}
+
+/* SIGTERM while rows flow: exit 0, every row deleted from the table arrived, and a second run
+ * publishes the rest. */
+Test(relay_flow, sigterm_while_rows_flow)
+{
+    struct e2e e;
+    e2e_setup(&e, "term", 50);
+    const long total = 8000;
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    /* Small claims so that a good part of the table is still there at SIGTERM. */
+    const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_MAX_INFLIGHT=400", NULL};
+    e2e_relay_start(&e, &relay, env);
+    for (long from = 0; from < total; from += 500)
+        e2e_insert(&e, from, from + 500);
+    cr_assert(kconsumer_wait_count(c, 1500, 30000), "no flow: %zu messages", kconsumer_count(c));
+    e2e_relay_stop(&relay);
+    cr_assert(proc_wait_log(&relay, "outbox-relay stopped", NULL, 1000, NULL, 0),
+              "no final log line");
+
+    /* Every row no longer in the table must have arrived. */
+    PGresult *res = pgtest_query(e.conn, "SELECT id::text FROM saga.outbox", 0, NULL);
+    unsigned char *left = calloc((size_t)total, 1);
+    cr_assert(left);
+    for (int i = 0; i < PQntuples(res); i++) {
+        long g = id_row(PQgetvalue(res, i, 0));
+        cr_assert(g >= 0 && g < total);
+        left[g] = 1;
+    }
+    long remaining = PQntuples(res);
+    PQclear(res);
+    cr_assert(remaining > 0, "the relay published everything before SIGTERM: test too small");
+    fprintf(stderr, "sigterm_while_rows_flow: %ld of %ld rows left at SIGTERM\n", remaining, total);
+    /* Deleted means acknowledged: wait (bounded) until the consumer has read them all. */
+    struct deleted_rows d = {total, left, 0, total - remaining, calloc((size_t)total, 1)};
+    cr_assert(d.seen);
+    bool all = kconsumer_wait_until(c, deleted_seen, &d, 20000);
+    for (long g = 0; g < total; g++)
+        cr_assert(left[g] || d.seen[g], "row %ld was deleted but never arrived", g);
+    cr_assert(all);
+    free(d.seen);
+    free(left);
+    proc_cleanup(&relay);
+
+    /* The next run publishes the rest. */
+    e2e_relay_start(&e, &relay, NULL);
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, total, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
