@@ -1,0 +1,576 @@
+/* The example participants' SQL (examples/<service>/schema.sql): <service>.handle_commands
+ * against a real PostgreSQL, without Kafka. Each test gets a fresh database with the saga
+ * schema and one service's schema. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <criterion/criterion.h>
+
+#include "pgtest.h"
+
+static struct pgtest_db db;
+static PGconn *conn;
+
+static void setup(void)
+{
+    conn = pgtest_fresh(&db, true);
+}
+
+static void teardown(void)
+{
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+TestSuite(participants, .init = setup, .fini = teardown, .timeout = 120);
+
+static char *read_schema(const char *service)
+{
+    const char *root = getenv("SAGA_SOURCE_ROOT");
+    cr_assert(root, "SAGA_SOURCE_ROOT is not set");
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/examples/%s/schema.sql", root, service);
+    FILE *f = fopen(path, "r");
+    cr_assert(f, "cannot read %s", path);
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = calloc(1, (size_t)len + 1);
+    cr_assert(text);
+    cr_assert_eq(fread(text, 1, (size_t)len, f), (size_t)len);
+    fclose(f);
+    return text;
+}
+
+static void install(const char *service)
+{
+    char *sql = read_schema(service);
+    pgtest_exec(conn, sql);
+    free(sql);
+}
+
+/* One command as handle_commands takes it. Message ids are "<saga>-<tag>". */
+static char *command(const char *saga, const char *step, const char *phase, const char *type,
+                     const char *msgid, const char *payload)
+{
+    char *out = NULL;
+    int n = asprintf(&out,
+                     "{\"message_id\": \"%s\", \"headers\": {\"message-id\": \"%s\", "
+                     "\"event-type\": \"%s\", \"saga-id\": \"%s\", \"saga-name\": "
+                     "\"order_fulfillment\", \"saga-step\": \"%s\", \"saga-phase\": \"%s\", "
+                     "\"idempotency-key\": \"%s/%s/%s\", \"reply-to\": \"saga.replies\", "
+                     "\"correlation-id\": \"corr-%s\", \"traceparent\": "
+                     "\"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}, "
+                     "\"payload\": %s}",
+                     msgid, msgid, type, saga, step, phase, saga, step, phase, saga, payload);
+    cr_assert(n > 0);
+    return out;
+}
+
+/* Calls <service>.handle_commands with the given items (NULL-terminated) and returns its
+ * counts (caller frees). */
+static char *handle(const char *service, ...)
+{
+    size_t cap = 64, len = 1;
+    char *array = malloc(cap);
+    cr_assert(array);
+    strcpy(array, "[");
+    va_list ap;
+    va_start(ap, service);
+    const char *item;
+    while ((item = va_arg(ap, const char *)) != NULL) {
+        size_t need = len + strlen(item) + 3;
+        if (need > cap) {
+            cap = need * 2;
+            array = realloc(array, cap);
+            cr_assert(array);
+        }
+        if (len > 1)
+            array[len++] = ',';
+        strcpy(array + len, item);
+        len += strlen(item);
+    }
+    va_end(ap);
+    strcpy(array + len, "]");
+    char sql[128];
+    snprintf(sql, sizeof(sql), "SELECT %s.handle_commands($1::jsonb)::text", service);
+    const char *params[] = {array};
+    char *counts = pgtest_value(conn, sql, 1, params);
+    free(array);
+    return counts;
+}
+
+/* handle() with one command, freeing it; returns nothing. */
+static void handle1(const char *service, char *cmd)
+{
+    free(handle(service, cmd, NULL));
+    free(cmd);
+}
+
+static long count(const char *sql)
+{
+    return pgtest_count(conn, sql, 0, NULL);
+}
+
+static long count1(const char *sql, const char *param)
+{
+    const char *params[] = {param};
+    return pgtest_count(conn, sql, 1, params);
+}
+
+/* A field of the reply to msgid: an SQL expression over the outbox row r. */
+static char *reply_field(const char *service, const char *msgid, const char *expr)
+{
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT %s FROM %s.outbox r WHERE r.headers->>'in-reply-to' = $1",
+             expr, service);
+    const char *params[] = {msgid};
+    return pgtest_value(conn, sql, 1, params);
+}
+
+static void assert_reply(const char *service, const char *msgid, const char *field,
+                         const char *expected)
+{
+    char *v = reply_field(service, msgid, field);
+    cr_assert(v, "reply to %s: %s is NULL", msgid, field);
+    cr_assert_str_eq(v, expected, "reply to %s: %s", msgid, field);
+    free(v);
+}
+
+static long replies_to(const char *service, const char *msgid)
+{
+    char sql[256];
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s.outbox WHERE headers->>'in-reply-to' = $1",
+             service);
+    return count1(sql, msgid);
+}
+
+static long available(const char *sku)
+{
+    return count1("SELECT available FROM inventory.stock WHERE sku = $1", sku);
+}
+
+static const char reserve_ab[] = "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"a\", \"qty\": 2}, "
+                                 "{\"sku\": \"b\", \"qty\": 1}]}";
+
+/* ---------------------------------------------------------------------------------------
+ * inventory
+ * ------------------------------------------------------------------------------------- */
+
+Test(participants, inventory_reserve_changes_stock_records_inbox_and_replies)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    char *counts = handle(
+        "inventory",
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
+    cr_assert(strstr(counts, "\"handled\": 1"), "%s", counts);
+    free(counts);
+
+    cr_assert_eq(available("a"), 3);
+    cr_assert_eq(available("b"), 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations WHERE status = 'reserved' "
+                       "AND saga_id = 's1' AND order_id = 'o-1'"),
+                 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE idempotency_key = "
+                       "'s1/reserve_inventory/action' AND outcome = 'success' AND message_id = "
+                       "'s1-m1'"),
+                 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.outbox"), 1);
+    assert_reply("inventory", "s1-m1", "topic", "saga.replies");
+    assert_reply("inventory", "s1-m1", "key", "s1");
+    assert_reply("inventory", "s1-m1", "event_type", "ReserveStock.Reply");
+    assert_reply("inventory", "s1-m1", "headers->>'outcome'", "success");
+    assert_reply("inventory", "s1-m1", "headers->>'saga-id'", "s1");
+    assert_reply("inventory", "s1-m1", "headers->>'correlation-id'", "corr-s1");
+    assert_reply("inventory", "s1-m1", "headers->>'traceparent'",
+                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    /* Headers are strings only (the relay publishes them as they are); the new message-id is
+     * the row id, which the relay adds. */
+    assert_reply("inventory", "s1-m1",
+                 "(SELECT string_agg(k || '=' || jsonb_typeof(v), ',' ORDER BY k) "
+                 "FROM jsonb_each(r.headers) AS e(k, v))",
+                 "correlation-id=string,in-reply-to=string,outcome=string,saga-id=string,"
+                 "traceparent=string");
+    assert_reply(
+        "inventory", "s1-m1",
+        "(r.payload->>'reservationId' = (SELECT id::text FROM inventory.reservations))::text",
+        "true");
+}
+
+Test(participants, inventory_same_idempotency_key_replies_again_and_changes_nothing)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
+    /* The orchestrator's retry (new message-id) and a redelivery of the first, in one batch. */
+    char *counts = handle(
+        "inventory",
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
+    cr_assert(strstr(counts, "\"replayed\": 2"), "%s", counts);
+    free(counts);
+
+    cr_assert_eq(available("a"), 3);
+    cr_assert_eq(available("b"), 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox"), 1);
+    cr_assert_eq(replies_to("inventory", "s1-m1"), 2);
+    cr_assert_eq(replies_to("inventory", "s1-m2"), 1);
+    assert_reply("inventory", "s1-m2", "headers->>'outcome'", "success");
+    cr_assert_eq(count("SELECT count(DISTINCT payload) FROM inventory.outbox"), 1);
+    cr_assert_eq(count("SELECT count(DISTINCT id) FROM inventory.outbox"), 3);
+}
+
+Test(participants, inventory_out_of_stock_is_all_or_nothing)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 0)");
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
+    assert_reply("inventory", "s1-m1", "headers->>'outcome'", "failure");
+    assert_reply("inventory", "s1-m1", "payload::text",
+                 "{\"sku\": \"b\", \"reason\": \"out of stock\"}");
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(available("b"), 0);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 0);
+
+    /* An unknown sku is out of stock too; the failure is recorded and replayed as it was. */
+    handle1("inventory",
+            command("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1",
+                    "{\"orderId\": \"o-2\", \"items\": [{\"sku\": \"zz\", \"qty\": 1}]}"));
+    assert_reply("inventory", "s2-m1", "payload->>'sku'", "zz");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('zz', 10)");
+    handle1("inventory",
+            command("s2", "reserve_inventory", "action", "ReserveStock", "s2-m2",
+                    "{\"orderId\": \"o-2\", \"items\": [{\"sku\": \"zz\", \"qty\": 1}]}"));
+    assert_reply("inventory", "s2-m2", "headers->>'outcome'", "failure");
+    cr_assert_eq(available("zz"), 10);
+}
+
+Test(participants, inventory_release_gives_stock_back_exactly_once)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
+    /* The payload's reservationId is null (the action's reply was lost): the recorded reply
+     * still finds the reservation. */
+    handle1("inventory", command("s1", "reserve_inventory", "compensation", "ReleaseStock", "s1-c1",
+                                 "{\"orderId\": \"o-1\", \"reservationId\": null}"));
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(available("b"), 2);
+    assert_reply("inventory", "s1-c1", "headers->>'outcome'", "success");
+    assert_reply("inventory", "s1-c1", "event_type", "ReleaseStock.Reply");
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations WHERE status = 'released'"), 1);
+
+    /* Retried and redelivered compensations, and a late retry of the action: nothing more. */
+    handle1("inventory", command("s1", "reserve_inventory", "compensation", "ReleaseStock", "s1-c2",
+                                 "{\"orderId\": \"o-1\"}"));
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab));
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(available("b"), 2);
+    assert_reply("inventory", "s1-c2", "headers->>'outcome'", "success");
+    assert_reply("inventory", "s1-m2", "headers->>'outcome'", "success");
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 1);
+}
+
+Test(participants, inventory_release_before_reserve_is_a_noop_and_refuses_the_late_reserve)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    handle1("inventory", command("s1", "reserve_inventory", "compensation", "ReleaseStock", "s1-c1",
+                                 "{\"orderId\": \"o-1\", \"reservationId\": null}"));
+    assert_reply("inventory", "s1-c1", "headers->>'outcome'", "success");
+    cr_assert_eq(available("a"), 5);
+
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
+    assert_reply("inventory", "s1-m1", "headers->>'outcome'", "failure");
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(available("b"), 2);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 0);
+    /* Another saga is not affected. */
+    handle1("inventory",
+            command("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1", reserve_ab));
+    assert_reply("inventory", "s2-m1", "headers->>'outcome'", "success");
+}
+
+Test(participants, inventory_release_after_a_failed_reserve_gives_nothing_back)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 0)");
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
+    handle1("inventory", command("s1", "reserve_inventory", "compensation", "ReleaseStock", "s1-c1",
+                                 "{\"orderId\": \"o-1\"}"));
+    assert_reply("inventory", "s1-c1", "headers->>'outcome'", "success");
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(available("b"), 0);
+}
+
+Test(participants, inventory_bad_commands_do_not_stop_the_batch)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    char *good = command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab);
+    char *bad_qty =
+        command("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1",
+                "{\"orderId\": \"o-2\", \"items\": [{\"sku\": \"a\", \"qty\": \"x\"}]}");
+    char *no_items = command("s3", "reserve_inventory", "action", "ReserveStock", "s3-m1",
+                             "{\"orderId\": \"o-3\"}");
+    char *unknown = command("s4", "reserve_inventory", "action", "CountStock", "s4-m1", "{}");
+    char *counts = handle("inventory", "{\"payload\": {}}", bad_qty, "{\"headers\": {}}", no_items,
+                          unknown, good, NULL);
+    cr_assert(strstr(counts, "\"skipped\": 2"), "%s", counts);
+    cr_assert(strstr(counts, "\"handled\": 4"), "%s", counts);
+    cr_assert(strstr(counts, "\"failed\": 3"), "%s", counts);
+    free(counts);
+    free(good);
+    free(bad_qty);
+    free(no_items);
+    free(unknown);
+    assert_reply("inventory", "s1-m1", "headers->>'outcome'", "success");
+    assert_reply("inventory", "s2-m1", "payload->>'reason'", "invalid command");
+    assert_reply("inventory", "s3-m1", "payload->>'reason'", "invalid command");
+    assert_reply("inventory", "s4-m1", "payload->>'reason'", "unknown command type");
+    cr_assert_eq(available("a"), 3); /* the bad qty changed nothing */
+    /* An invalid command is a recorded failure: its retry gets the same answer. */
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE outcome = 'failure'"), 3);
+}
+
+Test(participants, inventory_drop_and_fail_knobs)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    pgtest_exec(conn, "UPDATE inventory.behavior SET drop_next = 1, fail_next = 1");
+    char *counts = handle(
+        "inventory",
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
+        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m3", reserve_ab), NULL);
+    cr_assert(strstr(counts, "\"dropped\": 1"), "%s", counts);
+    free(counts);
+    /* m1 dropped: no reply, nothing recorded. m2 failed without effect or record. m3 done. */
+    cr_assert_eq(replies_to("inventory", "s1-m1"), 0);
+    assert_reply("inventory", "s1-m2", "headers->>'outcome'", "failure");
+    assert_reply("inventory", "s1-m2", "payload->>'reason'", "injected failure");
+    assert_reply("inventory", "s1-m3", "headers->>'outcome'", "success");
+    cr_assert_eq(available("a"), 3);
+    cr_assert_eq(count("SELECT drop_next + fail_next FROM inventory.behavior"), 0);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox"), 1);
+
+    /* command_type limits the knobs to one command type. */
+    pgtest_exec(conn, "UPDATE inventory.behavior SET drop_next = 1, command_type = 'ReleaseStock'");
+    handle1("inventory",
+            command("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1", reserve_ab));
+    assert_reply("inventory", "s2-m1", "headers->>'outcome'", "success");
+    handle1("inventory", command("s2", "reserve_inventory", "compensation", "ReleaseStock", "s2-c1",
+                                 "{\"orderId\": \"o-1\"}"));
+    cr_assert_eq(replies_to("inventory", "s2-c1"), 0);
+    cr_assert_eq(available("a"), 1);
+}
+
+Test(participants, inventory_delay_knob_sleeps_before_handling)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    pgtest_exec(conn, "UPDATE inventory.behavior SET delay_ms = 300");
+    /* pg_sleep sleeps at least that long: a lower bound, never flaky. */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    handle1("inventory",
+            command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1",
+                    "{\"orderId\": \"o\", \"items\": [{\"sku\": \"a\", \"qty\": 1}]}"));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (double)(t1.tv_sec - t0.tv_sec) * 1000.0 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    cr_assert_geq(ms, 300.0);
+    cr_assert_eq(available("a"), 4);
+}
+
+Test(participants, schemas_apply_twice_and_keep_their_data)
+{
+    const char *services[] = {"inventory", "payment", "orders", "shipping"};
+    for (size_t i = 0; i < 4; i++)
+        install(services[i]);
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5)");
+    pgtest_exec(conn, "UPDATE payment.settings SET decline_above = 50");
+    for (size_t i = 0; i < 4; i++)
+        install(services[i]);
+    cr_assert_eq(available("a"), 5);
+    cr_assert_eq(count("SELECT decline_above FROM payment.settings"), 50);
+    cr_assert_eq(count("SELECT count(*) FROM payment.behavior"), 1);
+    /* Each service has the outbox the relay expects, with its dead-letter table. */
+    for (size_t i = 0; i < 4; i++) {
+        char name[64];
+        snprintf(name, sizeof(name), "%s.outbox_dead_letters", services[i]);
+        cr_assert_eq(count1("SELECT count(*) FROM pg_class WHERE oid = to_regclass($1)", name), 1);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * payment
+ * ------------------------------------------------------------------------------------- */
+
+static const char pay_42[] =
+    "{\"orderId\": \"o-1\", \"customerId\": \"c-1\", \"amount\": 42.5, \"reservationId\": \"r\"}";
+
+Test(participants, payment_authorize_replay_and_refund_once)
+{
+    install("payment");
+    handle1("payment",
+            command("s1", "authorize_payment", "action", "AuthorizePayment", "s1-m1", pay_42));
+    assert_reply("payment", "s1-m1", "headers->>'outcome'", "success");
+    assert_reply("payment", "s1-m1", "event_type", "AuthorizePayment.Reply");
+    assert_reply("payment", "s1-m1",
+                 "(r.payload->>'authorizationId' = (SELECT id::text FROM payment.payments))::text",
+                 "true");
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments WHERE status = 'authorized' AND "
+                       "amount = 42.5 AND customer_id = 'c-1' AND saga_id = 's1'"),
+                 1);
+
+    handle1("payment",
+            command("s1", "authorize_payment", "action", "AuthorizePayment", "s1-m2", pay_42));
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments"), 1);
+    char *a = reply_field("payment", "s1-m1", "payload::text");
+    char *b = reply_field("payment", "s1-m2", "payload::text");
+    cr_assert_str_eq(a, b);
+    free(a);
+    free(b);
+
+    handle1("payment", command("s1", "authorize_payment", "compensation", "RefundPayment", "s1-c1",
+                               "{\"orderId\": \"o-1\", \"authorizationId\": null}"));
+    handle1("payment", command("s1", "authorize_payment", "compensation", "RefundPayment", "s1-c2",
+                               "{\"orderId\": \"o-1\"}"));
+    assert_reply("payment", "s1-c1", "payload->>'refunded'", "true");
+    assert_reply("payment", "s1-c2", "payload->>'refunded'", "true"); /* the same answer */
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments WHERE status = 'refunded'"), 1);
+    cr_assert_eq(count("SELECT replies FROM payment.inbox WHERE idempotency_key = "
+                       "'s1/authorize_payment/compensation'"),
+                 2);
+}
+
+Test(participants, payment_declines_above_the_limit)
+{
+    install("payment");
+    handle1("payment",
+            command("s1", "authorize_payment", "action", "AuthorizePayment", "s1-m1",
+                    "{\"orderId\": \"o-1\", \"customerId\": \"c\", \"amount\": 1000.01}"));
+    assert_reply("payment", "s1-m1", "headers->>'outcome'", "failure");
+    assert_reply("payment", "s1-m1", "payload::text", "{\"reason\": \"declined\"}");
+    pgtest_exec(conn, "UPDATE payment.settings SET decline_above = 10");
+    handle1("payment",
+            command("s2", "authorize_payment", "action", "AuthorizePayment", "s2-m1", pay_42));
+    assert_reply("payment", "s2-m1", "payload->>'reason'", "declined");
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments"), 0);
+}
+
+Test(participants, payment_refund_before_authorize_refuses_the_late_authorize)
+{
+    install("payment");
+    handle1("payment", command("s1", "authorize_payment", "compensation", "RefundPayment", "s1-c1",
+                               "{\"orderId\": \"o-1\", \"authorizationId\": null}"));
+    assert_reply("payment", "s1-c1", "headers->>'outcome'", "success");
+    handle1("payment",
+            command("s1", "authorize_payment", "action", "AuthorizePayment", "s1-m1", pay_42));
+    assert_reply("payment", "s1-m1", "headers->>'outcome'", "failure");
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments"), 0);
+}
+
+Test(participants, payment_drop_knob_lets_the_retry_through)
+{
+    install("payment");
+    pgtest_exec(conn, "UPDATE payment.behavior SET drop_next = 2");
+    for (int i = 1; i <= 3; i++) {
+        char msgid[16];
+        snprintf(msgid, sizeof(msgid), "s1-m%d", i);
+        handle1("payment",
+                command("s1", "authorize_payment", "action", "AuthorizePayment", msgid, pay_42));
+    }
+    cr_assert_eq(replies_to("payment", "s1-m1"), 0);
+    cr_assert_eq(replies_to("payment", "s1-m2"), 0);
+    assert_reply("payment", "s1-m3", "headers->>'outcome'", "success");
+    cr_assert_eq(count("SELECT count(*) FROM payment.payments"), 1);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * orders
+ * ------------------------------------------------------------------------------------- */
+
+Test(participants, orders_approve_reject_and_replay)
+{
+    install("orders");
+    pgtest_exec(conn, "UPDATE orders.settings SET reject_customers = '{c-bad}'");
+    handle1("orders", command("s1", "approve_order", "action", "ApproveOrder", "s1-m1",
+                              "{\"orderId\": \"o-1\", \"customerId\": \"c-1\", "
+                              "\"authorizationId\": \"x\"}"));
+    handle1("orders", command("s2", "approve_order", "action", "ApproveOrder", "s2-m1",
+                              "{\"orderId\": \"o-2\", \"customerId\": \"c-bad\"}"));
+    assert_reply("orders", "s1-m1", "headers->>'outcome'", "success");
+    assert_reply("orders", "s1-m1", "event_type", "ApproveOrder.Reply");
+    assert_reply("orders", "s2-m1", "headers->>'outcome'", "failure");
+    assert_reply("orders", "s2-m1", "payload->>'reason'", "rejected");
+    cr_assert_eq(count("SELECT count(*) FROM orders.orders WHERE order_id = 'o-1' AND status = "
+                       "'approved' AND saga_id = 's1'"),
+                 1);
+    cr_assert_eq(count("SELECT count(*) FROM orders.orders WHERE order_id = 'o-2' AND status = "
+                       "'rejected'"),
+                 1);
+
+    /* A retry after the customer was allowed still gets the recorded answer. */
+    pgtest_exec(conn, "UPDATE orders.settings SET reject_customers = '{}'");
+    handle1("orders", command("s2", "approve_order", "action", "ApproveOrder", "s2-m2",
+                              "{\"orderId\": \"o-2\", \"customerId\": \"c-bad\"}"));
+    assert_reply("orders", "s2-m2", "headers->>'outcome'", "failure");
+    cr_assert_eq(count("SELECT count(*) FROM orders.orders WHERE status = 'rejected'"), 1);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * shipping
+ * ------------------------------------------------------------------------------------- */
+
+static const char ship[] = "{\"orderId\": \"o-1\", \"customerId\": \"c-1\", \"items\": "
+                           "[{\"sku\": \"a\", \"qty\": 1}], \"reservationId\": \"r\"}";
+
+Test(participants, shipping_fail_next_then_success_then_replay)
+{
+    install("shipping");
+    pgtest_exec(conn, "UPDATE shipping.behavior SET fail_next = 2");
+    for (int i = 1; i <= 4; i++) {
+        char msgid[16];
+        snprintf(msgid, sizeof(msgid), "s1-m%d", i);
+        handle1("shipping",
+                command("s1", "schedule_shipping", "action", "ScheduleShipment", msgid, ship));
+    }
+    assert_reply("shipping", "s1-m1", "headers->>'outcome'", "failure");
+    assert_reply("shipping", "s1-m2", "headers->>'outcome'", "failure");
+    assert_reply("shipping", "s1-m3", "headers->>'outcome'", "success");
+    assert_reply("shipping", "s1-m4", "headers->>'outcome'", "success");
+    assert_reply("shipping", "s1-m3", "event_type", "ScheduleShipment.Reply");
+    assert_reply("shipping", "s1-m4",
+                 "(r.payload->>'shipmentId' = (SELECT id::text FROM shipping.shipments))::text",
+                 "true");
+    cr_assert_eq(count("SELECT count(*) FROM shipping.shipments WHERE order_id = 'o-1' AND "
+                       "status = 'scheduled'"),
+                 1);
+}
+
+Test(participants, shipping_drop_next_sends_no_reply_and_records_nothing)
+{
+    install("shipping");
+    pgtest_exec(conn, "UPDATE shipping.behavior SET drop_next = 1");
+    handle1("shipping",
+            command("s1", "schedule_shipping", "action", "ScheduleShipment", "s1-m1", ship));
+    cr_assert_eq(count("SELECT count(*) FROM shipping.outbox"), 0);
+    cr_assert_eq(count("SELECT count(*) FROM shipping.inbox"), 0);
+    cr_assert_eq(count("SELECT count(*) FROM shipping.shipments"), 0);
+    handle1("shipping",
+            command("s1", "schedule_shipping", "action", "ScheduleShipment", "s1-m2", ship));
+    assert_reply("shipping", "s1-m2", "headers->>'outcome'", "success");
+    cr_assert_eq(count("SELECT count(*) FROM shipping.shipments"), 1);
+}
