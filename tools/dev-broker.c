@@ -574,6 +574,30 @@ static void dev_broker_signal_cb(struct ev_loop *loop, ev_signal *watcher, int r
 
 /* ---- start and stop ---------------------------------------------------------------------- */
 
+/* Returns 0 if 127.0.0.1:port can be bound now, else -1 (message printed). */
+static int dev_broker_port_free(int port)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons((uint16_t)port),
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    int on = 1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = -1;
+
+    if (fd < 0) {
+        fprintf(stderr, "dev-broker: socket: %s\n", strerror(errno));
+        return -1;
+    }
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) != 0 ||
+        bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+        fprintf(stderr, "dev-broker: --port %d: cannot listen on 127.0.0.1:%d: %s\n", port, port,
+                strerror(errno));
+    else
+        rc = 0;
+    close(fd);
+    return rc;
+}
+
 /* Creates the mock cluster and the requested topics. Returns 0 or -1 (message printed). */
 __attribute__((warn_unused_result)) static int
 dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opts)
@@ -589,6 +613,11 @@ dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opt
         fprintf(stderr, "dev-broker: cannot create the librdkafka handle: %s\n", errstr);
         return -1;
     }
+
+    /* librdkafka 2.0.2 asserts (aborts) when a mock listener cannot bind, so a busy --port is
+     * detected here first, with the same SO_REUSEADDR the mock sets. */
+    if (opts->port && dev_broker_port_free(opts->port) != 0)
+        return -1;
 
     atomic_store(&requested_port, opts->port);
     broker->cluster = rd_kafka_mock_cluster_new(broker->rk, opts->brokers);
@@ -648,17 +677,23 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     memset(&broker, 0, sizeof(broker));
+    /* Signal watchers first: a SIGTERM during start-up then still ends in a clean exit 0. */
+    broker.loop = ev_default_loop(0);
+    if (!broker.loop) {
+        fprintf(stderr, "dev-broker: cannot initialise libev\n");
+        status = 1;
+        goto out;
+    }
+    ev_signal_init(&broker.sigterm_watcher, dev_broker_signal_cb, SIGTERM);
+    ev_signal_init(&broker.sigint_watcher, dev_broker_signal_cb, SIGINT);
+    ev_signal_start(broker.loop, &broker.sigterm_watcher);
+    ev_signal_start(broker.loop, &broker.sigint_watcher);
     if (dev_broker_start(&broker, &opts) != 0) {
         dev_broker_stop(&broker);
         status = 1;
         goto out;
     }
 
-    broker.loop = ev_default_loop(0);
-    ev_signal_init(&broker.sigterm_watcher, dev_broker_signal_cb, SIGTERM);
-    ev_signal_init(&broker.sigint_watcher, dev_broker_signal_cb, SIGINT);
-    ev_signal_start(broker.loop, &broker.sigterm_watcher);
-    ev_signal_start(broker.loop, &broker.sigint_watcher);
     if (fcntl(STDIN_FILENO, F_GETFD) != -1) {
         ev_io_init(&broker.stdin_watcher, dev_broker_stdin_cb, STDIN_FILENO, EV_READ);
         broker.stdin_watcher.data = &broker;
@@ -673,9 +708,14 @@ int main(int argc, char **argv)
 
     ev_run(broker.loop, 0);
 
+    /* No rd_kafka_mock_cluster_destroy() here: in librdkafka 2.0.2 it takes a full second
+     * (its thread finishes a poll timeout), and the cluster holds nothing worth saving. The
+     * process ends at once instead, without running exit handlers while librdkafka's threads
+     * are still alive. */
     fprintf(stderr, "dev-broker: stopping\n");
-    dev_broker_stop(&broker);
-    status = 0;
+    fflush(stdout);
+    fflush(stderr);
+    _exit(0);
 out:
     for (size_t i = 0; i < opts.topic_count; i++)
         free(opts.topics[i].name);
