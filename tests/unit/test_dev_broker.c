@@ -541,3 +541,28 @@ Test(dev_broker, binary_rejects_a_bad_flag_naming_it)
     child_stderr(&child, text, sizeof(text));
     cr_assert_not_null(strstr(text, "--bogus"), "stderr: %s", text);
 }
+
+/* librdkafka 2.0.2 aborts when a mock listener cannot bind; dev-broker must catch a busy
+ * --port first and exit 1 with a message instead of dying on SIGABRT. */
+Test(dev_broker, binary_reports_a_busy_port)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    socklen_t len = sizeof(addr);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+    cr_assert_eq(listen(fd, 1), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&addr, &len), 0);
+
+    struct child child;
+    char text[4096], port_text[16];
+    snprintf(port_text, sizeof(port_text), "%d", ntohs(addr.sin_port));
+    char *const argv[] = {(char *)"dev-broker", (char *)"--port", port_text, NULL};
+    child_start(&child, argv, 1);
+    int status = child_wait(&child);
+    close(fd);
+    cr_assert(WIFEXITED(status), "dev-broker died (status %d) instead of exiting", status);
+    cr_assert_eq(WEXITSTATUS(status), 1);
+    child_stderr(&child, text, sizeof(text));
+    cr_assert_not_null(strstr(text, "--port"), "stderr: %s", text);
+}
