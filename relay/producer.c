@@ -35,7 +35,10 @@ bool relay_error_is_permanent(rd_kafka_resp_err_t err)
 
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
-    const char *errstr = m->err ? rd_kafka_message_errstr(m) : NULL;
+    /* Not rd_kafka_message_errstr(): for a delivery report it returns the message's payload
+     * (it is meant for consumer error events, whose payload is the error text), and that is
+     * not even NUL-terminated. */
+    const char *errstr = m->err ? rd_kafka_err2str(m->err) : NULL;
     outbox_table_delivered(m->_private, m->err, errstr, m->partition, m->offset);
 }
 

@@ -275,3 +275,65 @@ Test(relay_faults, poison_row_dead_lettered)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* A topic the broker rejects for good (Kafka answers an invalid topic name with
+ * TOPIC_EXCEPTION in the metadata; the dev broker is told to do the same): its row moves to
+ * the dead-letter table with librdkafka's error text, and the rows behind it arrive. A topic
+ * name that Kafka would refuse ("bad topic!") is accepted by the dev broker (the mock checks
+ * no names): its row must not block the table either way. */
+Test(relay_faults, rejected_topic_dead_lettered)
+{
+    struct e2e e;
+    e2e_setup(&e, "rejected", 10);
+    char forbidden[80];
+    snprintf(forbidden, sizeof(forbidden), "%s.forbidden", e.topic_a);
+    devbroker_command(&e.broker, "topic-error %s TOPIC_EXCEPTION", forbidden);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    e2e_insert(&e, 0, 100);
+    const char *params[] = {forbidden};
+    PQclear(pgtest_query(e.conn,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                         "('ffffffff-0000-4000-8000-000000000002', $1, 'k003', 'Rejected', "
+                         "'{\"r\": 1}'), "
+                         "('ffffffff-0000-4000-8000-000000000003', 'bad topic!', 'k003', "
+                         "'BadName', '{\"r\": 2}')",
+                         1, params));
+    e2e_insert(&e, 100, 200);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 200, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 200 good rows arrived", distinct);
+    }
+    if (!e2e_wait_table_empty(&e, "saga.outbox", 20000)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
+    }
+    e2e_verify(&e, c, 200, true);
+    const char *id[] = {"ffffffff-0000-4000-8000-000000000002"};
+    char *error = pgtest_value(e.conn,
+                               "SELECT error FROM saga.outbox_dead_letters WHERE id = $1::uuid "
+                               "AND event_type = 'Rejected' AND payload = '{\"r\": 1}'",
+                               1, id);
+    cr_assert_str_eq(error, rd_kafka_err2str(RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION));
+    free(error);
+    /* "bad topic!": published (the dev broker) or dead-lettered (a real broker), not stuck. */
+    long dead = pgtest_count(e.conn,
+                             "SELECT count(*) FROM saga.outbox_dead_letters "
+                             "WHERE id = 'ffffffff-0000-4000-8000-000000000003'",
+                             0, NULL);
+    char *body;
+    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    double published =
+        e2e_metric(body, "relay_rows_published_total{table=\"saga.outbox\",topic=\"bad topic!\"}");
+    free(body);
+    cr_assert(dead == 1 || published == 1, "the 'bad topic!' row: dead %ld, published %g", dead,
+              published);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
