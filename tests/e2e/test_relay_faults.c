@@ -337,3 +337,92 @@ Test(relay_faults, rejected_topic_dead_lettered)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* The relay's database session is terminated (pg_terminate_backend) again and again while
+ * rows flow: it reconnects, takes the lock again, and nothing is lost; the first deliveries
+ * of each key keep their order; the table ends empty. */
+Test(relay_faults, database_session_terminated)
+{
+    struct e2e e;
+    e2e_setup(&e, "pgkill", 30);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    devbroker_command(&e.broker, "rtt 1 20"); /* keeps rows in flight */
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_RECONNECT_MAX=500ms", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    const long total = 5000;
+    long inserted = 0;
+    const int terminations = 6;
+    size_t log_at = 0;
+    for (int i = 0; i < terminations; i++) {
+        /* Leading again (a new session holds the lock) before the next termination. */
+        cr_assert(proc_wait_log(&relay, "leading: publishing", &log_at, 20000, NULL, 0),
+                  "round %d: the relay does not lead again", i);
+        size_t before = kconsumer_count(c);
+        e2e_insert(&e, inserted, inserted + total / terminations);
+        inserted += total / terminations;
+        cr_assert(kconsumer_wait_count(c, before + 50, 30000), "round %d: no flow", i);
+        const char *dbname[] = {e.db.name};
+        long n = pgtest_count(e.conn,
+                              "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                              1, dbname);
+        cr_assert_geq(n, 1, "round %d: no relay session to terminate", i);
+    }
+    e2e_insert(&e, inserted, total);
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    size_t dups = e2e_verify(&e, c, total, false);
+    fprintf(stderr, "database_session_terminated: %zu duplicates\n", dups);
+    cr_assert_geq(proc_count_log(&relay, "lost the database connection"), 1);
+    cr_assert(e2e_wait_metric(port, "relay_db_reconnects_total{table=\"saga.outbox\"}", 1, 5000));
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* SIGTERM while the broker is down: the relay cannot get its rows acknowledged, gives up
+ * after RELAY_DRAIN_TIMEOUT and exits 0 with the rows still in the table; the next run, with
+ * the broker back, publishes them. */
+Test(relay_faults, sigterm_with_broker_down)
+{
+    struct e2e e;
+    e2e_setup(&e, "termdown", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_DRAIN_TIMEOUT=1s", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 100);
+    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    devbroker_command(&e.broker, "down 1");
+    e2e_insert(&e, 100, 300);
+    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 300, 20000));
+    e2e_relay_stop(&relay);
+    cr_assert(proc_wait_log(&relay, "drain timeout", NULL, 1000, NULL, 0));
+    long left = e2e_table_count(&e, "saga.outbox");
+    cr_assert_eq(left, 200, "%ld rows left after SIGTERM, expected the 200 never acknowledged",
+                 left);
+    proc_cleanup(&relay);
+    devbroker_command(&e.broker, "up 1");
+    e2e_relay_start(&e, &relay, NULL);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 300, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 300 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 300, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}

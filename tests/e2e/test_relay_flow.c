@@ -175,3 +175,102 @@ Test(relay_flow, sigterm_while_rows_flow)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* With the fallback poll out of the way (1 h), rows inserted while the relay is idle arrive
+ * through NOTIFY, for each of two tables of one database published by one relay. */
+Test(relay_flow, notify_wakes_each_of_two_tables)
+{
+    struct e2e e;
+    e2e_setup(&e, "notify", 10);
+    pgtest_exec(e.conn, "SELECT saga.create_outbox('inventory')");
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_POLL_INTERVAL=1h",
+                         "RELAY_OUTBOX_TABLES=saga.outbox,inventory.outbox", NULL};
+    e2e_relay_start(&e, &relay, env);
+    size_t from = 0;
+    cr_assert(proc_wait_log(&relay, "leading", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&relay, "leading", &from, 15000, NULL, 0), "not both tables led");
+    /* Rounds: each waits for the previous one to arrive, so the relay is idle when the next
+     * rows come and only their notification can wake it. */
+    static const struct {
+        const char *table;
+        long from, to;
+    } rounds[] = {{"saga.outbox", 0, 100},        {"inventory.outbox", 100, 200},
+                  {"inventory.outbox", 200, 300}, {"saga.outbox", 300, 400},
+                  {"saga.outbox", 400, 500},      {"inventory.outbox", 500, 600}};
+    for (size_t i = 0; i < sizeof(rounds) / sizeof(rounds[0]); i++) {
+        snprintf(e.table, sizeof(e.table), "%s", rounds[i].table);
+        e2e_insert(&e, rounds[i].from, rounds[i].to);
+        long distinct = 0;
+        if (!e2e_wait_all(c, rounds[i].to, 15000, &distinct)) {
+            proc_dump(&relay, "relay", 6000);
+            cr_assert_fail("round %zu (%s): %ld of %ld rows arrived", i, rounds[i].table, distinct,
+                           rounds[i].to);
+        }
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
+    /* Two tables are two publishers: order holds per table, not across them. */
+    e2e_verify_opts(&e, c, 600, true, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* A transaction that took its seq early and commits after later rows were published and
+ * deleted: its row is still found (the claim also reads below the low watermark). */
+Test(relay_flow, late_commit_published)
+{
+    struct e2e e;
+    e2e_setup(&e, "late", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    PGconn *late = pgtest_connect(e.db.url);
+    pgtest_exec(late, "BEGIN");
+    const char *params[] = {e.topic_a};
+    PQclear(pgtest_query(late,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                         "('ffffffff-0000-4000-8000-000000000010', $1, 'late', 'Late', "
+                         "'{\"late\": true}') RETURNING seq",
+                         1, params));
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    e2e_insert(&e, 0, 300);
+    cr_assert(e2e_wait_all(c, 300, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    pgtest_exec(late, "COMMIT");
+    e2e_insert(&e, 300, 400);
+    cr_assert(e2e_wait_all(c, 400, 30000, NULL));
+    /* The late row: wait for it (bounded). */
+    bool found = false;
+    int64_t deadline = proc_now_ms() + 20000;
+    while (!found && proc_now_ms() < deadline) {
+        size_t n;
+        struct kmsg **msgs = kconsumer_snapshot(c, &n);
+        for (size_t i = 0; i < n && !found; i++) {
+            const char *id = kmsg_header(msgs[i], "message-id", NULL);
+            found = id && !strcmp(id, "ffffffff-0000-4000-8000-000000000010");
+            if (found) {
+                cr_assert_str_eq(msgs[i]->value, "{\"late\": true}");
+                cr_assert_str_eq(msgs[i]->key, "late");
+            }
+        }
+        free(msgs);
+        if (!found)
+            kconsumer_wait_count(c, n + 1, 200);
+    }
+    if (!found)
+        proc_dump(&relay, "relay", 6000);
+    cr_assert(found, "the row committed late never arrived");
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left",
+              e2e_table_count(&e, "saga.outbox"));
+    e2e_verify(&e, c, 400, true);
+    PQfinish(late);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}

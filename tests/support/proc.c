@@ -59,9 +59,16 @@ static char **build_env(const char *const extra_env[])
         if (!overridden)
             env[k++] = environ[i];
     }
-    for (size_t j = 0; j < extra; j++)
-        if (strchr(extra_env[j], '='))
+    for (size_t j = 0; j < extra; j++) {
+        const char *eq = strchr(extra_env[j], '=');
+        size_t name_len = eq ? (size_t)(eq - extra_env[j]) : strlen(extra_env[j]);
+        bool later = false; /* the last assignment of a name wins */
+        for (size_t l = j + 1; l < extra && !later; l++)
+            later = !strncmp(extra_env[l], extra_env[j], name_len) &&
+                    (extra_env[l][name_len] == '=' || !extra_env[l][name_len]);
+        if (eq && !later)
             env[k++] = (char *)extra_env[j];
+    }
     env[k] = NULL;
     return env;
 }

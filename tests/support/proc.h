@@ -32,7 +32,8 @@ struct proc_options {
 
 /* Starts argv[0] (a path) with argv and the environment plus extra_env ("NAME=value" entries,
  * NULL-terminated, may be NULL; an entry "NAME=" with nothing after it is set to the empty
- * string, and an entry "NAME" without '=' removes NAME). Fails the test if it cannot start. */
+ * string, an entry "NAME" without '=' removes NAME, and the last entry of a name wins).
+ * Fails the test if it cannot start. */
 void proc_start(struct proc *p, const char *const argv[], const char *const extra_env[],
                 const struct proc_options *opts);
 
