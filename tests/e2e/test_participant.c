@@ -1,0 +1,212 @@
+/* example-participant end to end: the real binary against a throwaway PostgreSQL and the dev
+ * broker. Commands are produced with librdkafka as outbox-relay would publish them; the
+ * replies are checked in the participant's outbox (publishing them is the relay's job). */
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <criterion/criterion.h>
+#include <librdkafka/rdkafka.h>
+
+#include "devbroker.h"
+#include "pgtest.h"
+#include "proc.h"
+
+static struct pgtest_db db;
+static PGconn *conn;
+static struct devbroker broker;
+
+static void setup(void)
+{
+    conn = pgtest_fresh(&db, false);
+    const char *args[] = {"--topic", "inventory.commands:2", NULL};
+    devbroker_start(&broker, args);
+}
+
+static void teardown(void)
+{
+    devbroker_stop(&broker);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+TestSuite(participant, .init = setup, .fini = teardown, .timeout = 180);
+
+static void participant_start(struct proc *p)
+{
+    const char *bin = getenv("SAGA_PARTICIPANT_BIN");
+    cr_assert(bin && *bin, "SAGA_PARTICIPANT_BIN is not set (run the test through meson)");
+    static char url[1100], brokers[300];
+    snprintf(url, sizeof(url), "PARTICIPANT_DATABASE_URL=%s", db.url);
+    snprintf(brokers, sizeof(brokers), "PARTICIPANT_KAFKA_BROKERS=%s", broker.bootstrap);
+    const char *argv[] = {bin, "--service", "inventory", "--retry-max", "200ms", NULL};
+    /* The mock cluster keeps a group in rebalance for session.timeout.ms - 1 s after its last
+     * member left: a short session lets the second participant of a test join quickly. */
+    const char *env[] = {url,
+                         brokers,
+                         "PARTICIPANT_LOG_LEVEL=debug",
+                         "KAFKA_SESSION_TIMEOUT_MS=6000",
+                         "KAFKA_HEARTBEAT_INTERVAL_MS=1000",
+                         NULL};
+    struct proc_options opts = {.name = "participant"};
+    proc_start(p, argv, env, &opts);
+    if (!proc_wait_log(p, "example participant starting", NULL, 30000, NULL, 0)) {
+        proc_dump(p, "example-participant", 8192);
+        cr_assert_fail("example-participant did not start");
+    }
+}
+
+static void participant_stop(struct proc *p)
+{
+    proc_signal(p, SIGTERM);
+    bool exited = proc_wait_exit(p, 30000);
+    if (!exited || proc_exit_code(p) != 0)
+        proc_dump(p, "example-participant", 8192);
+    cr_assert(exited, "no exit within 30 s of SIGTERM");
+    cr_assert_eq(proc_exit_code(p), 0);
+    cr_assert(proc_count_log(p, "example participant stopped") == 1);
+}
+
+static rd_kafka_t *producer_new(void)
+{
+    char err[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", broker.bootstrap, err, sizeof(err)),
+                 RD_KAFKA_CONF_OK, "%s", err);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof(err));
+    cr_assert(rk, "%s", err);
+    return rk;
+}
+
+/* Produces one message to inventory.commands; headers are name/value pairs ending in NULL. */
+static void produce(rd_kafka_t *rk, const char *key, const char *value, ...)
+{
+    rd_kafka_headers_t *hdrs = rd_kafka_headers_new(12);
+    va_list ap;
+    va_start(ap, value);
+    const char *name;
+    while ((name = va_arg(ap, const char *)) != NULL) {
+        const char *v = va_arg(ap, const char *);
+        rd_kafka_header_add(hdrs, name, -1, v, -1);
+    }
+    va_end(ap);
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        rk, RD_KAFKA_V_TOPIC("inventory.commands"), RD_KAFKA_V_KEY(key, strlen(key)),
+        RD_KAFKA_V_VALUE((void *)value, strlen(value)), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_END);
+    cr_assert_eq(err, RD_KAFKA_RESP_ERR_NO_ERROR, "%s", rd_kafka_err2str(err));
+}
+
+static void flush(rd_kafka_t *rk)
+{
+    cr_assert_eq(rd_kafka_flush(rk, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+    cr_assert_eq(rd_kafka_outq_len(rk), 0);
+}
+
+static const char items[] = "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"a\", \"qty\": 2}]}";
+
+static void produce_reserve(rd_kafka_t *rk, const char *saga, const char *msgid)
+{
+    char ikey[128];
+    snprintf(ikey, sizeof(ikey), "%s/reserve_inventory/action", saga);
+    produce(rk, "o-1", items, "message-id", msgid, "event-type", "ReserveStock", "saga-id", saga,
+            "saga-name", "order_fulfillment", "saga-step", "reserve_inventory", "saga-phase",
+            "action", "idempotency-key", ikey, "reply-to", "saga.replies", "correlation-id",
+            "corr-1", "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            NULL);
+}
+
+static long outbox_rows(void)
+{
+    return pgtest_count(conn, "SELECT count(*) FROM inventory.outbox", 0, NULL);
+}
+
+/* Waits (bounded, woken by the outbox trigger's NOTIFY) until the outbox holds n rows. */
+static void wait_outbox_rows(struct proc *p, long n)
+{
+    int64_t deadline = proc_now_ms() + 30000;
+    while (outbox_rows() < n) {
+        int64_t left = deadline - proc_now_ms();
+        if (left <= 0) {
+            proc_dump(p, "example-participant", 8192);
+            cr_assert_fail("the outbox has %ld rows, expected %ld", outbox_rows(), n);
+        }
+        PGnotify *note = pgtest_wait_notify(conn, (int)(left < 1000 ? left : 1000));
+        if (note)
+            PQfreemem(note);
+    }
+}
+
+Test(participant, handles_commands_skips_malformed_ones_and_commits_offsets)
+{
+    struct proc p;
+    participant_start(&p);
+    cr_assert(proc_wait_log(&p, "schema applied", NULL, 1000, NULL, 0));
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10)");
+    pgtest_exec(conn, "LISTEN saga_outbox");
+
+    rd_kafka_t *rk = producer_new();
+    produce(rk, "o-1", "not json", "message-id", "bad-1", NULL);
+    produce_reserve(rk, "s1", "m1");
+    produce(rk, "o-1", items, "message-id", "bad-2", "event-type", "ReserveStock", NULL);
+    produce_reserve(rk, "s1", "m2"); /* the orchestrator's retry: same idempotency-key */
+    flush(rk);
+
+    wait_outbox_rows(&p, 2);
+    cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 8);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.outbox WHERE topic = 'saga.replies' "
+                              "AND key = 's1' AND event_type = 'ReserveStock.Reply' "
+                              "AND headers->>'outcome' = 'success' "
+                              "AND headers->>'in-reply-to' IN ('m1', 'm2') "
+                              "AND headers->>'correlation-id' = 'corr-1' "
+                              "AND payload->>'reservationId' = "
+                              "(SELECT id::text FROM inventory.reservations)",
+                              0, NULL),
+                 2);
+    cr_assert(proc_wait_log(&p, "malformed command skipped", NULL, 10000, NULL, 0));
+    participant_stop(&p);
+    cr_assert_eq(proc_count_log(&p, "malformed command skipped"), 2);
+    cr_assert(proc_count_log(&p, "\\\"malformed\\\":2"), "exit counts");
+    proc_cleanup(&p);
+
+    /* Offsets were committed: a new participant in the same group handles only the new
+     * command (a redelivery would add replay replies to the outbox). */
+    struct proc p2;
+    participant_start(&p2);
+    produce_reserve(rk, "s2", "m3");
+    flush(rk);
+    wait_outbox_rows(&p2, 3);
+    participant_stop(&p2);
+    cr_assert_eq(outbox_rows(), 3);
+    cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 6);
+    proc_cleanup(&p2);
+    rd_kafka_destroy(rk);
+}
+
+Test(participant, retries_a_batch_the_database_refused)
+{
+    struct proc p;
+    participant_start(&p);
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10)");
+    /* Without its outbox, handle_commands fails: the batch must be retried, not lost. */
+    pgtest_exec(conn, "ALTER TABLE inventory.outbox RENAME TO outbox_away");
+    rd_kafka_t *rk = producer_new();
+    produce_reserve(rk, "s1", "m1");
+    flush(rk);
+    size_t from = 0;
+    if (!proc_wait_log(&p, "batch not committed", &from, 30000, NULL, 0)) {
+        proc_dump(&p, "example-participant", 8192);
+        cr_assert_fail("no database error reported");
+    }
+    cr_assert(proc_wait_log(&p, "batch not committed", &from, 30000, NULL, 0), "retried");
+    pgtest_exec(conn, "LISTEN saga_outbox");
+    pgtest_exec(conn, "ALTER TABLE inventory.outbox_away RENAME TO outbox");
+    wait_outbox_rows(&p, 1);
+    cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 8);
+    participant_stop(&p);
+    proc_cleanup(&p);
+    rd_kafka_destroy(rk);
+}
