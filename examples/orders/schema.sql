@@ -153,16 +153,21 @@ BEGIN
             IF knobs.delay_ms > 0 THEN
                 PERFORM pg_sleep(knobs.delay_ms / 1000.0);
             END IF;
+            -- Decrement with a condition: two batches running at once never go below 0.
             IF knobs.drop_next > 0 THEN
-                UPDATE orders.behavior SET drop_next = drop_next - 1 WHERE id;
-                dropped := dropped + 1;
-                CONTINUE;
+                UPDATE orders.behavior SET drop_next = drop_next - 1 WHERE id AND drop_next > 0;
+                IF FOUND THEN
+                    dropped := dropped + 1;
+                    CONTINUE;
+                END IF;
             END IF;
             IF knobs.fail_next > 0 THEN
-                UPDATE orders.behavior SET fail_next = fail_next - 1 WHERE id;
-                PERFORM orders.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
-                failed := failed + 1;
-                CONTINUE;
+                UPDATE orders.behavior SET fail_next = fail_next - 1 WHERE id AND fail_next > 0;
+                IF FOUND THEN
+                    PERFORM orders.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
+                    failed := failed + 1;
+                    CONTINUE;
+                END IF;
             END IF;
         END IF;
 

@@ -128,8 +128,10 @@ static int config_load(int argc, char **argv, char *err, size_t errlen)
     if (rc)
         return rc;
     if (!p.cfg.service || !find_schema(p.cfg.service)) {
-        snprintf(err, errlen,
-                 "--service / PARTICIPANT_SERVICE: must be inventory, payment, orders or shipping");
+        size_t len =
+            (size_t)snprintf(err, errlen, "--service / PARTICIPANT_SERVICE: must be one of");
+        for (size_t i = 0; i < participant_schema_count && len < errlen; i++)
+            len += (size_t)snprintf(err + len, errlen - len, " %s", participant_schemas[i].service);
         return -1;
     }
     if (!p.cfg.kafka_brokers || !*p.cfg.kafka_brokers) {
