@@ -210,3 +210,36 @@ Test(participant, retries_a_batch_the_database_refused)
     proc_cleanup(&p);
     rd_kafka_destroy(rk);
 }
+
+Test(participant, isolates_a_command_the_database_refuses_and_handles_the_rest)
+{
+    struct proc p;
+    participant_start(&p);
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10)");
+    /* A data error outside handle_commands' per-command guard fails the whole call: here a
+     * trigger refuses the inbox row of one command. The others must still be handled. */
+    pgtest_exec(conn,
+                "CREATE FUNCTION inventory.poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF NEW.message_id = 'poison' THEN "
+                "RAISE EXCEPTION 'refused' USING ERRCODE = '22023'; END IF; RETURN NEW; END $$; "
+                "CREATE TRIGGER poison BEFORE INSERT ON inventory.inbox "
+                "FOR EACH ROW EXECUTE FUNCTION inventory.poison()");
+    pgtest_exec(conn, "LISTEN saga_outbox");
+    rd_kafka_t *rk = producer_new();
+    produce_reserve(rk, "s1", "m1");
+    produce_reserve(rk, "s2", "poison");
+    produce_reserve(rk, "s3", "m3");
+    flush(rk);
+    wait_outbox_rows(&p, 2);
+    cr_assert(proc_wait_log(&p, "the database refused a command; skipped", NULL, 10000, NULL, 0));
+    participant_stop(&p);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.outbox "
+                              "WHERE headers->>'in-reply-to' IN ('m1', 'm3')",
+                              0, NULL),
+                 2);
+    cr_assert_eq(outbox_rows(), 2);
+    cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 6);
+    proc_cleanup(&p);
+    rd_kafka_destroy(rk);
+}
