@@ -197,6 +197,11 @@ static void read_results(struct pgloop *pg)
     while (pg->busy && pg->conn && !PQisBusy(pg->conn)) {
         PGresult *res = PQgetResult(pg->conn);
         if (res) {
+            ExecStatusType st = pg->last ? PQresultStatus(pg->last) : PGRES_COMMAND_OK;
+            if (st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE) {
+                PQclear(res); /* keep the first error of a multi-statement query */
+                continue;
+            }
             if (pg->last)
                 PQclear(pg->last);
             pg->last = res;
@@ -236,6 +241,8 @@ static void io_cb(struct ev_loop *loop, ev_io *w, int revents)
         read_results(pg);
 }
 
+static int after_send(struct pgloop *pg, pgloop_result_cb cb, void *cb_arg);
+
 int pgloop_query(struct pgloop *pg, const char *sql, int nparams, const char *const *params,
                  pgloop_result_cb cb, void *cb_arg)
 {
@@ -245,6 +252,22 @@ int pgloop_query(struct pgloop *pg, const char *sql, int nparams, const char *co
         schedule_fail(pg);
         return -1;
     }
+    return after_send(pg, cb, cb_arg);
+}
+
+int pgloop_query_simple(struct pgloop *pg, const char *sql, pgloop_result_cb cb, void *cb_arg)
+{
+    if (pg->phase != PG_READY || pg->busy)
+        return -1;
+    if (!PQsendQuery(pg->conn, sql)) {
+        schedule_fail(pg);
+        return -1;
+    }
+    return after_send(pg, cb, cb_arg);
+}
+
+static int after_send(struct pgloop *pg, pgloop_result_cb cb, void *cb_arg)
+{
     pg->busy = true;
     pg->result_cb = cb;
     pg->result_arg = cb_arg;

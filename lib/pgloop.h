@@ -38,6 +38,12 @@ __attribute__((warn_unused_result)) int pgloop_query(struct pgloop *pg, const ch
                                                      int nparams, const char *const *params,
                                                      pgloop_result_cb cb, void *cb_arg);
 
+/* Sends a query without parameters through the simple protocol, so that sql may hold several
+ * statements ("BEGIN; SELECT ..."): the callback gets the last statement's result (or the
+ * first error). Same contract as pgloop_query otherwise. */
+__attribute__((warn_unused_result)) int pgloop_query_simple(struct pgloop *pg, const char *sql,
+                                                            pgloop_result_cb cb, void *cb_arg);
+
 bool pgloop_ready(const struct pgloop *pg); /* connected */
 bool pgloop_busy(const struct pgloop *pg);  /* a query is in flight */
 

@@ -1,0 +1,143 @@
+/* orchestrator: the saga-orchestrator daemon's shared types. See ARCHITECTURE.md.
+ *
+ * Two workers, each with its own nonblocking PostgreSQL session:
+ * - the claim worker runs batches of due work (new sagas, deadlines, operator requests),
+ *   claimed with FOR UPDATE SKIP LOCKED so that several orchestrators share it;
+ * - the reply worker applies batches of replies consumed from Kafka, deduplicated through
+ *   saga.inbox; the consumer offsets are committed only after that transaction commits.
+ * Both persist exactly what the pure engine returns (saga.apply_batch), in one transaction
+ * per batch. */
+#ifndef SAGA_ORCHESTRATOR_H
+#define SAGA_ORCHESTRATOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+#include <ev.h>
+#include <librdkafka/rdkafka.h>
+
+#include "definition.h"
+#include "engine.h"
+#include "pgloop.h"
+
+struct orch_settings {
+    char *database_url;
+    char *kafka_brokers;
+    char *definitions_dir;
+    char *admin_addr;
+    char *log_level;
+    char *group_id;
+    int batch_size;
+    int64_t poll_ms;
+    int64_t reconnect_max_ms;
+};
+
+/* Every definition version the database knows, parsed. */
+struct registry {
+    struct saga_definition **defs;
+    size_t count;
+};
+
+/* Loads the definitions directory (exit 2 on any error), registers each (name, version) with
+ * saga.register_definition, then loads every registered version from saga.definitions.
+ * Blocking: runs before the loop. Returns 0, or -1 with err (every error, one per line). */
+__attribute__((warn_unused_result)) int registry_load(struct registry *reg, const char *conninfo,
+                                                      const char *dir, char *err, size_t errlen);
+const struct saga_definition *registry_find(const struct registry *reg, const char *name,
+                                            int version);
+void registry_clear(struct registry *reg);
+
+/* A saga row as read from saga.instances, turned into engine state. */
+struct saga_row {
+    struct saga_state state;
+    const struct saga_definition *def;
+    char name[128];
+    int version;
+    char pending_request[16]; /* "", "retry" or "abort" */
+    char *request_reason;     /* owned */
+    bool touched;             /* an event was applied: persist it */
+    bool clear_request;
+};
+
+/* Column list and reader for saga.instances (orchestrator/store.c). */
+extern const char *const store_instance_columns;
+__attribute__((warn_unused_result)) int store_read_row(const struct registry *reg, void *res,
+                                                       int row, struct saga_row *out, char *err,
+                                                       size_t errlen);
+void store_row_clear(struct saga_row *row);
+
+/* Accumulates one batch's persistence document for saga.apply_batch. */
+struct store_batch {
+    cJSON *doc;
+    cJSON *instances, *sent, *resolved, *outbox, *ignored, *inbox, *dead_letters;
+};
+__attribute__((warn_unused_result)) int store_batch_init(struct store_batch *b);
+/* Adds the effects of one applied event (fx borrowed). */
+__attribute__((warn_unused_result)) int store_batch_add_effects(struct store_batch *b,
+                                                                const struct saga_row *row,
+                                                                const struct saga_effects *fx);
+/* Adds the final state of a touched saga. */
+__attribute__((warn_unused_result)) int store_batch_add_instance(struct store_batch *b,
+                                                                 const struct saga_row *row);
+/* Renders the document (caller frees) and clears the batch. */
+char *store_batch_finish(struct store_batch *b);
+void store_batch_clear(struct store_batch *b);
+
+/* A reply consumed from Kafka. */
+struct reply_msg {
+    rd_kafka_message_t *msg; /* owned until the offsets are committed */
+    char message_id[SAGA_UUID_LEN + 1];
+    char in_reply_to[SAGA_UUID_LEN + 1];
+    char saga_id[SAGA_UUID_LEN + 1];
+    bool success;
+    cJSON *data; /* owned */
+    char *error; /* owned: why it is malformed, NULL when well-formed */
+};
+
+/* Parses a consumed message; never fails: a malformed one gets error set. Takes ownership
+ * of msg. */
+void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out);
+void reply_clear(struct reply_msg *r);
+
+struct orchestrator;
+
+/* The two workers (orchestrator/worker.c). */
+struct worker;
+struct worker *worker_create(struct orchestrator *o, bool replies);
+void worker_start(struct worker *w);
+void worker_kick(struct worker *w);
+bool worker_idle(const struct worker *w);
+bool worker_ready(const struct worker *w);
+void worker_destroy(struct worker *w);
+
+struct orchestrator {
+    struct ev_loop *loop;
+    struct orch_settings settings;
+    struct registry registry;
+    struct saga_engine_env env;
+    struct worker *claimer;
+    struct worker *replier;
+    rd_kafka_t *consumer;
+    int consumer_fds[2];
+    ev_io consumer_io;
+    ev_timer consumer_timer;
+    struct reply_msg *pending; /* consumed, not yet applied */
+    size_t pending_count, pending_cap;
+    bool stopping;
+    bool kafka_up;
+};
+
+/* Consumer (orchestrator/replies.c). */
+__attribute__((warn_unused_result)) int replies_start(struct orchestrator *o, char *err,
+                                                      size_t errlen);
+/* Polls what is available into o->pending (bounded). */
+void replies_poll(struct orchestrator *o);
+/* Commits the offsets of the first n pending replies and drops them. */
+void replies_commit(struct orchestrator *o, size_t n);
+void replies_stop(struct orchestrator *o);
+
+int64_t orch_now_ms(void);
+
+#endif

@@ -1,0 +1,270 @@
+/* replies: the reply consumer (a Kafka consumer group on every reply topic), on the libev
+ * loop through the consumer queue's io-event fd. Offsets are committed only after the
+ * transaction that applied the replies committed (replies_commit). */
+#include <ctype.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kafka_conf.h"
+#include "log.h"
+#include "metrics.h"
+#include "orchestrator.h"
+
+#define MAX_PENDING 5000
+
+static bool uuid_ok(const char *s, size_t n)
+{
+    if (n != SAGA_UUID_LEN)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return false;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static int header_uuid(rd_kafka_headers_t *hdrs, const char *name, char out[SAGA_UUID_LEN + 1])
+{
+    const void *val;
+    size_t size;
+    if (!hdrs || rd_kafka_header_get_last(hdrs, name, &val, &size) || !val || !uuid_ok(val, size))
+        return -1;
+    memcpy(out, val, size);
+    out[size] = '\0';
+    for (size_t i = 0; i < size; i++)
+        out[i] = (char)tolower((unsigned char)out[i]);
+    return 0;
+}
+
+void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->msg = msg;
+    rd_kafka_headers_t *hdrs = NULL;
+    rd_kafka_message_headers(msg, &hdrs);
+    const char *problem = NULL;
+    const void *val;
+    size_t size;
+    if (header_uuid(hdrs, "message-id", out->message_id))
+        problem = "header message-id is missing or not a uuid";
+    else if (header_uuid(hdrs, "in-reply-to", out->in_reply_to))
+        problem = "header in-reply-to is missing or not a uuid";
+    else if (header_uuid(hdrs, "saga-id", out->saga_id))
+        problem = "header saga-id is missing or not a uuid";
+    else if (rd_kafka_header_get_last(hdrs, "outcome", &val, &size) || !val)
+        problem = "header outcome is missing";
+    else if (size == 7 && !memcmp(val, "success", 7))
+        out->success = true;
+    else if (size == 7 && !memcmp(val, "failure", 7))
+        out->success = false;
+    else
+        problem = "header outcome is neither success nor failure";
+    if (!problem) {
+        out->data = msg->payload ? cJSON_ParseWithLength(msg->payload, msg->len) : NULL;
+        if (!cJSON_IsObject(out->data))
+            problem = "value is not a JSON object";
+    }
+    if (problem) {
+        out->error = strdup(problem);
+        cJSON_Delete(out->data);
+        out->data = NULL;
+    }
+}
+
+void reply_clear(struct reply_msg *r)
+{
+    if (r->msg)
+        rd_kafka_message_destroy(r->msg);
+    cJSON_Delete(r->data);
+    free(r->error);
+    memset(r, 0, sizeof(*r));
+}
+
+void replies_poll(struct orchestrator *o)
+{
+    while (!o->stopping && o->pending_count < MAX_PENDING) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(o->consumer, 0);
+        if (!m)
+            break;
+        if (m->err) {
+            if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_err2name(m->err)),
+                       "reply consumer: %s", rd_kafka_message_errstr(m));
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (o->pending_count == o->pending_cap) {
+            size_t cap = o->pending_cap ? o->pending_cap * 2 : 256;
+            struct reply_msg *grown = realloc(o->pending, cap * sizeof(*grown));
+            if (!grown) {
+                log_error("out of memory queueing replies");
+                abort();
+            }
+            o->pending = grown;
+            o->pending_cap = cap;
+        }
+        reply_parse(m, &o->pending[o->pending_count++]);
+    }
+    if (o->pending_count)
+        worker_kick(o->replier);
+}
+
+void replies_commit(struct orchestrator *o, size_t n)
+{
+    if (n > o->pending_count)
+        n = o->pending_count;
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new((int)n);
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_message_t *m = o->pending[i].msg;
+        const char *topic = rd_kafka_topic_name(m->rkt);
+        rd_kafka_topic_partition_t *p =
+            rd_kafka_topic_partition_list_find(list, topic, m->partition);
+        if (!p)
+            p = rd_kafka_topic_partition_list_add(list, topic, m->partition);
+        if (p->offset < m->offset + 1)
+            p->offset = m->offset + 1;
+    }
+    if (list->cnt) {
+        rd_kafka_resp_err_t err = rd_kafka_commit(o->consumer, list, 1);
+        if (err)
+            log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_err2name(err)),
+                   "offset commit failed; the replies may be delivered again (the inbox "
+                   "drops them)");
+    }
+    rd_kafka_topic_partition_list_destroy(list);
+    for (size_t i = 0; i < n; i++)
+        reply_clear(&o->pending[i]);
+    memmove(o->pending, o->pending + n, (o->pending_count - n) * sizeof(*o->pending));
+    o->pending_count -= n;
+    replies_poll(o); /* the queue may hold more than fit before */
+}
+
+static void consumer_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct orchestrator *o = w->data;
+    char buf[256];
+    while (read(o->consumer_fds[0], buf, sizeof(buf)) > 0)
+        ;
+    replies_poll(o);
+}
+
+static void consumer_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct orchestrator *o = w->data;
+    replies_poll(o);
+    /* Serve the main queue too (errors, stats). */
+    rd_kafka_poll(o->consumer, 0);
+}
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        log_info("reply consumer: %d partition(s) assigned", parts->cnt);
+        rd_kafka_assign(rk, parts);
+    } else {
+        log_info("reply consumer: %d partition(s) revoked", parts->cnt);
+        rd_kafka_assign(rk, NULL);
+    }
+}
+
+static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    struct orchestrator *o = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+        o->kafka_up = false;
+    log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_err2name((rd_kafka_resp_err_t)err)), "kafka: %s",
+           reason);
+}
+
+int replies_start(struct orchestrator *o, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *props[][2] = {
+        {"bootstrap.servers", o->settings.kafka_brokers},
+        {"group.id", o->settings.group_id},
+        {"enable.auto.commit", "false"},
+        {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},
+        {"client.id", "saga-orchestrator"},
+        {"fetch.wait.max.ms", "10"},
+    };
+    for (size_t i = 0; i < sizeof(props) / sizeof(props[0]); i++) {
+        char what[128];
+        snprintf(what, sizeof(what), "consumer property %s", props[i][0]);
+        if (kafka_conf_set(conf, props[i][0], props[i][1], what, err, errlen)) {
+            rd_kafka_conf_destroy(conf);
+            return -1;
+        }
+    }
+    if (kafka_conf_apply_env(conf, err, errlen)) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_error_cb(conf, error_cb);
+    rd_kafka_conf_set_opaque(conf, o);
+    char reason[512];
+    o->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, reason, sizeof(reason));
+    if (!o->consumer) {
+        rd_kafka_conf_destroy(conf);
+        snprintf(err, errlen, "cannot create the Kafka consumer: %s", reason);
+        return -1;
+    }
+    rd_kafka_poll_set_consumer(o->consumer);
+    rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(4);
+    for (size_t i = 0; i < o->registry.count; i++) {
+        const char *t = o->registry.defs[i]->reply_topic;
+        if (!rd_kafka_topic_partition_list_find(topics, t, RD_KAFKA_PARTITION_UA))
+            rd_kafka_topic_partition_list_add(topics, t, RD_KAFKA_PARTITION_UA);
+    }
+    if (topics->cnt) {
+        rd_kafka_resp_err_t e = rd_kafka_subscribe(o->consumer, topics);
+        if (e) {
+            snprintf(err, errlen, "cannot subscribe to the reply topics: %s", rd_kafka_err2str(e));
+            rd_kafka_topic_partition_list_destroy(topics);
+            return -1;
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(topics);
+    if (pipe2(o->consumer_fds, O_NONBLOCK | O_CLOEXEC)) {
+        snprintf(err, errlen, "pipe: out of file descriptors");
+        return -1;
+    }
+    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(o->consumer);
+    rd_kafka_queue_io_event_enable(q, o->consumer_fds[1], "1", 1);
+    rd_kafka_queue_destroy(q);
+    ev_io_init(&o->consumer_io, consumer_io_cb, o->consumer_fds[0], EV_READ);
+    o->consumer_io.data = o;
+    ev_io_start(o->loop, &o->consumer_io);
+    ev_timer_init(&o->consumer_timer, consumer_timer_cb, 0.05, 0.05);
+    o->consumer_timer.data = o;
+    ev_timer_start(o->loop, &o->consumer_timer);
+    o->kafka_up = true;
+    return 0;
+}
+
+void replies_stop(struct orchestrator *o)
+{
+    if (!o->consumer)
+        return;
+    ev_io_stop(o->loop, &o->consumer_io);
+    ev_timer_stop(o->loop, &o->consumer_timer);
+    for (size_t i = 0; i < o->pending_count; i++)
+        reply_clear(&o->pending[i]); /* not applied: their offsets were not committed */
+    o->pending_count = 0;
+    free(o->pending);
+    o->pending = NULL;
+    rd_kafka_consumer_close(o->consumer);
+    rd_kafka_destroy(o->consumer);
+    o->consumer = NULL;
+    close(o->consumer_fds[0]);
+    close(o->consumer_fds[1]);
+}
