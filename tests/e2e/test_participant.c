@@ -243,3 +243,53 @@ Test(participant, isolates_a_command_the_database_refuses_and_handles_the_rest)
     proc_cleanup(&p);
     rd_kafka_destroy(rk);
 }
+
+Test(participant, sigterm_finishes_the_batch_in_hand_and_commits_it)
+{
+    struct proc p;
+    participant_start(&p);
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10)");
+    /* Hold the batch inside its transaction: the inbox insert waits for an advisory lock the
+     * test holds. */
+    pgtest_exec(conn, "SELECT pg_advisory_lock(4242)");
+    pgtest_exec(conn, "CREATE FUNCTION inventory.hold() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                      "BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$; "
+                      "CREATE TRIGGER hold BEFORE INSERT ON inventory.inbox "
+                      "FOR EACH ROW EXECUTE FUNCTION inventory.hold()");
+    pgtest_exec(conn, "LISTEN saga_outbox");
+    rd_kafka_t *rk = producer_new();
+    produce_reserve(rk, "s1", "m1");
+    flush(rk);
+
+    /* Bounded poll (each round waits 20 ms in the server) until the batch waits on the lock. */
+    int64_t deadline = proc_now_ms() + 30000;
+    while (pgtest_count(conn,
+                        "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02) "
+                        "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' "
+                        "AND query LIKE '%handle_commands%'",
+                        0, NULL) == 0) {
+        if (proc_now_ms() > deadline) {
+            proc_dump(&p, "example-participant", 8192);
+            cr_assert_fail("the batch never reached the database");
+        }
+    }
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_log(&p, "stopping: finishing the batch in hand", NULL, 10000, NULL, 0));
+    pgtest_exec(conn, "SELECT pg_advisory_unlock(4242)");
+    participant_stop(&p);
+    cr_assert_eq(outbox_rows(), 1);
+    proc_cleanup(&p);
+
+    /* Its offset was committed: the next participant does not get m1 again. */
+    pgtest_exec(conn, "DROP TRIGGER hold ON inventory.inbox");
+    struct proc p2;
+    participant_start(&p2);
+    produce_reserve(rk, "s2", "m2");
+    flush(rk);
+    wait_outbox_rows(&p2, 2);
+    participant_stop(&p2);
+    cr_assert_eq(outbox_rows(), 2);
+    cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 6);
+    proc_cleanup(&p2);
+    rd_kafka_destroy(rk);
+}
