@@ -414,6 +414,24 @@ static inline bool e2e_wait_metric(int port, const char *series, double value, i
     }
 }
 
+/* Waits (bounded) until /readyz answers 200 and returns its body (caller frees); fails the
+ * test otherwise. Kafka counts as reachable from the producer's first statistics (every
+ * second), so a relay is not ready during its first second even when it publishes. */
+static inline char *e2e_wait_ready(int port, int timeout_ms)
+{
+    int64_t deadline = proc_now_ms() + timeout_ms;
+    char *body = NULL;
+    int status;
+    while ((status = e2e_http_get(port, "/readyz", &body)) != 200 && proc_now_ms() < deadline) {
+        free(body);
+        body = NULL;
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    cr_assert_eq(status, 200, "/readyz never ready: %s", body ? body : "");
+    return body;
+}
+
 /* SIGTERM, then waits (bounded) for the exit; fails the test unless the relay exits 0. */
 static inline void e2e_relay_stop(struct proc *p)
 {

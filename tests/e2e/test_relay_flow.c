@@ -66,14 +66,7 @@ Test(relay_flow, admin_endpoint)
     cr_assert_eq(e2e_http_get(port, "/healthz", &body), 200, "/healthz: %s", body ? body : "");
     free(body);
     /* Ready once leading and the producer saw a broker (its statistics come every second). */
-    int status = 0;
-    int64_t deadline = proc_now_ms() + 15000;
-    while ((status = e2e_http_get(port, "/readyz", &body)) != 200 && proc_now_ms() < deadline) {
-        free(body);
-        struct timespec ts = {0, 50 * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    cr_assert_eq(status, 200, "/readyz never ready: %s", body ? body : "");
+    body = e2e_wait_ready(port, 15000);
     cr_assert(strstr(body, "saga.outbox leading"), "/readyz: %s", body);
     free(body);
     e2e_insert(&e, 0, 10);
@@ -272,5 +265,68 @@ Test(relay_flow, late_commit_published)
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* RELAY_CONFIG: one relay publishes three tables of two databases (one named by its URL, one
+ * by an environment variable). */
+Test(relay_flow, config_file_two_databases)
+{
+    struct e2e e;
+    e2e_setup(&e, "config", 10);
+    struct pgtest_db db2;
+    PGconn *conn2 = pgtest_fresh(&db2, true);
+    pgtest_exec(conn2, "SELECT saga.create_outbox('inventory')");
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-relay-config.json", (int)getpid());
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fprintf(f,
+            "{\"sources\": [\n"
+            "  {\"name\": \"orders\", \"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]},\n"
+            "  {\"name\": \"inventory\", \"database_url_env\": \"E2E_SECOND_DB\",\n"
+            "   \"tables\": [\"saga.outbox\", \"inventory.outbox\"]}\n"
+            "]}\n",
+            e.db.url);
+    fclose(f);
+    char config[300], second[1100];
+    snprintf(config, sizeof(config), "RELAY_CONFIG=%s", path);
+    snprintf(second, sizeof(second), "E2E_SECOND_DB=%s", db2.url);
+    const char *env[] = {config, second, "RELAY_DATABASE_URL", "RELAY_OUTBOX_TABLES", NULL};
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 300);
+    PGconn *first = e.conn;
+    e.conn = conn2;
+    e2e_insert(&e, 300, 600);
+    snprintf(e.table, sizeof(e.table), "inventory.outbox");
+    e2e_insert(&e, 600, 900);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 900, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 900 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
+    e.conn = first;
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify_opts(&e, c, 900, true, false);
+    cr_assert_eq(proc_count_log(&relay, "leading: publishing"), 3);
+    char *body = e2e_wait_ready(port, 15000);
+    cr_assert(strstr(body, "inventory.outbox leading"), "%s", body);
+    size_t saga_leading = 0; /* one per database */
+    for (const char *at = body; (at = strstr(at, "saga.outbox leading")); at++)
+        saga_leading++;
+    cr_assert_eq(saga_leading, 2, "%s", body);
+    free(body);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    unlink(path);
+    kconsumer_stop(c);
+    PQfinish(conn2);
+    pgtest_db_drop(&db2);
     e2e_teardown(&e);
 }
