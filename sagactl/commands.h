@@ -6,5 +6,11 @@
 int cmd_validate(int argc, char **argv);
 int cmd_render(int argc, char **argv);
 int cmd_migrate(int argc, char **argv);
+int cmd_start(int argc, char **argv);
+int cmd_status(int argc, char **argv);
+int cmd_list(int argc, char **argv);
+int cmd_retry(int argc, char **argv);
+int cmd_abort(int argc, char **argv);
+int cmd_stuck(int argc, char **argv);
 
 #endif

@@ -12,6 +12,12 @@ static const struct {
     {"validate", cmd_validate, "validate [PATH...]          check definitions (default: sagas/)"},
     {"render", cmd_render, "render FILE --format mermaid|dot   draw a saga's steps"},
     {"migrate", cmd_migrate, "migrate --database-url URL  apply the SQL migrations"},
+    {"start", cmd_start, "start NAME --input JSON [--idempotency-key K] [--correlation-id C]"},
+    {"status", cmd_status, "status ID                   a saga and its step timeline"},
+    {"list", cmd_list, "list [--status S] [--saga NAME] [--since DURATION] [--limit N]"},
+    {"retry", cmd_retry, "retry ID                    resume a failed saga"},
+    {"abort", cmd_abort, "abort ID --reason TEXT      make a running saga compensate"},
+    {"stuck", cmd_stuck, "stuck                       failed sagas and deadlines nobody fires"},
 };
 
 static void usage(FILE *out)
@@ -19,6 +25,10 @@ static void usage(FILE *out)
     fputs("usage: sagactl COMMAND [ARGS]\n\ncommands:\n", out);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(out, "  %s\n", commands[i].usage);
+    fputs("\nDatabase commands take --database-url URL (else SAGA_DATABASE_URL, else PG*) and\n"
+          "--json. Exit codes: 0 done, 1 database error or request refused, 2 bad arguments,\n"
+          "4 no such saga.\n",
+          out);
 }
 
 int main(int argc, char **argv)
