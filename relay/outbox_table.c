@@ -91,8 +91,9 @@ struct outbox_table {
     ev_idle kick;   /* runs the next step from the loop */
     int64_t backoff_ms;
     unsigned gen;
-    bool claiming; /* false after SIGTERM */
-    bool more;     /* the last claim was full or a NOTIFY arrived */
+    unsigned claim_gen; /* the generation that sent the claim in flight */
+    bool claiming;      /* false after SIGTERM */
+    bool more;          /* the last claim was full or a NOTIFY arrived */
     int64_t cursor;
     size_t inflight; /* claimed rows not yet deleted (this generation) */
     struct batch *head, *tail;
@@ -366,6 +367,14 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             schedule(t, 1000);
         return;
     }
+    if (t->claim_gen != t->gen) {
+        /* Sent before a reset (a delivery failed meanwhile): its rows come from above the old
+         * cursor. Producing them now would put them before the earlier rows that the new
+         * generation publishes again, out of order per key. They stay in the table. */
+        t->more = true;
+        kick(t);
+        return;
+    }
     int n = PQntuples(res);
     t->more = n >= t->relay->settings.batch_size;
     if (n == 0) {
@@ -536,6 +545,7 @@ static void send_claim(struct outbox_table *t)
     snprintf(limit, sizeof(limit), "%" PRId64, room);
     const char *params[3] = {low, cursor, limit};
     t->more = false;
+    t->claim_gen = t->gen;
     if (pgloop_query(t->pg, t->claim_sql, 3, params, claim_result_cb, t))
         t->more = true;
 }

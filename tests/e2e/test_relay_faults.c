@@ -465,3 +465,88 @@ Test(relay_faults, non_retriable_produce_error)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* First delivery of the message whose id is given, as an index into the consumer's arrival
+ * order, or -1. */
+static long first_delivery(struct kconsumer *c, const char *id)
+{
+    size_t n;
+    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    long at = -1;
+    for (size_t i = 0; i < n && at < 0; i++) {
+        const char *mid = kmsg_header(msgs[i], "message-id", NULL);
+        if (mid && !strcmp(mid, id))
+            at = (long)i;
+    }
+    free(msgs);
+    return at;
+}
+
+/* A claim still running when a delivery failure makes the relay start over (a new
+ * generation) must not be used: its rows come from above the old cursor, and publishing them
+ * first would put a row before an earlier row of its key that the new generation publishes
+ * again. Made deterministic with a table lock that holds the claim while the failure
+ * arrives. */
+Test(relay_faults, claim_in_flight_during_reset)
+{
+    struct e2e e;
+    e2e_setup(&e, "stale", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    /* Warm up (topic metadata, producer id) with a model row. */
+    e2e_insert(&e, 0, 1);
+    cr_assert(e2e_wait_all(c, 1, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+
+    /* Row A: its Produce request fails (not retriable), but only after a delay. */
+    devbroker_command(&e.broker, "rtt 1 1000");
+    devbroker_command(&e.broker, "errors Produce 1 POLICY_VIOLATION");
+    const char *params[] = {e.topic_a};
+    PQclear(pgtest_query(e.conn,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                         "('ffffffff-0000-4000-8000-00000000000a', $1, 'same', 'A', '{}')",
+                         1, params));
+    /* Row B, same key, committed while the table is locked: the relay's next claim (its
+     * fallback poll) waits for the lock. */
+    PGconn *locker = pgtest_connect(e.db.url);
+    pgtest_exec(locker, "BEGIN; LOCK TABLE saga.outbox IN ACCESS EXCLUSIVE MODE");
+    PQclear(pgtest_query(locker,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                         "('ffffffff-0000-4000-8000-00000000000b', $1, 'same', 'B', '{}')",
+                         1, params));
+    const char *dbname[] = {e.db.name};
+    int64_t deadline = proc_now_ms() + 15000;
+    while (pgtest_count(e.conn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event_type = 'Lock'",
+                        1, dbname) == 0) {
+        cr_assert(proc_now_ms() < deadline, "the relay's claim never waited for the lock");
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    /* The failure of A arrives while the claim waits. */
+    cr_assert(proc_wait_log(&relay, "publishing the table again", NULL, 15000, NULL, 0),
+              "no delivery failure");
+    devbroker_command(&e.broker, "rtt 1 0");
+    pgtest_exec(locker, "COMMIT");
+    PQfinish(locker);
+
+    int64_t until = proc_now_ms() + 30000;
+    long a, b;
+    while (((a = first_delivery(c, "ffffffff-0000-4000-8000-00000000000a")) < 0 ||
+            (b = first_delivery(c, "ffffffff-0000-4000-8000-00000000000b")) < 0) &&
+           proc_now_ms() < until)
+        kconsumer_wait_count(c, kconsumer_count(c) + 1, 200);
+    b = first_delivery(c, "ffffffff-0000-4000-8000-00000000000b");
+    if (a < 0 || b < 0)
+        proc_dump(&relay, "relay", 6000);
+    cr_assert(a >= 0 && b >= 0, "A or B never arrived (A at %ld, B at %ld)", a, b);
+    cr_assert_lt(a, b, "B (later seq, same key) was delivered before A");
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
