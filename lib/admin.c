@@ -1,6 +1,10 @@
 #include "admin.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -164,4 +168,53 @@ void admin_stop(struct admin *a)
     pthread_mutex_destroy(&a->mu);
     free(a->status);
     free(a);
+}
+
+int admin_healthcheck(const char *env, const char *def)
+{
+    const char *addr = getenv(env);
+    if (!addr || !*addr)
+        addr = def;
+    char host[256];
+    const char *colon = strrchr(addr, ':');
+    if (!colon || (size_t)(colon - addr) >= sizeof(host)) {
+        fprintf(stderr, "healthcheck: %s: \"%s\" is not host:port\n", env, addr);
+        return 1;
+    }
+    memcpy(host, addr, (size_t)(colon - addr));
+    host[colon - addr] = '\0';
+    if (!*host || !strcmp(host, "0.0.0.0"))
+        strcpy(host, "127.0.0.1");
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai = NULL;
+    if (getaddrinfo(host, colon + 1, &hints, &ai) || !ai) {
+        fprintf(stderr, "healthcheck: cannot resolve %s\n", addr);
+        return 1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct timeval tv = {.tv_sec = 3};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    int rc = 1;
+    if (fd < 0 || connect(fd, ai->ai_addr, ai->ai_addrlen)) {
+        fprintf(stderr, "healthcheck: cannot connect to %s: %s\n", addr, strerror(errno));
+        goto out;
+    }
+    static const char req[] = "GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    if (write(fd, req, sizeof(req) - 1) != (ssize_t)(sizeof(req) - 1)) {
+        fprintf(stderr, "healthcheck: cannot send to %s\n", addr);
+        goto out;
+    }
+    char buf[64] = {0};
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    /* Only the status line matters: "HTTP/1.x 200 ..." */
+    if (n >= 12 && !strncmp(buf, "HTTP/1.", 7) && !strncmp(buf + 9, "200", 3))
+        rc = 0;
+    else
+        fprintf(stderr, "healthcheck: %s/healthz did not answer 200\n", addr);
+out:
+    if (fd >= 0)
+        close(fd);
+    freeaddrinfo(ai);
+    return rc;
 }

@@ -24,6 +24,11 @@ void admin_set_status(struct admin *a, bool ready, const char *text);
 /* From the loop, at least every few seconds: /healthz fails when the loop stops beating. */
 void admin_heartbeat(struct admin *a);
 
+/* The container HEALTHCHECK: GETs /healthz from the admin address in environment variable
+ * env (default def) with a 3-second bound. Returns the process exit code: 0 when it answered
+ * 200, 1 otherwise (a line on stderr says why). Blocking: only for `DAEMON healthcheck`. */
+int admin_healthcheck(const char *env, const char *def);
+
 /* Stops the server thread and frees. Accepts NULL. */
 void admin_stop(struct admin *a);
 

@@ -188,6 +188,8 @@ int main(int argc, char **argv)
     bool migrate_only = argc > 1 && !strcmp(argv[1], "migrate");
     int status = 1;
 
+    if (argc > 1 && !strcmp(argv[1], "healthcheck"))
+        return admin_healthcheck("SAGA_ADMIN_ADDR", "127.0.0.1:9187");
     log_init(stdout, "saga-orchestrator");
     int rc = settings_load(table, nset, argc - 1 - migrate_only, argv + 1 + migrate_only,
                            "saga-orchestrator [migrate]", err, sizeof(err));

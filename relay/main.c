@@ -125,6 +125,8 @@ int main(int argc, char **argv)
     size_t source_count = 0;
     int status = 1;
 
+    if (argc > 1 && !strcmp(argv[1], "healthcheck"))
+        return admin_healthcheck("RELAY_ADMIN_ADDR", "127.0.0.1:9188");
     log_init(stdout, "outbox-relay");
     struct sigaction early = {.sa_handler = early_stop_handler};
     sigemptyset(&early.sa_mask);
