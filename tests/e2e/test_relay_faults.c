@@ -495,6 +495,7 @@ Test(relay_faults, claim_in_flight_during_reset)
     struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
     struct proc relay;
     e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
     /* Warm up (topic metadata, producer id) with a model row. */
     e2e_insert(&e, 0, 1);
     cr_assert(e2e_wait_all(c, 1, 30000, NULL));
@@ -508,6 +509,8 @@ Test(relay_faults, claim_in_flight_during_reset)
                          "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
                          "('ffffffff-0000-4000-8000-00000000000a', $1, 'same', 'A', '{}')",
                          1, params));
+    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 2, 15000),
+              "row A was not claimed");
     /* Row B, same key, committed while the table is locked: the relay's next claim (its
      * fallback poll) waits for the lock. */
     PGconn *locker = pgtest_connect(e.db.url);
