@@ -1,5 +1,6 @@
 /* saga-orchestrator: runs the sagas defined in SAGA_DEFINITIONS_DIR. Config, start-up
  * definitions), wiring and the loop; the work is in worker.c, replies.c and store.c. */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -137,9 +138,68 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
     ev_timer_start(loop, &drain_timer);
 }
 
+/* SIGHUP: definitions are validated and registered again, off the loop (a thread with its
+ * own blocking connection), then swapped in on the loop. A rejected set changes nothing.
+ * The previous registry is retired, not freed: a batch in flight may still point into it. */
+static struct {
+    pthread_t thread;
+    bool running;
+    ev_async done;
+    struct registry fresh;
+    struct registry retired;
+    int rc;
+    char err[8192];
+} reload;
+
+static void *reload_main(void *arg)
+{
+    memset(&reload.fresh, 0, sizeof(reload.fresh));
+    reload.rc =
+        registry_load(&reload.fresh, orch.settings.database_url ? orch.settings.database_url : "",
+                      orch.settings.definitions_dir, reload.err, sizeof(reload.err));
+    ev_async_send(orch.loop, &reload.done);
+    return arg;
+}
+
+static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    pthread_join(reload.thread, NULL);
+    reload.running = false;
+    if (reload.rc) {
+        log_at(LOG_ERROR, LOG_FIELDS("errors", reload.err),
+               "SIGHUP: definitions rejected; still running the previous ones");
+        registry_clear(&reload.fresh);
+        return;
+    }
+    struct saga_definition **grown = realloc(
+        reload.retired.defs, (reload.retired.count + orch.registry.count + 1) * sizeof(*grown));
+    if (!grown) {
+        log_error("SIGHUP: out of memory; still running the previous definitions");
+        registry_clear(&reload.fresh);
+        return;
+    }
+    reload.retired.defs = grown;
+    for (size_t i = 0; i < orch.registry.count; i++)
+        reload.retired.defs[reload.retired.count++] = orch.registry.defs[i];
+    free(orch.registry.defs);
+    orch.registry = reload.fresh;
+    memset(&reload.fresh, 0, sizeof(reload.fresh));
+    if (replies_resubscribe(&orch))
+        log_warn("SIGHUP: could not subscribe to the reply topics of the new definitions");
+    log_info("SIGHUP: %zu definition version(s) loaded", orch.registry.count);
+}
+
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    log_info("SIGHUP: definitions are reloaded at start; restart to load new ones");
+    if (reload.running) {
+        log_info("SIGHUP: a reload is already running");
+        return;
+    }
+    reload.running = true;
+    if (pthread_create(&reload.thread, NULL, reload_main, NULL)) {
+        reload.running = false;
+        log_error("SIGHUP: cannot start the reload thread");
+    }
 }
 
 static void describe_metrics(void)
@@ -267,6 +327,8 @@ int main(int argc, char **argv)
     ev_signal_start(orch.loop, &sig_term);
     ev_signal_start(orch.loop, &sig_int);
     ev_signal_start(orch.loop, &sig_hup);
+    ev_async_init(&reload.done, reload_done_cb);
+    ev_async_start(orch.loop, &reload.done);
     signal(SIGPIPE, SIG_IGN);
     ev_timer_init(&status_timer, status_cb, 0.0, 0.5);
     ev_timer_start(orch.loop, &status_timer);
@@ -281,6 +343,10 @@ out:
     worker_destroy(orch.claimer);
     worker_destroy(orch.replier);
     admin_stop(admin);
+    if (reload.running)
+        pthread_join(reload.thread, NULL);
+    registry_clear(&reload.fresh);
+    registry_clear(&reload.retired);
     registry_clear(&orch.registry);
     settings_free(table, nset);
     if (status == 0 && !migrate_only)

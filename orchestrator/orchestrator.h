@@ -132,6 +132,8 @@ struct orchestrator {
 /* Consumer (orchestrator/replies.c). */
 __attribute__((warn_unused_result)) int replies_start(struct orchestrator *o, char *err,
                                                       size_t errlen);
+/* Subscribes to the reply topics of every loaded definition (after a reload). */
+__attribute__((warn_unused_result)) int replies_resubscribe(struct orchestrator *o);
 /* Polls what is available into o->pending (bounded). */
 void replies_poll(struct orchestrator *o);
 /* Commits the offsets of the first n pending replies and drops them. */

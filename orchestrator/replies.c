@@ -184,6 +184,36 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
            reason);
 }
 
+int replies_resubscribe(struct orchestrator *o)
+{
+    rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(4);
+    for (size_t i = 0; i < o->registry.count; i++) {
+        const char *t = o->registry.defs[i]->reply_topic;
+        if (!rd_kafka_topic_partition_list_find(topics, t, RD_KAFKA_PARTITION_UA))
+            rd_kafka_topic_partition_list_add(topics, t, RD_KAFKA_PARTITION_UA);
+    }
+    rd_kafka_resp_err_t e = RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (topics->cnt) {
+        /* The same set again is not a change for the group: no rebalance. */
+        rd_kafka_topic_partition_list_t *current = NULL;
+        bool same =
+            !rd_kafka_subscription(o->consumer, &current) && current && current->cnt == topics->cnt;
+        for (int i = 0; same && i < topics->cnt; i++)
+            same = rd_kafka_topic_partition_list_find(current, topics->elems[i].topic,
+                                                      RD_KAFKA_PARTITION_UA) != NULL;
+        if (current)
+            rd_kafka_topic_partition_list_destroy(current);
+        if (!same) {
+            e = rd_kafka_subscribe(o->consumer, topics);
+            if (e)
+                log_at(LOG_ERROR, LOG_FIELDS("error", rd_kafka_err2str(e)),
+                       "cannot subscribe to the reply topics");
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(topics);
+    return e ? -1 : 0;
+}
+
 int replies_start(struct orchestrator *o, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -219,21 +249,10 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
         return -1;
     }
     rd_kafka_poll_set_consumer(o->consumer);
-    rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(4);
-    for (size_t i = 0; i < o->registry.count; i++) {
-        const char *t = o->registry.defs[i]->reply_topic;
-        if (!rd_kafka_topic_partition_list_find(topics, t, RD_KAFKA_PARTITION_UA))
-            rd_kafka_topic_partition_list_add(topics, t, RD_KAFKA_PARTITION_UA);
+    if (replies_resubscribe(o)) {
+        snprintf(err, errlen, "cannot subscribe to the reply topics");
+        return -1;
     }
-    if (topics->cnt) {
-        rd_kafka_resp_err_t e = rd_kafka_subscribe(o->consumer, topics);
-        if (e) {
-            snprintf(err, errlen, "cannot subscribe to the reply topics: %s", rd_kafka_err2str(e));
-            rd_kafka_topic_partition_list_destroy(topics);
-            return -1;
-        }
-    }
-    rd_kafka_topic_partition_list_destroy(topics);
     if (pipe2(o->consumer_fds, O_NONBLOCK | O_CLOEXEC)) {
         snprintf(err, errlen, "pipe: out of file descriptors");
         return -1;
