@@ -435,6 +435,13 @@ static inline char *e2e_wait_ready(int port, int timeout_ms)
 /* SIGTERM, then waits (bounded) for the exit; fails the test unless the relay exits 0. */
 static inline void e2e_relay_stop(struct proc *p)
 {
+    /* A SIGTERM that lands before main() runs (the test had nothing left to wait for) would
+     * end the relay by the default action: wait until it runs its loop. */
+    if (!proc_wait_log(p, "outbox-relay starting", NULL, 15000, NULL, 0)) {
+        proc_kill(p);
+        proc_dump(p, "relay", 6000);
+        cr_assert_fail("the relay did not start its loop within 15 s");
+    }
     proc_signal(p, SIGTERM);
     if (!proc_wait_exit(p, 40000)) {
         proc_kill(p);
