@@ -45,8 +45,11 @@ BEGIN
       FROM jsonb_to_recordset(COALESCE(batch->'sent', '[]')) AS s(
                saga_id uuid, step text, phase text, attempt int, message_id uuid);
 
+    -- A timed-out attempt got no reply: its replied_at stays NULL (a late reply sets it).
     UPDATE saga.step_history h
-       SET status = r.status, replied_at = now(), reply = r.reply
+       SET status = r.status,
+           replied_at = CASE WHEN r.status = 'timed_out' THEN NULL ELSE now() END,
+           reply = r.reply
       FROM jsonb_to_recordset(COALESCE(batch->'resolved', '[]')) AS r(
                message_id uuid, status text, reply jsonb)
      WHERE h.message_id = r.message_id;

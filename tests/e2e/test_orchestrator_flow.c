@@ -1,0 +1,244 @@
+/* saga-orchestrator end to end, the main paths: the real orchestrator and relay against
+ * PostgreSQL and the dev broker, the test playing the participants (tests/support/saga_e2e.h).
+ * Each test checks saga.instances, saga.step_history, saga.inbox and every command seen. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <criterion/criterion.h>
+
+#include "saga_e2e.h"
+
+static struct saga_e2e w;
+
+static void setup(void)
+{
+    saga_e2e_setup(&w);
+}
+
+static void teardown(void)
+{
+    saga_e2e_teardown(&w);
+}
+
+TestSuite(orchestrator_flow, .init = setup, .fini = teardown, .timeout = 240);
+
+#define ITEMS "[{\"sku\": \"sku-1\", \"qty\": 2}]"
+
+static const struct kmsg *expect_reserve(const struct saga_ref *s)
+{
+    char payload[256];
+    snprintf(payload, sizeof(payload), "{\"orderId\": \"%s\", \"items\": " ITEMS "}", s->order_id);
+    return saga_e2e_expect(&w, s, "inventory.commands", "ReserveStock", "reserve_inventory",
+                           "action", payload);
+}
+
+static const struct kmsg *expect_authorize(const struct saga_ref *s, const char *reservation)
+{
+    char payload[256];
+    snprintf(payload, sizeof(payload),
+             "{\"orderId\": \"%s\", \"customerId\": \"c-7\", \"amount\": 42, "
+             "\"reservationId\": \"%s\"}",
+             s->order_id, reservation);
+    return saga_e2e_expect(&w, s, "payment.commands", "AuthorizePayment", "authorize_payment",
+                           "action", payload);
+}
+
+static const struct kmsg *expect_approve(const struct saga_ref *s, const char *authorization)
+{
+    char payload[256];
+    snprintf(payload, sizeof(payload), "{\"orderId\": \"%s\", \"authorizationId\": \"%s\"}",
+             s->order_id, authorization);
+    return saga_e2e_expect(&w, s, "orders.commands", "ApproveOrder", "approve_order", "action",
+                           payload);
+}
+
+static const struct kmsg *expect_ship(const struct saga_ref *s, const char *reservation)
+{
+    char payload[256];
+    snprintf(payload, sizeof(payload),
+             "{\"orderId\": \"%s\", \"items\": " ITEMS ", \"reservationId\": \"%s\"}", s->order_id,
+             reservation);
+    return saga_e2e_expect(&w, s, "shipping.commands", "ScheduleShipment", "schedule_shipping",
+                           "action", payload);
+}
+
+static const struct kmsg *expect_release(const struct saga_ref *s, const char *reservation_json)
+{
+    char payload[256];
+    snprintf(payload, sizeof(payload), "{\"orderId\": \"%s\", \"reservationId\": %s}", s->order_id,
+             reservation_json);
+    return saga_e2e_expect(&w, s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                           "compensation", payload);
+}
+
+static void assert_history(const struct saga_ref *s, const char *want)
+{
+    char *got = saga_e2e_history(&w, s->id);
+    cr_assert_str_eq(got, want, "saga %s history:\n  %s\nexpected:\n  %s", s->id, got, want);
+    free(got);
+}
+
+static void assert_value(const char *sql, const struct saga_ref *s, const char *want)
+{
+    char *got = saga_e2e_value(&w, sql, s ? s->id : NULL);
+    cr_assert_str_eq(got, want, "%s: \"%s\", expected \"%s\"", sql, got, want);
+    free(got);
+}
+
+/* Every step succeeds: completed, replies kept for later templates, /metrics counts it. */
+Test(orchestrator_flow, happy_path)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-happy", NULL, NULL, &s);
+
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-1\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-1");
+    saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-1\"}", NULL, NULL);
+    m = expect_approve(&s, "a-1");
+    saga_e2e_reply(&w, m, "success", "{\"approved\": true}", NULL, NULL);
+    m = expect_ship(&s, "r-1");
+    saga_e2e_reply(&w, m, "success", "{\"shipmentId\": \"s-1\"}", NULL, NULL);
+
+    saga_e2e_wait_status(&w, &s, "completed", 30000);
+    assert_value("SELECT (completed_at IS NOT NULL AND completed_at >= created_at)::text || ' ' || "
+                 "coalesce(error, '-') || ' ' || saga_name || ' ' || saga_version "
+                 "FROM saga.instances WHERE id = $1",
+                 &s, "true - e2e_order 1");
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
+    /* Each reply's data is kept with its history row and in the saga's replies (for the
+     * templates of later steps and compensations). */
+    assert_value("SELECT string_agg(reply::text, ' ' ORDER BY id) FROM saga.step_history "
+                 "WHERE saga_id = $1",
+                 &s,
+                 "{\"reservationId\": \"r-1\"} {\"authorizationId\": \"a-1\"} "
+                 "{\"approved\": true} {\"shipmentId\": \"s-1\"}");
+    assert_value("SELECT replies->'reserve_inventory'->>'reservationId' || ' ' || "
+                 "(replies->'authorize_payment'->>'authorizationId') FROM saga.instances "
+                 "WHERE id = $1",
+                 &s, "r-1 a-1");
+    assert_value("SELECT count(*) FILTER (WHERE replied_at >= sent_at) || '/' || count(*) "
+                 "FROM saga.step_history WHERE saga_id = $1",
+                 &s, "4/4");
+    assert_value("SELECT string_agg(disposition, ' ' ORDER BY received_at, \"offset\") || ' ' || "
+                 "count(DISTINCT in_reply_to) FROM saga.inbox WHERE saga_id = $1",
+                 &s, "applied applied applied applied 4");
+    assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
+    saga_e2e_check_all_commands(&w, &s);
+
+    saga_e2e_wait_metric(&w, "saga_sagas_completed_total", 1, 10000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_completed_total"), 1);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_started_total"), 1);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_compensated_total"), 0);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_total{result=\"applied\"}"), 4);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_total{result=\"malformed\"}"), 0);
+    char *body;
+    cr_assert_eq(saga_e2e_http_get(&w, "/metrics", &body), 200);
+    cr_assert(strstr(body, "# TYPE saga_sagas_completed_total counter"), "%s", body);
+    cr_assert(strstr(body, "saga_step_latency_seconds_count 4"), "%s", body);
+    free(body);
+    cr_assert_eq(saga_e2e_http_get(&w, "/healthz", &body), 200);
+    free(body);
+}
+
+/* Payment declined: ReleaseStock only (the failed step did nothing to undo), compensated. */
+Test(orchestrator_flow, payment_declined)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-declined", NULL, NULL, &s);
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-2\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-2");
+    saga_e2e_reply(&w, m, "failure", "{\"reason\": \"card declined\"}", NULL, NULL);
+    m = expect_release(&s, "\"r-2\"");
+    saga_e2e_wait_status(&w, &s, "compensating", 30000);
+    assert_value("SELECT current_step FROM saga.instances WHERE id = $1", &s, "reserve_inventory");
+    saga_e2e_reply(&w, m, "success", "{\"released\": true}", NULL, NULL);
+
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
+                       "reserve_inventory:compensation:1:succeeded");
+    assert_value("SELECT (completed_at IS NOT NULL)::text FROM saga.instances WHERE id = $1", &s,
+                 "true");
+    /* The error says which step failed (the participant's reason is in its history row). */
+    char *err = saga_e2e_value(&w, "SELECT error FROM saga.instances WHERE id = $1", s.id);
+    cr_assert(strstr(err, "authorize_payment"), "error: %s", err);
+    free(err);
+    assert_value("SELECT reply->>'reason' FROM saga.step_history WHERE saga_id = $1 AND "
+                 "step = 'authorize_payment'",
+                 &s, "card declined");
+    assert_value("SELECT count(*) FROM saga.inbox WHERE saga_id = $1 AND disposition = 'applied'",
+                 &s, "3");
+    saga_e2e_check_all_commands(&w, &s);
+    saga_e2e_wait_metric(&w, "saga_sagas_compensated_total", 1, 10000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_completed_total"), 0);
+}
+
+/* The first step fails: nothing succeeded, so nothing is compensated. */
+Test(orchestrator_flow, out_of_stock)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-nostock", NULL, NULL, &s);
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "failure", "{\"reason\": \"out of stock\"}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    assert_history(&s, "reserve_inventory:action:1:failed");
+    saga_e2e_check_all_commands(&w, &s);
+    assert_value("SELECT (completed_at IS NOT NULL AND error IS NOT NULL)::text "
+                 "FROM saga.instances WHERE id = $1",
+                 &s, "true");
+}
+
+/* A step after the pivot is retried until it succeeds; nothing is compensated. */
+Test(orchestrator_flow, after_pivot_retried_until_success)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-pivot", NULL, NULL, &s);
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-3\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-3");
+    saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-3\"}", NULL, NULL);
+    m = expect_approve(&s, "a-3");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    /* More failures than max_attempts (3): after the pivot there is no limit. */
+    char first_id[37] = "";
+    for (int i = 0; i < 4; i++) {
+        m = expect_ship(&s, "r-3");
+        const char *mid = kmsg_header(m, "message-id", NULL);
+        if (i == 0)
+            snprintf(first_id, sizeof(first_id), "%s", mid);
+        else
+            cr_assert_str_neq(mid, first_id, "a retry reuses the message-id");
+        saga_e2e_reply(&w, m, "failure", "{\"reason\": \"carrier unavailable\"}", NULL, NULL);
+    }
+    m = expect_ship(&s, "r-3");
+    saga_e2e_reply(&w, m, "success", "{\"shipmentId\": \"s-3\"}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "completed", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:succeeded schedule_shipping:action:1:failed "
+                       "schedule_shipping:action:2:failed schedule_shipping:action:3:failed "
+                       "schedule_shipping:action:4:failed schedule_shipping:action:5:succeeded");
+    assert_value("SELECT coalesce(error, '-') FROM saga.instances WHERE id = $1", &s, "-");
+    saga_e2e_check_all_commands(&w, &s);
+}
+
+/* saga.start with a traceparent and a correlation id: every command carries them. */
+Test(orchestrator_flow, traceparent_and_correlation_id)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-trace", "corr-42",
+                   "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", &s);
+    cr_assert_str_eq(s.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    /* saga_e2e_check_command checks traceparent and correlation-id on each command. */
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-4\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-4");
+    saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
+    m = expect_release(&s, "\"r-4\"");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    saga_e2e_check_all_commands(&w, &s);
+    assert_value("SELECT correlation_id FROM saga.instances WHERE id = $1", &s, "corr-42");
+}
