@@ -189,6 +189,17 @@ static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
     log_info("SIGHUP: %zu definition version(s) loaded", orch.registry.count);
 }
 
+void orch_request_reload(void)
+{
+    if (reload.running)
+        return;
+    reload.running = true;
+    if (pthread_create(&reload.thread, NULL, reload_main, NULL)) {
+        reload.running = false;
+        log_error("cannot start the definitions reload thread");
+    }
+}
+
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
     if (reload.running) {

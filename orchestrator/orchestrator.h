@@ -61,7 +61,8 @@ struct saga_row {
     bool clear_request;
 };
 
-/* Column list and reader for saga.instances (orchestrator/store.c). */
+/* Column list and reader for saga.instances (orchestrator/store.c). store_read_row returns
+ * 0, -1 for a row that cannot be read, -2 when its definition version is not loaded. */
 extern const char *const store_instance_columns;
 __attribute__((warn_unused_result)) int store_read_row(const struct registry *reg, void *res,
                                                        int row, struct saga_row *out, char *err,
@@ -127,6 +128,7 @@ struct orchestrator {
     size_t pending_count, pending_cap;
     bool stopping;
     bool kafka_up;
+    bool definitions_missing; /* a batch met an unknown version: reload, then retry */
 };
 
 /* Consumer (orchestrator/replies.c). */
@@ -141,5 +143,9 @@ void replies_commit(struct orchestrator *o, size_t n);
 void replies_stop(struct orchestrator *o);
 
 int64_t orch_now_ms(void);
+
+/* Reloads the definitions in the background (as SIGHUP does): a saga references a version
+ * another orchestrator registered after this one started. */
+void orch_request_reload(void);
 
 #endif

@@ -27,7 +27,7 @@ int store_read_row(const struct registry *reg, void *result, int i, struct saga_
     if (!out->def) {
         snprintf(err, errlen, "saga %s: definition %s version %d is not loaded", id, out->name,
                  out->version);
-        return -1;
+        return -2; /* registered by another orchestrator since we loaded: reload */
     }
     cJSON *input = cJSON_Parse(PQgetvalue(res, i, 12));
     if (!input) {

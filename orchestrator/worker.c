@@ -250,7 +250,14 @@ static int read_rows(struct worker *w, PGresult *res)
         return -1;
     for (int i = 0; i < n; i++) {
         char err[512];
-        if (store_read_row(&w->o->registry, res, i, &w->rows[w->row_count], err, sizeof(err))) {
+        int rc = store_read_row(&w->o->registry, res, i, &w->rows[w->row_count], err, sizeof(err));
+        if (rc == -2) {
+            log_at(LOG_WARN, LOG_FIELDS("error", err), "loading the definitions again");
+            w->o->definitions_missing = true;
+            orch_request_reload();
+            return -2;
+        }
+        if (rc) {
             log_at(LOG_ERROR, LOG_FIELDS("error", err), "skipping a saga that cannot be read");
             continue;
         }
@@ -268,7 +275,12 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
         failed(w, res, "claim");
         return;
     }
-    if (read_rows(w, res)) {
+    int rr = read_rows(w, res);
+    if (rr == -2) {
+        failed(w, res, "reading sagas (unknown definition version)");
+        return;
+    }
+    if (rr) {
         log_error("out of memory reading sagas");
         abort();
     }
@@ -438,7 +450,14 @@ static void lock_cb(struct pgloop *pg, PGresult *res, void *arg)
         failed(w, res, "locking sagas");
         return;
     }
-    if (read_rows(w, res)) {
+    int rr = read_rows(w, res);
+    if (rr == -2) {
+        /* Not "unknown saga": the saga exists, this process lacks its definition. Roll back
+         * (the offsets stay uncommitted) and retry once the reload is done. */
+        failed(w, res, "reading sagas (unknown definition version)");
+        return;
+    }
+    if (rr) {
         log_error("out of memory reading sagas");
         abort();
     }

@@ -154,3 +154,39 @@ Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
     PQfinish(conn);
     pgtest_db_drop(&db);
 }
+
+/* Another orchestrator registered a version this one has not loaded: it loads it when a saga
+ * needs it, instead of skipping the saga forever. */
+Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct proc p;
+    start_orchestrator(&p, &db, &b, dir);
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+
+    char body[1024];
+    snprintf(body, sizeof(body), saga_json, "alpha", 2, "DoA2");
+    const char *params[1] = {body};
+    PQclear(
+        pgtest_query(conn, "SELECT saga.register_definition('alpha', 2, $1::jsonb)", 1, params));
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    cr_assert(
+        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000),
+        "the saga of a version registered elsewhere did not run");
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
