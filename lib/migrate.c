@@ -224,8 +224,8 @@ int migrate_apply(PGconn *conn, const struct migration *list, size_t count, char
     /* Only create what is missing: a least-privileged role (the orchestrator's) that may
      * not CREATE in the database must still be able to find the schema up to date. */
     PGresult *have = PQexec(conn, "SELECT to_regclass('saga.schema_migrations') IS NOT NULL");
-    bool bootstrapped = have && PQresultStatus(have) == PGRES_TUPLES_OK &&
-                        PQntuples(have) == 1 && !strcmp(PQgetvalue(have, 0, 0), "t");
+    bool bootstrapped = have && PQresultStatus(have) == PGRES_TUPLES_OK && PQntuples(have) == 1 &&
+                        !strcmp(PQgetvalue(have, 0, 0), "t");
     PQclear(have);
     if (!bootstrapped && exec_simple(conn, bootstrap_sql, msg, sizeof(msg))) {
         set_err(err, errlen, "migrate: creating saga.schema_migrations: %s", msg);
