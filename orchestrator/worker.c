@@ -42,6 +42,7 @@ struct worker {
     char *apply_doc;
     uint64_t started, completed, compensated, failed, deadlines, applied, duplicates, late, unknown,
         malformed;
+    int64_t counted_ms; /* when saga_sagas_in_flight was last measured */
 };
 
 int64_t orch_now_ms(void)
@@ -598,6 +599,40 @@ static void kick_cb(struct ev_loop *loop, ev_idle *i, int revents)
     step(w);
 }
 
+static void count_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct worker *w = arg;
+    w->state = W_IDLE;
+    if (!res)
+        return;
+    if (ok(res)) {
+        double by_status[3] = {0, 0, 0};
+        static const char *const names[] = {"pending", "running", "compensating"};
+        for (int i = 0; i < PQntuples(res); i++)
+            for (int k = 0; k < 3; k++)
+                if (!strcmp(PQgetvalue(res, i, 0), names[k]))
+                    by_status[k] = strtod(PQgetvalue(res, i, 1), NULL);
+        for (int k = 0; k < 3; k++) {
+            char labels[64];
+            snprintf(labels, sizeof(labels), "status=\"%s\"", names[k]);
+            metrics_gauge_set("saga_sagas_in_flight", labels, by_status[k]);
+        }
+    }
+    worker_kick(w);
+}
+
+/* Every few seconds, when idle: how many sagas are not finished (all orchestrators). */
+static void count_in_flight(struct worker *w)
+{
+    w->counted_ms = orch_now_ms();
+    w->state = W_BUSY;
+    if (pgloop_query_simple(w->pg,
+                            "SELECT status, count(*) FROM saga.instances WHERE status IN "
+                            "('pending', 'running', 'compensating') GROUP BY status",
+                            count_cb, w))
+        w->state = W_IDLE;
+}
+
 static void step(struct worker *w)
 {
     if (w->state != W_IDLE || pgloop_busy(w->pg) || w->o->stopping)
@@ -607,10 +642,13 @@ static void step(struct worker *w)
             start_reply_batch(w);
         return;
     }
-    if (w->more)
+    if (w->more) {
         start_claim_batch(w);
-    else if (!ev_is_active(&w->timer))
+    } else if (orch_now_ms() - w->counted_ms >= 5000) {
+        count_in_flight(w);
+    } else if (!ev_is_active(&w->timer)) {
         schedule(w, w->o->settings.poll_ms);
+    }
 }
 
 struct worker *worker_create(struct orchestrator *o, bool replies)
