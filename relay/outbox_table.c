@@ -376,7 +376,11 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         return;
     }
     int n = PQntuples(res);
-    t->more = n >= t->relay->settings.batch_size;
+    /* send_claim cleared `more`; if it is set now, a NOTIFY (or the poll) came while the claim
+     * ran, whose snapshot may not have seen those rows: keep it, or they wait for the next
+     * poll. */
+    if (n >= t->relay->settings.batch_size)
+        t->more = true;
     if (n == 0) {
         kick(t);
         return;

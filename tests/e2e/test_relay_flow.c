@@ -330,3 +330,58 @@ Test(relay_flow, config_file_two_databases)
     pgtest_db_drop(&db2);
     e2e_teardown(&e);
 }
+
+/* A notification that arrives while a claim runs must not be forgotten when that claim
+ * returns: its snapshot may predate the new rows. The claim is made slow (the relay reads a
+ * view whose filter sleeps for each row), the fallback poll is out of the way (1 h), and the
+ * second row is committed while the first one's claim runs. */
+Test(relay_flow, notify_during_claim_not_lost)
+{
+    struct e2e e;
+    e2e_setup(&e, "slowclaim", 10);
+    pgtest_exec(e.conn,
+                "CREATE SCHEMA slow; "
+                "CREATE TABLE slow.base (LIKE saga.outbox INCLUDING ALL); "
+                "CREATE TABLE slow.outbox_dead_letters (LIKE saga.outbox_dead_letters "
+                "INCLUDING ALL); "
+                "CREATE FUNCTION slow.nap() RETURNS boolean LANGUAGE sql VOLATILE "
+                "AS $$ SELECT true FROM pg_sleep(0.5) $$; "
+                "CREATE VIEW slow.outbox AS SELECT * FROM slow.base WHERE slow.nap(); "
+                "CREATE FUNCTION slow.notify() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_notify('saga_outbox', 'slow.outbox'); RETURN NULL; END $$; "
+                "CREATE TRIGGER notify AFTER INSERT ON slow.base "
+                "FOR EACH STATEMENT EXECUTE FUNCTION slow.notify()");
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_POLL_INTERVAL=1h", "RELAY_OUTBOX_TABLES=slow.outbox", NULL};
+    e2e_relay_start(&e, &relay, env);
+    cr_assert(proc_wait_log(&relay, "leading", NULL, 15000, NULL, 0));
+    snprintf(e.table, sizeof(e.table), "slow.base");
+    /* Row 0 wakes the relay; its claim sleeps in the view's filter. */
+    e2e_insert(&e, 0, 1);
+    const char *dbname[] = {e.db.name};
+    int64_t deadline = proc_now_ms() + 15000;
+    while (pgtest_count(e.conn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event = 'PgSleep'",
+                        1, dbname) == 0) {
+        cr_assert(proc_now_ms() < deadline, "the relay's claim never ran");
+        struct timespec ts = {0, 5 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    /* Row 1 commits (and notifies) while that claim, which cannot see it, still runs. */
+    e2e_insert(&e, 1, 2);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 2, 20000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 2 rows arrived: the notification during the claim was lost",
+                       distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "slow.base", 20000));
+    e2e_verify(&e, c, 2, true);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
