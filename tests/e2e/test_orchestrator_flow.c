@@ -242,3 +242,109 @@ Test(orchestrator_flow, traceparent_and_correlation_id)
     saga_e2e_check_all_commands(&w, &s);
     assert_value("SELECT correlation_id FROM saga.instances WHERE id = $1", &s, "corr-42");
 }
+
+/* What the participant does with a command of saga number i of many_sagas_at_once. */
+static const char *many_outcome(int i, const char *step, const char *phase, int shipping_tries)
+{
+    if (!strcmp(phase, "compensation"))
+        return "success";
+    if (!strcmp(step, "reserve_inventory"))
+        return i % 4 == 0 ? "failure" : "success";
+    if (!strcmp(step, "authorize_payment"))
+        return i % 4 == 1 ? "failure" : "success";
+    if (!strcmp(step, "schedule_shipping"))
+        return i % 4 == 3 && shipping_tries == 1 ? "failure" : "success";
+    return "success";
+}
+
+/* Many sagas started in one transaction, driven at once: batches of several sagas (claims and
+ * replies) keep each saga's story apart. */
+Test(orchestrator_flow, many_sagas_at_once)
+{
+    enum { N = 24 };
+    static const int commands_per_kind[4] = {1, 3, 4, 5};
+    struct saga_ref s[N];
+    int shipping_tries[N] = {0};
+    pgtest_exec(w.conn, "BEGIN");
+    for (int i = 0; i < N; i++) {
+        char order[32];
+        snprintf(order, sizeof(order), "o-many-%02d", i);
+        saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &s[i]);
+    }
+    pgtest_exec(w.conn, "COMMIT");
+    int total = 0;
+    for (int i = 0; i < N; i++)
+        total += commands_per_kind[i % 4];
+
+    for (int n = 0; n < total; n++) {
+        const struct kmsg *m = saga_e2e_next_command(&w, NULL, 30000);
+        const char *sid = kmsg_header(m, "saga-id", NULL);
+        int i = 0;
+        while (i < N && strcmp(s[i].id, sid))
+            i++;
+        cr_assert(i < N, "command for a saga of no test: %s", sid);
+        const char *step = kmsg_header(m, "saga-step", NULL);
+        const char *phase = kmsg_header(m, "saga-phase", NULL);
+        cr_assert(step && phase, "command without saga-step or saga-phase");
+        char reservation[32], data[64];
+        snprintf(reservation, sizeof(reservation), "r-many-%02d", i);
+        if (!strcmp(phase, "compensation")) {
+            char payload[128];
+            snprintf(payload, sizeof(payload), "{\"orderId\": \"%s\", \"reservationId\": \"%s\"}",
+                     s[i].order_id, reservation);
+            saga_e2e_check_command(m, &s[i], "inventory.commands", "ReleaseStock",
+                                   "reserve_inventory", "compensation", payload);
+            snprintf(data, sizeof(data), "{}");
+        } else if (!strcmp(step, "reserve_inventory")) {
+            saga_e2e_check_command(m, &s[i], "inventory.commands", "ReserveStock", step, phase,
+                                   NULL);
+            snprintf(data, sizeof(data), "{\"reservationId\": \"%s\"}", reservation);
+        } else if (!strcmp(step, "authorize_payment")) {
+            char payload[192];
+            snprintf(payload, sizeof(payload),
+                     "{\"orderId\": \"%s\", \"customerId\": \"c-7\", \"amount\": 42, "
+                     "\"reservationId\": \"%s\"}",
+                     s[i].order_id, reservation);
+            saga_e2e_check_command(m, &s[i], "payment.commands", "AuthorizePayment", step, phase,
+                                   payload);
+            snprintf(data, sizeof(data), "{\"authorizationId\": \"a-many-%02d\"}", i);
+        } else if (!strcmp(step, "approve_order")) {
+            char payload[128];
+            snprintf(payload, sizeof(payload),
+                     "{\"orderId\": \"%s\", \"authorizationId\": \"a-many-%02d\"}", s[i].order_id,
+                     i);
+            saga_e2e_check_command(m, &s[i], "orders.commands", "ApproveOrder", step, phase,
+                                   payload);
+            snprintf(data, sizeof(data), "{}");
+        } else {
+            saga_e2e_check_command(m, &s[i], "shipping.commands", "ScheduleShipment",
+                                   "schedule_shipping", phase, NULL);
+            shipping_tries[i]++;
+            snprintf(data, sizeof(data), "{}");
+        }
+        saga_e2e_reply(&w, m, many_outcome(i, step, phase, shipping_tries[i]), data, NULL, NULL);
+    }
+
+    static const char *const want_status[4] = {"compensated", "compensated", "completed",
+                                               "completed"};
+    static const char *const want_history[4] = {
+        "reserve_inventory:action:1:failed",
+        "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
+        "reserve_inventory:compensation:1:succeeded",
+        "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+        "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded",
+        "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+        "approve_order:action:1:succeeded schedule_shipping:action:1:failed "
+        "schedule_shipping:action:2:succeeded",
+    };
+    for (int i = 0; i < N; i++) {
+        saga_e2e_wait_status(&w, &s[i], want_status[i % 4], 30000);
+        assert_history(&s[i], want_history[i % 4]);
+        saga_e2e_check_all_commands(&w, &s[i]);
+    }
+    assert_value("SELECT count(*) FROM saga.inbox WHERE disposition = 'applied'", NULL, "78");
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "78");
+    saga_e2e_wait_metric(&w, "saga_sagas_completed_total", N / 2, 10000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_compensated_total"), N / 2);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_started_total"), N);
+}

@@ -37,6 +37,13 @@ static void assert_value(const char *sql, const struct saga_ref *s, const char *
     free(got);
 }
 
+static void assert_value_p(const char *sql, const char *arg, const char *want)
+{
+    char *got = saga_e2e_value(&w, sql, arg);
+    cr_assert_str_eq(got, want, "%s: \"%s\", expected \"%s\"", sql, got, want);
+    free(got);
+}
+
 static void assert_contains(const char *sql, const struct saga_ref *s, const char *needle)
 {
     char *got = saga_e2e_value(&w, sql, s->id);
@@ -111,6 +118,47 @@ Test(orchestrator_ops, timeout_retried_then_compensated)
                  &s, "2");
     saga_e2e_check_all_commands(&w, &s);
     saga_e2e_wait_metric(&w, "saga_deadlines_fired_total", 3, 10000); /* 2 timeouts, 1 backoff */
+}
+
+/* A compensation that is never answered times out like an action, until its budget is spent:
+ * failed. saga.retry then sends it again with a fresh budget. */
+Test(orchestrator_ops, compensation_timeout_then_retry)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_timeout", "o-comp-timeout", NULL, NULL, &s);
+    reserve_ok(&s, "r-16");
+    expect_authorize(&s);
+    expect_authorize(&s);
+    const char *refund = "{\"orderId\": \"o-comp-timeout\", \"authorizationId\": null, "
+                         "\"amount\": 42}";
+    const struct kmsg *r1 = saga_e2e_expect(&w, &s, "payment.commands", "RefundPayment",
+                                            "authorize_payment", "compensation", refund);
+    const struct kmsg *r2 = saga_e2e_expect(&w, &s, "payment.commands", "RefundPayment",
+                                            "authorize_payment", "compensation", refund);
+    cr_assert_str_neq(kmsg_header(r1, "message-id", NULL), kmsg_header(r2, "message-id", NULL));
+    saga_e2e_wait_status(&w, &s, "failed", 30000);
+    assert_contains("SELECT error FROM saga.instances WHERE id = $1", &s, "timed out");
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:timed_out "
+                       "authorize_payment:action:2:timed_out "
+                       "authorize_payment:compensation:1:timed_out "
+                       "authorize_payment:compensation:2:timed_out");
+
+    PQclear(pgtest_query(w.conn, "SELECT saga.retry($1)", 1, (const char *[]){s.id}));
+    const struct kmsg *m = saga_e2e_expect(&w, &s, "payment.commands", "RefundPayment",
+                                           "authorize_payment", "compensation", refund);
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                        "compensation",
+                        "{\"orderId\": \"o-comp-timeout\", \"reservationId\": \"r-16\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:timed_out "
+                       "authorize_payment:action:2:timed_out "
+                       "authorize_payment:compensation:1:timed_out "
+                       "authorize_payment:compensation:2:timed_out "
+                       "authorize_payment:compensation:3:succeeded "
+                       "reserve_inventory:compensation:1:succeeded");
+    saga_e2e_check_all_commands(&w, &s);
 }
 
 /* A compensation that keeps failing leaves the saga failed; saga.retry resumes it at once. */
@@ -232,13 +280,62 @@ Test(orchestrator_ops, sigterm_and_restart)
     const struct kmsg *m = expect_authorize(&s);
     saga_e2e_wait_value(&w, "SELECT count(*) FROM saga.inbox WHERE saga_id = $1", s.id, "1", 30000);
 
+    /* A saga waiting for a reply that will not come: its deadline passes while the
+     * orchestrator is down. */
+    struct saga_ref u;
+    saga_e2e_start(&w, "e2e_patient", "o-restart-3", NULL, NULL, &u);
+    reserve_ok(&u, "r-16");
+    const struct kmsg *u1 = expect_authorize(&u);
+
     saga_e2e_orch_stop(&w);
     cr_assert_eq(proc_count_log(&w.orch, "saga-orchestrator stopped"), 1);
     saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-14\"}", NULL, NULL);
     saga_e2e_start(&w, "e2e_order", "o-restart-2", NULL, NULL, &t);
     assert_value("SELECT status FROM saga.instances WHERE id = $1", &t, "pending");
+    /* Aborted while pending (nothing sent yet): compensated at once after the restart. */
+    struct saga_ref v;
+    saga_e2e_start(&w, "e2e_order", "o-restart-4", NULL, NULL, &v);
+    PQclear(
+        pgtest_query(w.conn, "SELECT saga.abort($1, 'changed plans')", 1, (const char *[]){v.id}));
 
+    char *restart_ts = saga_e2e_value(&w, "SELECT clock_timestamp()::text", NULL);
     saga_e2e_orch_start(&w);
+    saga_e2e_wait_status(&w, &v, "compensated", 30000);
+    assert_contains("SELECT error FROM saga.instances WHERE id = $1", &v, "changed plans");
+    assert_history(&v, "");
+    /* u's deadline fires after the restart: attempt 2 and maybe more (the reply consumer
+     * rejoins its group in a few seconds, while an attempt times out in 2), each answered. */
+    const struct kmsg *u_next = expect_authorize(&u);
+    cr_assert_str_neq(kmsg_header(u1, "message-id", NULL), kmsg_header(u_next, "message-id", NULL));
+    int u_attempts = 1;
+    while (!strcmp(kmsg_header(u_next, "event-type", NULL), "AuthorizePayment")) {
+        saga_e2e_check_command(u_next, &u, "payment.commands", "AuthorizePayment",
+                               "authorize_payment", "action", NULL);
+        cr_assert_lt(++u_attempts, 20, "saga %s: authorize_payment never took a reply", u.id);
+        saga_e2e_reply(&w, u_next, "success", "{}", NULL, NULL);
+        u_next = saga_e2e_next_command(&w, u.id, 30000);
+    }
+    saga_e2e_check_command(u_next, &u, "orders.commands", "ApproveOrder", "approve_order", "action",
+                           NULL);
+    saga_e2e_reply(&w, u_next, "success", "{}", NULL, NULL);
+    {
+        const char *p[] = {u.id, restart_ts};
+        cr_assert_eq(pgtest_count(w.conn,
+                                  "SELECT count(*) FROM saga.step_history WHERE saga_id = $1 "
+                                  "AND step = 'authorize_payment' AND attempt = 2 "
+                                  "AND sent_at > $2::timestamptz",
+                                  2, p),
+                     1, "attempt 2 was not sent after the restart");
+        /* Every attempt but the last timed out (and maybe got its reply late). */
+        char want[64];
+        snprintf(want, sizeof(want), "%d succeeded %d", u_attempts, u_attempts - 1);
+        assert_value_p("SELECT count(*) || ' ' || (array_agg(status ORDER BY attempt DESC))[1] "
+                       "|| ' ' || count(*) FILTER (WHERE status IN ('timed_out', 'late')) "
+                       "FROM saga.step_history WHERE saga_id = $1 "
+                       "AND step = 'authorize_payment'",
+                       u.id, want);
+    }
+    free(restart_ts);
     m = saga_e2e_expect(&w, &s, "orders.commands", "ApproveOrder", "approve_order", "action",
                         "{\"orderId\": \"o-restart\", \"authorizationId\": \"a-14\"}");
     saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
@@ -261,6 +358,17 @@ Test(orchestrator_ops, sigterm_and_restart)
     saga_e2e_wait_status(&w, &t, "compensated", 30000);
     saga_e2e_check_all_commands(&w, &t);
     assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
+    m = saga_e2e_expect(&w, &u, "shipping.commands", "ScheduleShipment", "schedule_shipping",
+                        "action", NULL);
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &u, "completed", 30000);
+    assert_value("SELECT string_agg(step || ':' || status, ' ' ORDER BY id) FROM "
+                 "saga.step_history WHERE saga_id = $1 AND step <> 'authorize_payment'",
+                 &u,
+                 "reserve_inventory:succeeded approve_order:succeeded "
+                 "schedule_shipping:succeeded");
+    saga_e2e_check_all_commands(&w, &u);
+    saga_e2e_check_all_commands(&w, &v);
 
     saga_e2e_orch_stop(&w);
 }

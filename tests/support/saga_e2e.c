@@ -81,14 +81,16 @@ static void write_definitions(struct saga_e2e *w)
     write_definition(w->sagas_dir, "e2e_order", "");
     write_definition(w->sagas_dir, "e2e_timeout",
                      ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 2}");
+    write_definition(w->sagas_dir, "e2e_patient",
+                     ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 100}");
 }
 
 static void remove_definitions(struct saga_e2e *w)
 {
     if (!w->sagas_dir[0])
         return;
-    const char *names[] = {"e2e_order", "e2e_timeout"};
-    for (size_t i = 0; i < 2; i++) {
+    const char *names[] = {"e2e_order", "e2e_timeout", "e2e_patient"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         char path[256];
         snprintf(path, sizeof(path), "%s/%s.json", w->sagas_dir, names[i]);
         unlink(path);
@@ -353,7 +355,7 @@ static bool next_pred(struct kmsg *const *msgs, size_t n, void *arg)
         if (m->index < a->w->taken_cap && a->w->taken[m->index])
             continue;
         const char *sid = kmsg_header(m, "saga-id", NULL);
-        if (sid && !strcmp(sid, a->saga_id)) {
+        if (sid && (!a->saga_id || !strcmp(sid, a->saga_id))) {
             a->found = m;
             return true;
         }
@@ -382,9 +384,9 @@ const struct kmsg *saga_e2e_next_command(struct saga_e2e *w, const char *saga_id
     struct next_arg a = {w, saga_id, NULL};
     if (!kconsumer_wait_until(w->commands, next_pred, &a, timeout_ms)) {
         saga_e2e_dump(w);
-        char *hist = saga_e2e_history(w, saga_id);
-        cr_assert_fail("no new command for saga %s within %d ms (history: %s)", saga_id, timeout_ms,
-                       hist);
+        char *hist = saga_id ? saga_e2e_history(w, saga_id) : strdup("");
+        cr_assert_fail("no new command for saga %s within %d ms (history: %s)",
+                       saga_id ? saga_id : "(any)", timeout_ms, hist ? hist : "");
     }
     mark_taken(w, a.found->index);
     return a.found;

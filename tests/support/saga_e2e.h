@@ -7,12 +7,14 @@
  * checks them, and produces replies with librdkafka, as a participant's relay would. The
  * orchestrator only sees Kafka, so it cannot tell.
  *
- * The definitions directory holds two sagas shaped like sagas/order_fulfillment.json
+ * The definitions directory holds three sagas shaped like sagas/order_fulfillment.json
  * (reserve_inventory, authorize_payment, approve_order (pivot), schedule_shipping):
  * - e2e_order: 10 s timeouts (never reached unless a test wants it), 3 attempts, backoff 50 ms
  *   capped at 200 ms; schedule_shipping is retried without limit (after the pivot);
  * - e2e_timeout: the same, but authorize_payment times out after 2 s and has 2 attempts, so
- *   that timeouts happen within a test's time.
+ *   that timeouts happen within a test's time;
+ * - e2e_patient: authorize_payment times out after 2 s and has 100 attempts (for a test that
+ *   cannot tell how many attempts time out, e.g. around a restart).
  *
  * Every wait is bounded; helpers fail the test (with the daemons' logs) when a bound is
  * reached, so tests read as straight-line scripts. */
@@ -81,9 +83,9 @@ void saga_e2e_dump(struct saga_e2e *w);
 void saga_e2e_start(struct saga_e2e *w, const char *name, const char *order_id,
                     const char *correlation_id, const char *traceparent, struct saga_ref *ref);
 
-/* Waits (at most timeout_ms) for the next command of saga_id not handed out before, in arrival
- * order, marks it handed out and returns it (it lives until teardown). Fails the test on
- * timeout. */
+/* Waits (at most timeout_ms) for the next command of saga_id (NULL: of any saga) not handed out
+ * before, in arrival order, marks it handed out and returns it (it lives until teardown). Fails the
+ * test on timeout. */
 const struct kmsg *saga_e2e_next_command(struct saga_e2e *w, const char *saga_id, int timeout_ms);
 
 /* Checks everything about a command: topic, key (the order id), event-type, the saga headers,

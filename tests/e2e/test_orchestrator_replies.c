@@ -1,0 +1,222 @@
+/* saga-orchestrator end to end: replies that must not move a saga. Duplicates, late replies
+ * after a timeout, replies for unknown sagas, malformed replies; the consumer goes on after
+ * all of them. The test plays the participants (tests/support/saga_e2e.h). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <criterion/criterion.h>
+
+#include "saga_e2e.h"
+
+static struct saga_e2e w;
+
+static void setup(void)
+{
+    saga_e2e_setup(&w);
+}
+
+static void teardown(void)
+{
+    saga_e2e_teardown(&w);
+}
+
+TestSuite(orchestrator_replies, .init = setup, .fini = teardown, .timeout = 240);
+
+static void assert_history(const struct saga_ref *s, const char *want)
+{
+    char *got = saga_e2e_history(&w, s->id);
+    cr_assert_str_eq(got, want, "saga %s history:\n  %s\nexpected:\n  %s", s->id, got, want);
+    free(got);
+}
+
+/* sql with $1 = arg (a saga id, a message id) or no parameter. */
+static void assert_value(const char *sql, const char *arg, const char *want)
+{
+    char *got = saga_e2e_value(&w, sql, arg);
+    cr_assert_str_eq(got, want, "%s: \"%s\", expected \"%s\"", sql, got, want);
+    free(got);
+}
+
+static const struct kmsg *expect_step(const struct saga_ref *s, const char *step)
+{
+    static const char *const steps[][3] = {
+        {"reserve_inventory", "inventory.commands", "ReserveStock"},
+        {"authorize_payment", "payment.commands", "AuthorizePayment"},
+        {"approve_order", "orders.commands", "ApproveOrder"},
+        {"schedule_shipping", "shipping.commands", "ScheduleShipment"},
+    };
+    for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++)
+        if (!strcmp(steps[i][0], step))
+            return saga_e2e_expect(&w, s, steps[i][1], steps[i][2], step, "action", NULL);
+    cr_assert_fail("no step %s", step);
+    return NULL;
+}
+
+/* The same reply (same message-id) twice in a row, and once more later: applied once,
+ * recorded once, nothing else changes. */
+Test(orchestrator_replies, duplicate_reply)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-dup", NULL, NULL, &s);
+    const struct kmsg *m = expect_step(&s, "reserve_inventory");
+    char dup_id[37];
+    saga_e2e_uuid(dup_id);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-20\"}", dup_id, NULL);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-20\"}", dup_id, NULL);
+    const struct kmsg *a = expect_step(&s, "authorize_payment");
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"duplicate\"}", 1, 30000);
+    /* Once more, while the saga waits for the next step: the same message, even with another
+     * outcome, changes nothing. */
+    saga_e2e_reply(&w, m, "failure", "{\"reason\": \"changed my mind\"}", dup_id, NULL);
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"duplicate\"}", 2, 30000);
+
+    assert_value("SELECT count(*) || ' ' || min(disposition) FROM saga.inbox WHERE message_id = $1",
+                 dup_id, "1 applied");
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "1");
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
+    assert_value("SELECT status || ' ' || current_step || ' ' || "
+                 "(waiting_message_id = $1::uuid)::text FROM saga.instances",
+                 kmsg_header(a, "message-id", NULL), "running authorize_payment true");
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_total{result=\"applied\"}"), 1);
+
+    saga_e2e_reply(&w, a, "failure", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                        "compensation", "{\"orderId\": \"o-dup\", \"reservationId\": \"r-20\"}");
+    char release_id[37];
+    saga_e2e_reply(&w, m, "success", "{}", NULL, release_id);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    /* A duplicate of the last reply, after the saga ended. */
+    saga_e2e_reply(&w, m, "success", "{}", release_id, NULL);
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"duplicate\"}", 3, 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
+                       "reserve_inventory:compensation:1:succeeded");
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "3");
+    saga_e2e_check_all_commands(&w, &s);
+}
+
+/* A reply to attempt 1 after attempt 2 was sent: recorded as late, the saga keeps waiting for
+ * attempt 2, whose reply moves it on. */
+Test(orchestrator_replies, late_reply_after_timeout)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_timeout", "o-late", NULL, NULL, &s);
+    const struct kmsg *m = expect_step(&s, "reserve_inventory");
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-21\"}", NULL, NULL);
+    const struct kmsg *a1 = expect_step(&s, "authorize_payment");
+    const struct kmsg *a2 = expect_step(&s, "authorize_payment"); /* after a 2 s timeout */
+    const char *a2_id = kmsg_header(a2, "message-id", NULL);
+
+    char late_id[37];
+    saga_e2e_reply(&w, a1, "success", "{\"authorizationId\": \"a-stale\"}", NULL, late_id);
+    saga_e2e_wait_value(&w, "SELECT disposition FROM saga.inbox WHERE message_id = $1", late_id,
+                        "late", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:late "
+                       "authorize_payment:action:2:sent");
+    assert_value("SELECT reply->>'authorizationId' || ' ' || (replied_at IS NOT NULL) "
+                 "FROM saga.step_history WHERE message_id = $1",
+                 kmsg_header(a1, "message-id", NULL), "a-stale true");
+    assert_value("SELECT status || ' ' || current_step || ' ' || "
+                 "(waiting_message_id = $1::uuid) || ' ' || (replies ? 'authorize_payment') "
+                 "FROM saga.instances",
+                 a2_id, "running authorize_payment true false");
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"late\"}", 1, 10000);
+
+    saga_e2e_reply(&w, a2, "success", "{\"authorizationId\": \"a-21\"}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "orders.commands", "ApproveOrder", "approve_order", "action",
+                        "{\"orderId\": \"o-late\", \"authorizationId\": \"a-21\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    m = expect_step(&s, "schedule_shipping");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "completed", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:late "
+                       "authorize_payment:action:2:succeeded approve_order:action:1:succeeded "
+                       "schedule_shipping:action:1:succeeded");
+    saga_e2e_check_all_commands(&w, &s);
+}
+
+/* Replies for an unknown saga, stale replies, and malformed replies, all on the saga's own
+ * partition before its good reply: recorded (inbox or dead letters) and skipped; the good
+ * reply behind them is applied. */
+Test(orchestrator_replies, unknown_stale_and_malformed)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-bad", NULL, NULL, &s);
+    const struct kmsg *m = expect_step(&s, "reserve_inventory");
+    const char *cmd_id = kmsg_header(m, "message-id", NULL);
+
+    char unknown_saga[37], unknown_id[37], stale_id[37], random_id[37], id[8][37];
+    saga_e2e_uuid(unknown_saga);
+    saga_e2e_uuid(unknown_id);
+    saga_e2e_uuid(stale_id);
+    saga_e2e_uuid(random_id);
+    for (int i = 0; i < 8; i++)
+        saga_e2e_uuid(id[i]);
+    /* Well-formed, for a saga that does not exist. */
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", unknown_id, "in-reply-to", random_id,
+                         "saga-id", unknown_saga, "outcome", "success", NULL);
+    /* Well-formed, for this saga, answering no command of it. */
+    saga_e2e_produce_raw(&w, s.id, "{\"reservationId\": \"r-stale\"}", "message-id", stale_id,
+                         "in-reply-to", random_id, "saga-id", s.id, "outcome", "success", NULL);
+    /* Malformed, each answering the very command the saga waits for. */
+    saga_e2e_produce_raw(&w, s.id, "not json", "message-id", id[0], "in-reply-to", cmd_id,
+                         "saga-id", s.id, "outcome", "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", id[1], "saga-id", s.id, "outcome", "success",
+                         NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", id[2], "in-reply-to", cmd_id, "saga-id",
+                         s.id, "outcome", "maybe", NULL);
+    saga_e2e_produce_raw(&w, s.id, "[1, 2]", "message-id", id[3], "in-reply-to", cmd_id, "saga-id",
+                         s.id, "outcome", "failure", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "in-reply-to", cmd_id, "saga-id", s.id, "outcome",
+                         "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", "not-a-uuid", "in-reply-to", cmd_id,
+                         "saga-id", s.id, "outcome", "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", id[4], "in-reply-to", cmd_id, "outcome",
+                         "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, NULL, "message-id", id[5], "in-reply-to", cmd_id, "saga-id",
+                         s.id, "outcome", "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", id[6], "in-reply-to", cmd_id, "saga-id",
+                         s.id, NULL);
+    /* The good one. */
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-22\"}", NULL, NULL);
+
+    m = saga_e2e_expect(&w, &s, "payment.commands", "AuthorizePayment", "authorize_payment",
+                        "action",
+                        "{\"orderId\": \"o-bad\", \"customerId\": \"c-7\", \"amount\": 42, "
+                        "\"reservationId\": \"r-22\"}");
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
+    {
+        char want[128];
+        snprintf(want, sizeof(want), "unknown %s", unknown_saga);
+        assert_value("SELECT disposition || ' ' || saga_id FROM saga.inbox WHERE message_id = $1",
+                     unknown_id, want);
+    }
+    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", stale_id, "stale");
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "3");
+    assert_value("SELECT string_agg(error, ' | ' ORDER BY \"offset\") FROM saga.dead_letters", NULL,
+                 "value is not a JSON object | header in-reply-to is missing or not a uuid | "
+                 "header outcome is neither success nor failure | value is not a JSON object | "
+                 "header message-id is missing or not a uuid | "
+                 "header message-id is missing or not a uuid | "
+                 "header saga-id is missing or not a uuid | value is not a JSON object | "
+                 "header outcome is missing");
+    /* Each dead letter keeps where it came from and what it was. */
+    assert_value("SELECT count(*) FILTER (WHERE topic = 'saga.replies' AND partition IS NOT NULL "
+                 "AND \"offset\" IS NOT NULL AND key = $1) FROM saga.dead_letters",
+                 s.id, "9");
+    char want[256];
+    snprintf(want, sizeof(want), "not json %s %s", id[0], cmd_id);
+    assert_value("SELECT payload || ' ' || (headers->>'message-id') || ' ' || "
+                 "(headers->>'in-reply-to') FROM saga.dead_letters ORDER BY \"offset\" LIMIT 1",
+                 NULL, want);
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"malformed\"}", 9, 10000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_total{result=\"unknown\"}"), 1);
+
+    /* The consumer goes on. */
+    saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                        "compensation", "{\"orderId\": \"o-bad\", \"reservationId\": \"r-22\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    saga_e2e_check_all_commands(&w, &s);
+}
