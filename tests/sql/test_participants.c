@@ -14,6 +14,10 @@
 static struct pgtest_db db;
 static PGconn *conn;
 
+/* Commands passed straight to handle() are freed at teardown (ASan checks for leaks). */
+static char *made[64];
+static size_t made_count;
+
 static void setup(void)
 {
     conn = pgtest_fresh(&db, true);
@@ -21,6 +25,9 @@ static void setup(void)
 
 static void teardown(void)
 {
+    for (size_t i = 0; i < made_count; i++)
+        free(made[i]);
+    made_count = 0;
     PQfinish(conn);
     pgtest_db_drop(&db);
 }
@@ -68,6 +75,14 @@ static char *command(const char *saga, const char *step, const char *phase, cons
                      msgid, msgid, type, saga, step, phase, saga, step, phase, saga, payload);
     cr_assert(n > 0);
     return out;
+}
+
+/* command() for handle()'s argument list: freed at teardown. */
+static char *cmd_(const char *saga, const char *step, const char *phase, const char *type,
+                  const char *msgid, const char *payload)
+{
+    cr_assert(made_count < sizeof(made) / sizeof(made[0]));
+    return made[made_count++] = command(saga, step, phase, type, msgid, payload);
 }
 
 /* Calls <service>.handle_commands with the given items (NULL-terminated) and returns its
@@ -165,8 +180,8 @@ Test(participants, inventory_reserve_changes_stock_records_inbox_and_replies)
     install("inventory");
     pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
     char *counts = handle(
-        "inventory",
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
+        "inventory", cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
+        NULL);
     cr_assert(strstr(counts, "\"handled\": 1"), "%s", counts);
     free(counts);
 
@@ -209,9 +224,8 @@ Test(participants, inventory_same_idempotency_key_replies_again_and_changes_noth
             command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab));
     /* The orchestrator's retry (new message-id) and a redelivery of the first, in one batch. */
     char *counts = handle(
-        "inventory",
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
+        "inventory", cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
+        cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
     cr_assert(strstr(counts, "\"replayed\": 2"), "%s", counts);
     free(counts);
 
@@ -350,10 +364,9 @@ Test(participants, inventory_drop_and_fail_knobs)
     pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
     pgtest_exec(conn, "UPDATE inventory.behavior SET drop_next = 1, fail_next = 1");
     char *counts = handle(
-        "inventory",
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
-        command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m3", reserve_ab), NULL);
+        "inventory", cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
+        cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m2", reserve_ab),
+        cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m3", reserve_ab), NULL);
     cr_assert(strstr(counts, "\"dropped\": 1"), "%s", counts);
     free(counts);
     /* m1 dropped: no reply, nothing recorded. m2 failed without effect or record. m3 done. */
