@@ -655,7 +655,7 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     snprintf(q, sizeof(q), "\"%s\".\"%s\"", src->schema, src->table);
     if (asprintf(&t->claim_sql,
                  "SELECT seq, id::text, topic, key, event_type, payload::text, headers::text, "
-                 "(extract(epoch FROM created_at) * 1000)::bigint FROM ("
+                 "floor(extract(epoch FROM created_at) * 1000)::bigint FROM ("
                  "(SELECT * FROM %s WHERE seq < $1::bigint ORDER BY seq LIMIT $3::int) UNION ALL "
                  "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
                  "ORDER BY seq LIMIT $3::int",

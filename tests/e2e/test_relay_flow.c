@@ -385,3 +385,98 @@ Test(relay_flow, notify_during_claim_not_lost)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* Values exactly as PostgreSQL stores them: the value is payload::text (any JSON value, also a
+ * string or null), a NULL key stays null and an empty key stays empty, non-ASCII text passes
+ * unchanged, the headers are exactly message-id, event-type and the headers column's, and
+ * the timestamp is created_at in whole milliseconds, truncated (never a millisecond after
+ * created_at). */
+Test(relay_flow, values_exactly_as_stored)
+{
+    struct e2e e;
+    e2e_setup(&e, "exact", 4);
+    const char *params[] = {e.topic_a};
+    PQclear(pgtest_query(
+        e.conn,
+        "INSERT INTO saga.outbox (id, topic, key, event_type, payload, headers, created_at) "
+        "VALUES "
+        "('ffffffff-0000-4000-8000-000000000020', $1, NULL, 'Ünicode', "
+        "'{\"name\":\"Zoë ✓\",\"n\":1.50,\"big\":1e3,\"arr\":[1,\"x\",null,{\"b\":true}]}', "
+        "'{\"h\":\"ünï\"}', '2026-03-04 05:06:07.1239+00'), "
+        "('ffffffff-0000-4000-8000-000000000021', $1, '', 'Scalar', '\"just a string\"', '{}', "
+        "'1999-12-31 23:59:59.9996+00'), "
+        "('ffffffff-0000-4000-8000-000000000022', $1, 'ключ', 'Null', 'null', "
+        "'{\"a\":\"1\",\"b\":\"2\"}', '2026-01-01 00:00:00.0005+00')",
+        1, params));
+    PGresult *rows = pgtest_query(
+        e.conn,
+        "SELECT id::text, key, event_type, payload::text, "
+        "(SELECT string_agg(k || '=' || v, ',' ORDER BY k) FROM jsonb_each_text(headers) AS h(k, "
+        "v)), floor(extract(epoch FROM created_at) * 1000)::bigint::text "
+        "FROM saga.outbox ORDER BY seq",
+        0, NULL);
+    cr_assert_eq(PQntuples(rows), 3);
+    const char *topics[] = {e.topic_a, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    cr_assert(kconsumer_wait_count(c, 3, 30000), "%zu of 3 rows arrived", kconsumer_count(c));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    size_t n;
+    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    cr_assert_eq(n, 3);
+    for (int i = 0; i < 3; i++) {
+        const struct kmsg *m = msgs[i];
+        const char *id = kmsg_header(m, "message-id", NULL);
+        int row = -1;
+        for (int r = 0; r < 3; r++)
+            if (id && !strcmp(id, PQgetvalue(rows, r, 0)))
+                row = r;
+        cr_assert(row >= 0, "unknown message-id %s", id ? id : "(none)");
+        if (PQgetisnull(rows, row, 1))
+            cr_assert_null(m->key, "row %d: key \"%s\", expected null", row, m->key);
+        else
+            cr_assert(m->key && !strcmp(m->key, PQgetvalue(rows, row, 1)),
+                      "row %d: key \"%s\" (%s), expected \"%s\"", row, m->key ? m->key : "",
+                      m->key ? "empty" : "null", PQgetvalue(rows, row, 1));
+        cr_assert_str_eq(m->value, PQgetvalue(rows, row, 3), "row %d: value", row);
+        cr_assert_eq(m->timestamp, strtoll(PQgetvalue(rows, row, 5), NULL, 10),
+                     "row %d: timestamp %" PRId64 ", created_at is %s ms", row, m->timestamp,
+                     PQgetvalue(rows, row, 5));
+        char headers[512] = "";
+        /* The extra headers in name order, as the query printed them. */
+        const char *names[8];
+        size_t count = 0;
+        for (size_t h = 0; h < m->header_count; h++) {
+            if (!strcmp(m->headers[h].name, "message-id"))
+                continue;
+            if (!strcmp(m->headers[h].name, "event-type")) {
+                cr_assert_str_eq(m->headers[h].value, PQgetvalue(rows, row, 2));
+                continue;
+            }
+            cr_assert_lt(count, 8);
+            names[count++] = m->headers[h].name;
+        }
+        for (size_t a = 0; a < count; a++)
+            for (size_t b = a + 1; b < count; b++)
+                if (strcmp(names[a], names[b]) > 0) {
+                    const char *tmp = names[a];
+                    names[a] = names[b];
+                    names[b] = tmp;
+                }
+        for (size_t a = 0; a < count; a++) {
+            size_t len = strlen(headers);
+            snprintf(headers + len, sizeof(headers) - len, "%s%s=%s", a ? "," : "", names[a],
+                     kmsg_header(m, names[a], NULL));
+        }
+        cr_assert_str_eq(headers, PQgetisnull(rows, row, 4) ? "" : PQgetvalue(rows, row, 4),
+                         "row %d: headers", row);
+        cr_assert_eq(m->header_count, count + 2, "row %d: %zu headers", row, m->header_count);
+    }
+    free(msgs);
+    PQclear(rows);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
