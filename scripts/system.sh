@@ -1,0 +1,87 @@
+# scripts/system.sh: starts the whole system for the demo and the benchmarks. Source it under
+# tests/with-postgres (SAGA_TEST_PGURL names the cluster), with $build set, then call
+# system_start; system_stop (also run on EXIT by the caller's trap) stops what it started.
+# Sets: orch (the orchestrator's database URL), base (the cluster URL without a database),
+# brokers, logdir, services, pids, and SYS_PID_<name> for each process.
+
+services=(inventory payment orders shipping)
+pids=()
+
+system_wait_log() { # file needle seconds
+    for _ in $(seq 1 $(($3 * 10))); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "system: timed out waiting for \"$2\" in $1:" >&2
+    tail -5 "$1" >&2
+    return 1
+}
+
+system_stop() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    pids=()
+}
+
+system_start() { # [extra orchestrator env...]
+    logdir=$(mktemp -d /tmp/saga-system.XXXXXX)
+    base=${SAGA_TEST_PGURL%/postgres}
+    for db in orchestrator "${services[@]}"; do
+        psql -q "$SAGA_TEST_PGURL" -c "CREATE DATABASE $db"
+    done
+    orch="$base/orchestrator"
+
+    exec {broker_out}< <(exec "$build/tools/dev-broker" 2>"$logdir/broker.err")
+    SYS_PID_broker=$!
+    pids+=($SYS_PID_broker)
+    read -r -t 30 line <&"$broker_out" || { echo "dev-broker did not start" >&2; return 1; }
+    brokers=${line#bootstrap=}
+    # The mock broker keeps a consumer group rebalancing for session.timeout.ms after a
+    # member leaves; a short session keeps restarts quick.
+    export KAFKA_SESSION_TIMEOUT_MS=6000
+
+    env SAGA_DATABASE_URL="$orch" SAGA_KAFKA_BROKERS="$brokers" SAGA_DEFINITIONS_DIR=sagas \
+        SAGA_ADMIN_ADDR=127.0.0.1:0 "$@" "$build/orchestrator/saga-orchestrator" \
+        >"$logdir/orchestrator.log" 2>&1 &
+    SYS_PID_orchestrator=$!
+    pids+=($SYS_PID_orchestrator)
+    system_wait_log "$logdir/orchestrator.log" "saga-orchestrator started" 30 || return 1
+
+    for s in "${services[@]}"; do
+        PARTICIPANT_SERVICE=$s PARTICIPANT_DATABASE_URL="$base/$s" PARTICIPANT_KAFKA_BROKERS=$brokers \
+            "$build/examples/example-participant" >"$logdir/$s.log" 2>&1 &
+        pids+=($!)
+        eval "SYS_PID_$s=$!"
+    done
+    for s in "${services[@]}"; do
+        for _ in $(seq 1 300); do
+            psql -qAt "$base/$s" -c "SELECT to_regclass('$s.outbox_dead_letters') IS NOT NULL" 2>/dev/null | grep -q t && break
+            sleep 0.1
+        done
+    done
+
+    {
+        echo '{"sources": ['
+        echo "  {\"database_url\": \"$orch\", \"tables\": [\"saga.outbox\"]}"
+        for s in "${services[@]}"; do
+            echo "  ,{\"database_url\": \"$base/$s\", \"tables\": [\"$s.outbox\"]}"
+        done
+        echo ']}'
+    } >"$logdir/relay.json"
+    RELAY_CONFIG="$logdir/relay.json" RELAY_KAFKA_BROKERS=$brokers RELAY_ADMIN_ADDR=127.0.0.1:0 \
+        "$build/relay/outbox-relay" >"$logdir/relay.log" 2>&1 &
+    SYS_PID_relay=$!
+    pids+=($SYS_PID_relay)
+    system_wait_log "$logdir/relay.log" "leading" 30 || return 1
+}
+
+# Seconds until no saga is left unfinished, or 1 after timeout seconds.
+system_wait_finished() { # timeout_seconds
+    local start=$(date +%s)
+    while :; do
+        left=$(psql -qAt "$orch" -c "SELECT count(*) FROM saga.instances WHERE status NOT IN ('completed', 'compensated', 'failed')")
+        [ "$left" = 0 ] && return 0
+        [ $(($(date +%s) - start)) -ge "$1" ] && return 1
+        sleep 0.2
+    done
+}
