@@ -101,6 +101,9 @@ struct reply_msg {
  * of msg. */
 void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out);
 void reply_clear(struct reply_msg *r);
+/* A copy of n bytes of Kafka data (a key, a value, a header) as text PostgreSQL accepts:
+ * invalid UTF-8 and NUL bytes become U+FFFD. Caller frees; NULL when out of memory. */
+char *reply_text(const void *data, size_t n);
 
 struct orchestrator;
 

@@ -3,6 +3,7 @@
  * transaction that applied the replies committed (replies_commit). */
 #include <ctype.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,87 @@
 #include "orchestrator.h"
 
 #define MAX_PENDING 5000
+
+/* Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, at most
+ * U+10FFFF) at s, or 0. */
+static size_t utf8_char_len(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+        cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        cp = c & 0x07;
+    } else {
+        return 0;
+    }
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF)))
+        return 0;
+    if (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))
+        return 0;
+    return len;
+}
+
+char *reply_text(const void *data, size_t n)
+{
+    const unsigned char *s = data;
+    char *out = malloc(n * 3 + 1); /* each bad byte becomes U+FFFD, 3 bytes */
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        size_t len = s[i] ? utf8_char_len(s + i, n - i) : 0;
+        if (len) {
+            memcpy(out + o, s + i, len);
+            o += len;
+            i += len;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* Why PostgreSQL could not store a reply's value as jsonb, or NULL. Such a reply must be
+ * dead-lettered here: sent to the database it fails the whole batch's transaction, again
+ * and again, and the consumer never gets past it. cJSON accepts both, so this is checked
+ * on the bytes. */
+static const char *value_problem(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        size_t len = s[i] ? utf8_char_len((const unsigned char *)s + i, n - i) : 0;
+        if (!len)
+            return "value is not valid UTF-8 text";
+        i += len;
+    }
+    /* A backslash only occurs in JSON inside a string, as an escape. */
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (s[i] != '\\')
+            continue;
+        if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4))
+            return "value contains \\u0000, which PostgreSQL (jsonb) cannot store";
+        i++; /* skip the escaped character */
+    }
+    return NULL;
+}
 
 static bool uuid_ok(const char *s, size_t n)
 {
@@ -66,6 +148,8 @@ void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
         out->success = false;
     else
         problem = "header outcome is neither success nor failure";
+    if (!problem && msg->payload)
+        problem = value_problem(msg->payload, msg->len);
     if (!problem) {
         out->data = msg->payload ? cJSON_ParseWithLength(msg->payload, msg->len) : NULL;
         if (!cJSON_IsObject(out->data))

@@ -332,12 +332,15 @@ static cJSON *headers_json(rd_kafka_message_t *m)
     const char *name;
     const void *val;
     size_t size;
+    /* Anything may come from Kafka: keep only text PostgreSQL accepts (reply_text). */
     for (size_t i = 0; !rd_kafka_header_get_all(hdrs, i, &name, &val, &size); i++) {
-        char *v = val ? strndup(val, size) : NULL;
-        if (v)
-            cJSON_AddStringToObject(o, name, v);
-        else
-            cJSON_AddNullToObject(o, name);
+        char *n = reply_text(name, strlen(name));
+        char *v = val ? reply_text(val, size) : NULL;
+        if (n && v)
+            cJSON_AddStringToObject(o, n, v);
+        else if (n)
+            cJSON_AddNullToObject(o, n);
+        free(n);
         free(v);
     }
     return o;
@@ -367,12 +370,12 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
             cJSON_AddNumberToObject(d, "partition", m->partition);
             cJSON_AddNumberToObject(d, "offset", (double)m->offset);
             if (m->key) {
-                char *k = strndup(m->key, m->key_len);
+                char *k = reply_text(m->key, m->key_len);
                 cJSON_AddStringToObject(d, "key", k ? k : "");
                 free(k);
             }
             cJSON_AddItemToObject(d, "headers", headers_json(m));
-            char *p = m->payload ? strndup(m->payload, m->len) : NULL;
+            char *p = m->payload ? reply_text(m->payload, m->len) : NULL;
             if (p)
                 cJSON_AddStringToObject(d, "payload", p);
             free(p);

@@ -220,3 +220,51 @@ Test(orchestrator_replies, unknown_stale_and_malformed)
     saga_e2e_wait_status(&w, &s, "compensated", 30000);
     saga_e2e_check_all_commands(&w, &s);
 }
+
+/* Replies PostgreSQL cannot store as they are: a \u0000 escape (jsonb refuses it), invalid
+ * UTF-8 inside a JSON string, and a malformed reply whose value, key and header are not UTF-8. Each is dead-lettered; none may
+ * wedge the consumer: the good reply behind them is applied. */
+Test(orchestrator_replies, replies_postgresql_cannot_store)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-poison", NULL, NULL, &s);
+    const struct kmsg *m = saga_e2e_expect(&w, &s, "inventory.commands", "ReserveStock",
+                                           "reserve_inventory", "action", NULL);
+    const char *cmd_id = kmsg_header(m, "message-id", NULL);
+    char id[4][37];
+    for (int i = 0; i < 4; i++)
+        saga_e2e_uuid(id[i]);
+    /* cJSON would read "r-" (a C string ends at the NUL): the reply would change on the way. */
+    saga_e2e_produce_raw(&w, s.id, "{\"reservationId\": \"r-\\u0000\"}", "message-id", id[0],
+                         "in-reply-to", cmd_id, "saga-id", s.id, "outcome", "success", NULL);
+    saga_e2e_produce_raw(&w, s.id, "{\"reservationId\": \"r-\xff\xfe\"}", "message-id", id[1],
+                         "in-reply-to", cmd_id, "saga-id", s.id, "outcome", "success", NULL);
+    saga_e2e_produce_raw(&w, "k\xff", "\xff\xfe not json", "message-id", id[2], "in-reply-to",
+                         cmd_id, "saga-id", s.id, "outcome", "\xc3\x28", NULL);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-30\"}", id[3], NULL);
+
+    m = saga_e2e_expect(&w, &s, "payment.commands", "AuthorizePayment", "authorize_payment",
+                        "action",
+                        "{\"orderId\": \"o-poison\", \"customerId\": \"c-7\", \"amount\": 42, "
+                        "\"reservationId\": \"r-30\"}");
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
+    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", id[3], "applied");
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "1");
+    assert_value("SELECT string_agg(error, ' | ' ORDER BY error) FROM saga.dead_letters", NULL,
+                 "header outcome is neither success nor failure | "
+                 "value contains \\u0000, which PostgreSQL (jsonb) cannot store | "
+                 "value is not valid UTF-8 text");
+    /* What could not be stored as it came is stored with U+FFFD in place of the bad bytes. */
+    assert_value("SELECT payload FROM saga.dead_letters WHERE error LIKE '%UTF-8%'",
+                 NULL, "{\"reservationId\": \"r-\xef\xbf\xbd\xef\xbf\xbd\"}");
+    assert_value("SELECT key || ' ' || payload || ' ' || (headers->>'outcome') "
+                 "FROM saga.dead_letters WHERE error LIKE 'header outcome%'",
+                 NULL, "k\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd not json \xef\xbf\xbd(");
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"malformed\"}", 3, 10000);
+    saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                        "compensation", "{\"orderId\": \"o-poison\", \"reservationId\": \"r-30\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    saga_e2e_check_all_commands(&w, &s);
+}

@@ -224,6 +224,17 @@ void saga_e2e_setup(struct saga_e2e *w)
     w->producer = producer_new(w->broker.bootstrap);
 }
 
+/* SAGA_E2E_KEEP_LOGS=1 keeps the daemons' log files (their paths are printed). */
+static void cleanup_logs(struct proc *p)
+{
+    const char *keep = getenv("SAGA_E2E_KEEP_LOGS");
+    if (keep && *keep && strcmp(keep, "0")) {
+        fprintf(stderr, "kept %s and %s\n", p->out_path, p->err_path);
+        return;
+    }
+    proc_cleanup(p);
+}
+
 void saga_e2e_teardown(struct saga_e2e *w)
 {
     if (w->producer)
@@ -235,7 +246,7 @@ void saga_e2e_teardown(struct saga_e2e *w)
             if (!proc_wait_exit(&w->relay, 10000))
                 proc_kill(&w->relay);
         }
-        proc_cleanup(&w->relay);
+        cleanup_logs(&w->relay);
     }
     if (w->orch.pid) {
         if (w->orch_running) {
@@ -243,7 +254,7 @@ void saga_e2e_teardown(struct saga_e2e *w)
             if (!proc_wait_exit(&w->orch, 10000))
                 proc_kill(&w->orch);
         }
-        proc_cleanup(&w->orch);
+        cleanup_logs(&w->orch);
     }
     devbroker_stop(&w->broker);
     remove_definitions(w);
