@@ -44,7 +44,17 @@ struct e2e {
     int keys;
 };
 
+/* As e2e_setup, with more dev-broker arguments (NULL-terminated, may be NULL). */
+static inline void e2e_setup_broker(struct e2e *e, const char *name, int keys,
+                                    const char *const broker_args[]);
+
 static inline void e2e_setup(struct e2e *e, const char *name, int keys)
+{
+    e2e_setup_broker(e, name, keys, NULL);
+}
+
+static inline void e2e_setup_broker(struct e2e *e, const char *name, int keys,
+                                    const char *const broker_args[])
 {
     memset(e, 0, sizeof(*e));
     e->conn = pgtest_fresh(&e->db, true);
@@ -55,7 +65,11 @@ static inline void e2e_setup(struct e2e *e, const char *name, int keys)
     char ta[80], tb[80];
     snprintf(ta, sizeof(ta), "%s:4", e->topic_a);
     snprintf(tb, sizeof(tb), "%s:3", e->topic_b);
-    const char *args[] = {"--topic", ta, "--topic", tb, NULL};
+    const char *args[32] = {"--topic", ta, "--topic", tb};
+    size_t n = 4;
+    for (size_t i = 0; broker_args && broker_args[i] && n < 31; i++)
+        args[n++] = broker_args[i];
+    args[n] = NULL;
     devbroker_start(&e->broker, args);
 }
 

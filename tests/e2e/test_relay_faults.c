@@ -553,3 +553,52 @@ Test(relay_faults, claim_in_flight_during_reset)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* Three brokers: partition leaders move, and a broker that leads some partitions goes down
+ * and comes back, while rows flow. Nothing is lost, the first deliveries keep the order per
+ * key, the table drains. */
+Test(relay_faults, leaders_move_and_a_broker_fails)
+{
+    struct e2e e;
+    const char *brokers[] = {"--brokers", "3", NULL};
+    e2e_setup_broker(&e, "leaders", 24, brokers);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=100", "KAFKA_TOPIC_METADATA_REFRESH_INTERVAL_MS=1000",
+                         "KAFKA_RECONNECT_BACKOFF_MAX_MS=500", NULL};
+    e2e_relay_start(&e, &relay, env);
+    e2e_insert(&e, 0, 300);
+    cr_assert(e2e_wait_all(c, 300, 30000, NULL));
+    const long total = 3300;
+    long from = 300;
+    for (int round = 0; round < 6; round++) {
+        /* Move every partition of topic a to the next broker, then insert. */
+        for (int p = 0; p < 4; p++)
+            devbroker_command(&e.broker, "leader %s %d %d", e.topic_a, p, 1 + (p + round) % 3);
+        if (round == 2)
+            devbroker_command(&e.broker, "down 2");
+        if (round == 4)
+            devbroker_command(&e.broker, "up 2");
+        e2e_insert(&e, from, from + 500);
+        from += 500;
+    }
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 90000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    size_t dups = e2e_verify(&e, c, total, false);
+    fprintf(stderr, "leaders_move_and_a_broker_fails: %zu duplicates, %zu resets\n", dups,
+            proc_count_log(&relay, "publishing the table again"));
+    if (dups) {
+        char *log = proc_read_stdout(&relay);
+        fprintf(stderr, "%s\n", log);
+        free(log);
+    }
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
