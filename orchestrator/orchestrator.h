@@ -131,6 +131,11 @@ struct orchestrator {
     size_t pending_count, pending_cap;
     bool stopping;
     bool kafka_up;
+    /* Partitions the reply consumer holds now. While it holds none (a rebalance, a restart whose
+     * killed predecessor still sits in the group until its session times out) no reply can
+     * arrive, so reply timeouts are not fired: a timeout measures the participant, not our own
+     * deafness. */
+    int assigned_partitions;
     bool definitions_missing; /* a batch met an unknown version: reload, then retry */
 };
 

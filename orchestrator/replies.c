@@ -250,12 +250,15 @@ static void consumer_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
+    struct orchestrator *o = opaque;
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         log_info("reply consumer: %d partition(s) assigned", parts->cnt);
         rd_kafka_assign(rk, parts);
+        o->assigned_partitions = parts->cnt;
     } else {
         log_info("reply consumer: %d partition(s) revoked", parts->cnt);
         rd_kafka_assign(rk, NULL);
+        o->assigned_partitions = 0;
     }
 }
 

@@ -310,7 +310,10 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
             struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = now};
             apply_event(w, row, &ev, &b, NULL);
         }
-        if (row->state.deadline_ms && row->state.deadline_ms <= now) {
+        /* A reply timeout waits while the reply consumer holds no partition (see
+         * assigned_partitions); a backoff is ours and fires regardless. */
+        bool deaf = row->state.wait == SAGA_WAIT_REPLY && w->o->assigned_partitions == 0;
+        if (row->state.deadline_ms && row->state.deadline_ms <= now && !deaf) {
             struct saga_event ev = {.kind = SAGA_EV_TIMEOUT, .now_ms = now};
             enum saga_outcome out;
             apply_event(w, row, &ev, &b, &out);
@@ -529,10 +532,14 @@ static void start_reply_batch(struct worker *w)
 static void start_claim_batch(struct worker *w)
 {
     char sql[1024];
-    snprintf(sql, sizeof(sql),
-             "BEGIN; SELECT %s FROM saga.instances WHERE status = 'pending' OR deadline <= now() "
-             "OR pending_request IS NOT NULL LIMIT %d FOR UPDATE SKIP LOCKED",
-             store_instance_columns, w->o->settings.batch_size);
+    /* Without a partition of the replies, due reply timeouts are left alone (see
+     * assigned_partitions): claiming them would only lock them. */
+    snprintf(
+        sql, sizeof(sql),
+        "BEGIN; SELECT %s FROM saga.instances WHERE status = 'pending' OR (deadline <= now()%s) "
+        "OR pending_request IS NOT NULL LIMIT %d FOR UPDATE SKIP LOCKED",
+        store_instance_columns, w->o->assigned_partitions ? "" : " AND wait <> 'reply'",
+        w->o->settings.batch_size);
     w->more = false;
     w->state = W_BUSY;
     if (pgloop_query_simple(w->pg, sql, claim_cb, w)) {
