@@ -136,13 +136,14 @@ void sys_orchestrator_wait_assigned(struct sys *s, int i)
 void sys_participant_start(struct sys *s, enum sys_service svc)
 {
     struct sys_daemon *d = &s->participant[svc];
-    char service[64], url[1100], brokers[300];
+    char service[64], url[1100], brokers[300], session[64], heartbeat[64];
     snprintf(service, sizeof(service), "PARTICIPANT_SERVICE=%s", sys_service_names[svc]);
+    snprintf(session, sizeof(session), "KAFKA_SESSION_TIMEOUT_MS=%d", s->session_timeout_ms);
+    snprintf(heartbeat, sizeof(heartbeat), "KAFKA_HEARTBEAT_INTERVAL_MS=%d",
+             s->session_timeout_ms / 3);
     snprintf(url, sizeof(url), "PARTICIPANT_DATABASE_URL=%s", s->svc_db[svc].url);
     snprintf(brokers, sizeof(brokers), "PARTICIPANT_KAFKA_BROKERS=%s", s->broker.bootstrap);
-    const char *env[] = {
-        service, url, brokers, "KAFKA_SESSION_TIMEOUT_MS=6000", "KAFKA_HEARTBEAT_INTERVAL_MS=1000",
-        NULL};
+    const char *env[] = {service, url, brokers, session, heartbeat, NULL};
     const char *argv[] = {bin_env("SAGA_PARTICIPANT_BIN"), NULL};
     struct proc_options opts = {.name = d->name};
     proc_start(next_run(d), argv, env, &opts);

@@ -53,7 +53,7 @@ struct sys {
     bool own_sagas_dir;     /* a copy written by sys_setup (removed at teardown) */
     const char *test;       /* the test's name, for the lines it prints */
     unsigned seed;          /* of the chaos schedule */
-    int session_timeout_ms; /* the orchestrators' KAFKA_SESSION_TIMEOUT_MS */
+    int session_timeout_ms; /* the consumers' KAFKA_SESSION_TIMEOUT_MS */
     int sagas;              /* started so far */
 };
 
@@ -64,8 +64,9 @@ struct sys_options {
     /* NULL: the sagas of SAGA_SOURCE_ROOT/sagas; else (a duration such as "45s") a copy of
      * sagas/order_fulfillment.json whose every step waits that long for a reply. */
     const char *step_timeout;
-    /* The orchestrators' consumer session (0: 6000 ms, as in the demo). A SIGKILLed consumer
-     * stays in its group until its session times out, and the group rebalances meanwhile. */
+    /* The consumer session of the orchestrators and the participants (0: 6000 ms, as in the
+     * demo). A SIGKILLed consumer stays in its group until its session times out, and the group
+     * rebalances meanwhile. */
     int session_timeout_ms;
 };
 
