@@ -372,3 +372,65 @@ Test(orchestrator_ops, sigterm_and_restart)
 
     saga_e2e_orch_stop(&w);
 }
+
+/* SIGTERM while replies stream in: the transaction in hand finishes, the exit is 0, and after
+ * the restart every saga completes with each step applied exactly once (replies consumed but
+ * not applied come again; replies applied but not committed are dropped by the inbox). */
+Test(orchestrator_ops, sigterm_with_replies_in_flight)
+{
+    enum { N = 12 };
+    static const char *const steps[][3] = {
+        {"reserve_inventory", "inventory.commands", "ReserveStock"},
+        {"authorize_payment", "payment.commands", "AuthorizePayment"},
+        {"approve_order", "orders.commands", "ApproveOrder"},
+        {"schedule_shipping", "shipping.commands", "ScheduleShipment"},
+    };
+    struct saga_ref s[N];
+    pgtest_exec(w.conn, "BEGIN");
+    for (int i = 0; i < N; i++) {
+        char order[32];
+        snprintf(order, sizeof(order), "o-sig-%02d", i);
+        saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &s[i]);
+    }
+    pgtest_exec(w.conn, "COMMIT");
+
+    bool restarted = false;
+    for (int handled = 0; handled < 4 * N;) {
+        const struct kmsg *m = saga_e2e_next_command(&w, NULL, 60000);
+        const char *sid = kmsg_header(m, "saga-id", NULL);
+        int i = 0;
+        while (i < N && strcmp(s[i].id, sid))
+            i++;
+        cr_assert(i < N, "command for a saga of no test: %s", sid);
+        const char *step = kmsg_header(m, "saga-step", NULL);
+        size_t k = 0;
+        while (k < 4 && strcmp(steps[k][0], step ? step : ""))
+            k++;
+        cr_assert(k < 4, "saga %s: command for step %s", sid, step ? step : "(none)");
+        saga_e2e_check_command(m, &s[i], steps[k][1], steps[k][2], step, "action", NULL);
+        char data[64];
+        if (k == 0)
+            snprintf(data, sizeof(data), "{\"reservationId\": \"r-sig-%02d\"}", i);
+        else if (k == 1)
+            snprintf(data, sizeof(data), "{\"authorizationId\": \"a-sig-%02d\"}", i);
+        else
+            snprintf(data, sizeof(data), "{}");
+        saga_e2e_reply(&w, m, "success", data, NULL, NULL);
+        handled++;
+        if (!restarted && handled == N + N / 2) {
+            saga_e2e_orch_stop(&w); /* replies just produced are being consumed or applied */
+            saga_e2e_orch_start(&w);
+            restarted = true;
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        saga_e2e_wait_status(&w, &s[i], "completed", 30000);
+        assert_history(&s[i],
+                       "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
+        saga_e2e_check_all_commands(&w, &s[i]);
+    }
+    assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
+                 "FROM saga.inbox",
+                 NULL, "48 48");
+}

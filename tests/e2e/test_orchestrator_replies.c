@@ -222,8 +222,8 @@ Test(orchestrator_replies, unknown_stale_and_malformed)
 }
 
 /* Replies PostgreSQL cannot store as they are: a \u0000 escape (jsonb refuses it), invalid
- * UTF-8 inside a JSON string, and a malformed reply whose value, key and header are not UTF-8. Each is dead-lettered; none may
- * wedge the consumer: the good reply behind them is applied. */
+ * UTF-8 inside a JSON string, and a malformed reply whose value, key and header are not UTF-8. Each
+ * is dead-lettered; none may wedge the consumer: the good reply behind them is applied. */
 Test(orchestrator_replies, replies_postgresql_cannot_store)
 {
     struct saga_ref s;
@@ -255,8 +255,8 @@ Test(orchestrator_replies, replies_postgresql_cannot_store)
                  "value contains \\u0000, which PostgreSQL (jsonb) cannot store | "
                  "value is not valid UTF-8 text");
     /* What could not be stored as it came is stored with U+FFFD in place of the bad bytes. */
-    assert_value("SELECT payload FROM saga.dead_letters WHERE error LIKE '%UTF-8%'",
-                 NULL, "{\"reservationId\": \"r-\xef\xbf\xbd\xef\xbf\xbd\"}");
+    assert_value("SELECT payload FROM saga.dead_letters WHERE error LIKE '%UTF-8%'", NULL,
+                 "{\"reservationId\": \"r-\xef\xbf\xbd\xef\xbf\xbd\"}");
     assert_value("SELECT key || ' ' || payload || ' ' || (headers->>'outcome') "
                  "FROM saga.dead_letters WHERE error LIKE 'header outcome%'",
                  NULL, "k\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd not json \xef\xbf\xbd(");

@@ -116,12 +116,23 @@ void saga_e2e_dump(struct saga_e2e *w)
         proc_dump(&w->relay, "outbox-relay", 4000);
 }
 
+/* SAGA_E2E_KEEP_LOGS=1 keeps the daemons' log files (their paths are printed). */
+static void cleanup_logs(struct proc *p)
+{
+    const char *keep = getenv("SAGA_E2E_KEEP_LOGS");
+    if (keep && *keep && strcmp(keep, "0")) {
+        fprintf(stderr, "kept %s and %s\n", p->out_path, p->err_path);
+        return;
+    }
+    proc_cleanup(p);
+}
+
 void saga_e2e_orch_start(struct saga_e2e *w)
 {
     if (w->orch.pid) {
         if (w->orch_running)
             proc_kill(&w->orch);
-        proc_cleanup(&w->orch);
+        cleanup_logs(&w->orch);
     }
     static char url[1100], brokers[300], dir[160];
     snprintf(url, sizeof(url), "SAGA_DATABASE_URL=%s", w->db.url);
@@ -222,17 +233,6 @@ void saga_e2e_setup(struct saga_e2e *w)
                             "shipping.commands", NULL};
     w->commands = kconsumer_start(w->broker.bootstrap, topics);
     w->producer = producer_new(w->broker.bootstrap);
-}
-
-/* SAGA_E2E_KEEP_LOGS=1 keeps the daemons' log files (their paths are printed). */
-static void cleanup_logs(struct proc *p)
-{
-    const char *keep = getenv("SAGA_E2E_KEEP_LOGS");
-    if (keep && *keep && strcmp(keep, "0")) {
-        fprintf(stderr, "kept %s and %s\n", p->out_path, p->err_path);
-        return;
-    }
-    proc_cleanup(p);
 }
 
 void saga_e2e_teardown(struct saga_e2e *w)
