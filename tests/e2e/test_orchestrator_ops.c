@@ -373,35 +373,35 @@ Test(orchestrator_ops, sigterm_and_restart)
     saga_e2e_orch_stop(&w);
 }
 
-/* SIGTERM while replies stream in: the transaction in hand finishes, the exit is 0, and after
- * the restart every saga completes with each step applied exactly once (replies consumed but
- * not applied come again; replies applied but not committed are dropped by the inbox). */
-Test(orchestrator_ops, sigterm_with_replies_in_flight)
+/* Starts n e2e_order sagas in one transaction. */
+static void start_many(struct saga_ref *s, int n, const char *prefix)
 {
-    enum { N = 12 };
+    pgtest_exec(w.conn, "BEGIN");
+    for (int i = 0; i < n; i++) {
+        char order[32];
+        snprintf(order, sizeof(order), "%s-%02d", prefix, i);
+        saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &s[i]);
+    }
+    pgtest_exec(w.conn, "COMMIT");
+}
+
+/* Plays every participant of the n sagas, always successful, until each sent its 4 commands;
+ * calls hook(handled) after each reply. */
+static void drive_success(struct saga_ref *s, int n, void (*hook)(int handled))
+{
     static const char *const steps[][3] = {
         {"reserve_inventory", "inventory.commands", "ReserveStock"},
         {"authorize_payment", "payment.commands", "AuthorizePayment"},
         {"approve_order", "orders.commands", "ApproveOrder"},
         {"schedule_shipping", "shipping.commands", "ScheduleShipment"},
     };
-    struct saga_ref s[N];
-    pgtest_exec(w.conn, "BEGIN");
-    for (int i = 0; i < N; i++) {
-        char order[32];
-        snprintf(order, sizeof(order), "o-sig-%02d", i);
-        saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &s[i]);
-    }
-    pgtest_exec(w.conn, "COMMIT");
-
-    bool restarted = false;
-    for (int handled = 0; handled < 4 * N;) {
+    for (int handled = 0; handled < 4 * n;) {
         const struct kmsg *m = saga_e2e_next_command(&w, NULL, 60000);
         const char *sid = kmsg_header(m, "saga-id", NULL);
         int i = 0;
-        while (i < N && strcmp(s[i].id, sid))
+        while (i < n && strcmp(s[i].id, sid))
             i++;
-        cr_assert(i < N, "command for a saga of no test: %s", sid);
+        cr_assert(i < n, "command for a saga of no test: %s", sid);
         const char *step = kmsg_header(m, "saga-step", NULL);
         size_t k = 0;
         while (k < 4 && strcmp(steps[k][0], step ? step : ""))
@@ -410,27 +410,84 @@ Test(orchestrator_ops, sigterm_with_replies_in_flight)
         saga_e2e_check_command(m, &s[i], steps[k][1], steps[k][2], step, "action", NULL);
         char data[64];
         if (k == 0)
-            snprintf(data, sizeof(data), "{\"reservationId\": \"r-sig-%02d\"}", i);
+            snprintf(data, sizeof(data), "{\"reservationId\": \"r-%02d\"}", i);
         else if (k == 1)
-            snprintf(data, sizeof(data), "{\"authorizationId\": \"a-sig-%02d\"}", i);
+            snprintf(data, sizeof(data), "{\"authorizationId\": \"a-%02d\"}", i);
         else
             snprintf(data, sizeof(data), "{}");
         saga_e2e_reply(&w, m, "success", data, NULL, NULL);
         handled++;
-        if (!restarted && handled == N + N / 2) {
-            saga_e2e_orch_stop(&w); /* replies just produced are being consumed or applied */
-            saga_e2e_orch_start(&w);
-            restarted = true;
-        }
+        if (hook)
+            hook(handled);
     }
-    for (int i = 0; i < N; i++) {
+}
+
+/* Each saga completed with each step applied exactly once, each command sent once. */
+static void check_all_completed_once(struct saga_ref *s, int n)
+{
+    for (int i = 0; i < n; i++) {
         saga_e2e_wait_status(&w, &s[i], "completed", 30000);
         assert_history(&s[i],
                        "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
                        "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
         saga_e2e_check_all_commands(&w, &s[i]);
     }
+    char want[64];
+    snprintf(want, sizeof(want), "%d %d", 4 * n, 4 * n);
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
                  "FROM saga.inbox",
-                 NULL, "48 48");
+                 NULL, want);
+}
+
+enum { SIGTERM_SAGAS = 12 };
+
+static void restart_midway(int handled)
+{
+    if (handled == SIGTERM_SAGAS + SIGTERM_SAGAS / 2) {
+        saga_e2e_orch_stop(&w); /* replies just produced are being consumed or applied */
+        saga_e2e_orch_start(&w);
+    }
+}
+
+/* SIGTERM while replies stream in: the transaction in hand finishes, the exit is 0, and after
+ * the restart every saga completes with each step applied exactly once (replies consumed but
+ * not applied come again; replies applied but not committed are dropped by the inbox). */
+Test(orchestrator_ops, sigterm_with_replies_in_flight)
+{
+    struct saga_ref s[SIGTERM_SAGAS];
+    start_many(s, SIGTERM_SAGAS, "o-sig");
+    drive_success(s, SIGTERM_SAGAS, restart_midway);
+    check_all_completed_once(s, SIGTERM_SAGAS);
+}
+
+/* Terminates every other session of the test database (the orchestrator's two, the relay's):
+ * returns how many. */
+static long terminate_sessions(void)
+{
+    const char *p[] = {w.db.name};
+    return pgtest_count(w.conn,
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                        1, p);
+}
+
+static long terminated;
+
+static void terminate_every_5(int handled)
+{
+    if (handled % 5 == 0)
+        terminated += terminate_sessions();
+}
+
+/* The orchestrator's database sessions are killed again and again while sagas run: it
+ * reconnects, and every step is applied exactly once. */
+Test(orchestrator_ops, database_sessions_terminated)
+{
+    enum { N = 8 };
+    struct saga_ref s[N];
+    start_many(s, N, "o-term");
+    drive_success(s, N, terminate_every_5);
+    check_all_completed_once(s, N);
+    cr_assert_geq(terminated, 6, "only %ld sessions terminated", terminated);
+    saga_e2e_wait_metric(&w, "saga_db_reconnects_total", 1, 10000);
 }

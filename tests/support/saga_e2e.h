@@ -49,6 +49,7 @@ struct saga_e2e {
     rd_kafka_t *producer;
     unsigned char *taken; /* by kmsg index: handed out by saga_e2e_next_command */
     size_t taken_cap;
+    size_t redelivered; /* commands skipped as redeliveries (a message-id seen before) */
 };
 
 /* A started saga. */
@@ -84,8 +85,9 @@ void saga_e2e_start(struct saga_e2e *w, const char *name, const char *order_id,
                     const char *correlation_id, const char *traceparent, struct saga_ref *ref);
 
 /* Waits (at most timeout_ms) for the next command of saga_id (NULL: of any saga) not handed out
- * before, in arrival order, marks it handed out and returns it (it lives until teardown). Fails the
- * test on timeout. */
+ * before, in arrival order, marks it handed out and returns it (it lives until teardown).
+ * Redeliveries (a message-id seen before: the relay publishes at least once) are skipped, as a
+ * participant's inbox would, and counted in w->redelivered. Fails the test on timeout. */
 const struct kmsg *saga_e2e_next_command(struct saga_e2e *w, const char *saga_id, int timeout_ms);
 
 /* Checks everything about a command: topic, key (the order id), event-type, the saga headers,
@@ -134,9 +136,9 @@ void saga_e2e_wait_status(struct saga_e2e *w, const struct saga_ref *ref, const 
  * phase action or compensation, in insertion order, separated by spaces (caller frees). */
 char *saga_e2e_history(struct saga_e2e *w, const char *saga_id);
 
-/* Checks that the commands published for the saga are exactly the ones saga.step_history says
- * were sent, in that order (same message-ids), that every one was handed out by
- * saga_e2e_next_command, and that saga.outbox holds nothing of it any more. Waits (bounded) for
+/* Checks that the commands published for the saga (redeliveries aside) are exactly the ones
+ * saga.step_history says were sent, in that order (same message-ids), that every one was handed out
+ * by saga_e2e_next_command, and that saga.outbox holds nothing of it any more. Waits (bounded) for
  * the stragglers to arrive first. */
 void saga_e2e_check_all_commands(struct saga_e2e *w, const struct saga_ref *ref);
 
