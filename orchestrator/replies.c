@@ -271,6 +271,29 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
            reason);
 }
 
+/* Kafka is reachable when a broker is UP in the consumer's statistics (every second). The
+ * error callback only reports that every broker is down, never that one came back, so
+ * without this /readyz stayed "kafka down" after the first outage. */
+static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    struct orchestrator *o = opaque;
+    cJSON *doc = cJSON_ParseWithLength(json, len);
+    bool up = false;
+    cJSON *brokers = cJSON_GetObjectItemCaseSensitive(doc, "brokers");
+    for (cJSON *b = brokers ? brokers->child : NULL; b; b = b->next) {
+        cJSON *state = cJSON_GetObjectItemCaseSensitive(b, "state");
+        cJSON *nodeid = cJSON_GetObjectItemCaseSensitive(b, "nodeid");
+        if (cJSON_IsString(state) && !strcmp(state->valuestring, "UP") && cJSON_IsNumber(nodeid) &&
+            nodeid->valueint >= 0)
+            up = true;
+    }
+    cJSON_Delete(doc);
+    if (up != o->kafka_up)
+        log_info("kafka %s", up ? "reachable" : "unreachable");
+    o->kafka_up = up;
+    return 0; /* librdkafka frees json */
+}
+
 int replies_resubscribe(struct orchestrator *o)
 {
     rd_kafka_topic_partition_list_t *topics = rd_kafka_topic_partition_list_new(4);
@@ -312,6 +335,7 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
         {"auto.offset.reset", "earliest"},
         {"client.id", "saga-orchestrator"},
         {"fetch.wait.max.ms", "10"},
+        {"statistics.interval.ms", "1000"}, /* stats_cb: is Kafka reachable? */
     };
     for (size_t i = 0; i < sizeof(props) / sizeof(props[0]); i++) {
         char what[128];
@@ -327,6 +351,7 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
     }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
+    rd_kafka_conf_set_stats_cb(conf, stats_cb);
     rd_kafka_conf_set_opaque(conf, o);
     char reason[512];
     o->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, reason, sizeof(reason));

@@ -491,3 +491,37 @@ Test(orchestrator_ops, database_sessions_terminated)
     cr_assert_geq(terminated, 6, "only %ld sessions terminated", terminated);
     saga_e2e_wait_metric(&w, "saga_db_reconnects_total", 1, 10000);
 }
+
+/* The broker goes away and comes back while a saga waits: the reply consumer reconnects, and
+ * the reply sent meanwhile is applied once. */
+Test(orchestrator_ops, broker_down_and_up)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-broker", NULL, NULL, &s);
+    reserve_ok(&s, "r-40");
+    const struct kmsg *m = expect_authorize(&s);
+    size_t from = 0;
+    proc_wait_log(&w.orch, "partition(s) assigned", &from, 1000, NULL, 0);
+    devbroker_command(&w.broker, "down all");
+    if (!proc_wait_log(&w.orch, "\"kafka: ", &from, 30000, NULL, 0)) {
+        saga_e2e_dump(&w);
+        cr_assert_fail("the orchestrator did not notice the broker going down within 30 s");
+    }
+    devbroker_command(&w.broker, "up all");
+    saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-40\"}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "orders.commands", "ApproveOrder", "approve_order", "action",
+                        "{\"orderId\": \"o-broker\", \"authorizationId\": \"a-40\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "shipping.commands", "ScheduleShipment", "schedule_shipping",
+                        "action", NULL);
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "completed", 60000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
+    assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
+                 "FROM saga.inbox",
+                 NULL, "4 4");
+    saga_e2e_check_all_commands(&w, &s);
+    /* Ready again: Kafka is reachable. */
+    saga_e2e_wait_ready(&w, 15000);
+}

@@ -740,3 +740,23 @@ void saga_e2e_wait_metric(struct saga_e2e *w, const char *series, double value, 
         pause_ms(20);
     }
 }
+
+void saga_e2e_wait_ready(struct saga_e2e *w, int timeout_ms)
+{
+    int64_t deadline = proc_now_ms() + timeout_ms;
+    for (;;) {
+        char *body;
+        int status = saga_e2e_http_get(w, "/readyz", &body);
+        if (status == 200) {
+            free(body);
+            return;
+        }
+        if (proc_now_ms() > deadline) {
+            saga_e2e_dump(w);
+            cr_assert_fail("/readyz answers %d after %d ms: %s", status, timeout_ms,
+                           body ? body : "");
+        }
+        free(body);
+        pause_ms(50);
+    }
+}

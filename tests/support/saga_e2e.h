@@ -146,6 +146,10 @@ void saga_e2e_check_all_commands(struct saga_e2e *w, const struct saga_ref *ref)
  * frees), or 0 when it does not answer. */
 int saga_e2e_http_get(struct saga_e2e *w, const char *path, char **body);
 
+/* Waits (bounded) until the orchestrator's /readyz answers 200; fails the test with its last
+ * answer otherwise. */
+void saga_e2e_wait_ready(struct saga_e2e *w, int timeout_ms);
+
 /* The value of the orchestrator's metrics series ("name{labels}" exactly as printed), or -1. */
 double saga_e2e_metric(struct saga_e2e *w, const char *series);
 
