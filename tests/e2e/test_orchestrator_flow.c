@@ -348,3 +348,51 @@ Test(orchestrator_flow, many_sagas_at_once)
     cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_compensated_total"), N / 2);
     cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_started_total"), N);
 }
+
+/* The pivot fails: the steps before it are compensated in reverse order, each compensation
+ * rendered with its step's reply. */
+Test(orchestrator_flow, pivot_failure)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-pivot-fail", NULL, NULL, &s);
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-5\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-5");
+    saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-5\"}", NULL, NULL);
+    m = expect_approve(&s, "a-5");
+    saga_e2e_reply(&w, m, "failure", "{\"reason\": \"fraud check\"}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "payment.commands", "RefundPayment", "authorize_payment",
+                        "compensation",
+                        "{\"orderId\": \"o-pivot-fail\", \"authorizationId\": \"a-5\", "
+                        "\"amount\": 42}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    m = expect_release(&s, "\"r-5\"");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:failed authorize_payment:compensation:1:succeeded "
+                       "reserve_inventory:compensation:1:succeeded");
+    saga_e2e_check_all_commands(&w, &s);
+}
+
+/* The pivot times out: retried beyond its max_attempts (it may have applied and can never be
+ * compensated), until it answers. */
+Test(orchestrator_flow, pivot_timeout_retried_beyond_max_attempts)
+{
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_pivot", "o-pivot-slow", NULL, NULL, &s);
+    const struct kmsg *m = expect_reserve(&s);
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-6\"}", NULL, NULL);
+    m = expect_authorize(&s, "r-6");
+    saga_e2e_reply(&w, m, "success", "{\"authorizationId\": \"a-6\"}", NULL, NULL);
+    for (int i = 0; i < 3; i++)
+        m = expect_approve(&s, "a-6"); /* max_attempts is 2: the third is beyond it */
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    m = expect_ship(&s, "r-6");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "completed", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:timed_out approve_order:action:2:timed_out "
+                       "approve_order:action:3:succeeded schedule_shipping:action:1:succeeded");
+    saga_e2e_check_all_commands(&w, &s);
+}

@@ -21,7 +21,8 @@
 
 /* ---- definitions ------------------------------------------------------------------------ */
 
-/* The steps of both test sagas; %s: authorize_payment's "timeout" and "retry" members. */
+/* The steps of the test sagas; the two %s: authorize_payment's and approve_order's extra
+ * members ("timeout", "retry"). */
 static const char saga_steps_fmt[] =
     "\"steps\": [\n"
     " {\"name\": \"reserve_inventory\", \"participant\": \"inventory\",\n"
@@ -46,7 +47,7 @@ static const char saga_steps_fmt[] =
     "  \"command\": {\"topic\": \"orders.commands\", \"type\": \"ApproveOrder\",\n"
     "    \"key\": \"{{input.orderId}}\",\n"
     "    \"payload\": {\"orderId\": \"{{input.orderId}}\",\n"
-    "      \"authorizationId\": \"{{steps.authorize_payment.reply.authorizationId}}\"}}},\n"
+    "      \"authorizationId\": \"{{steps.authorize_payment.reply.authorizationId}}\"}}%s},\n"
     " {\"name\": \"schedule_shipping\", \"participant\": \"shipping\",\n"
     "  \"command\": {\"topic\": \"shipping.commands\", \"type\": \"ScheduleShipment\",\n"
     "    \"key\": \"{{input.orderId}}\",\n"
@@ -54,7 +55,8 @@ static const char saga_steps_fmt[] =
     "      \"reservationId\": \"{{steps.reserve_inventory.reply.reservationId}}\"}}}\n"
     "]\n";
 
-static void write_definition(const char *dir, const char *name, const char *authorize_extra)
+static void write_definition(const char *dir, const char *name, const char *authorize_extra,
+                             const char *approve_extra)
 {
     char path[256];
     snprintf(path, sizeof(path), "%s/%s.json", dir, name);
@@ -69,7 +71,7 @@ static void write_definition(const char *dir, const char *name, const char *auth
             "  \"retry\": {\"max_attempts\": 3, \"backoff\": \"50ms\", \"max_backoff\": "
             "\"200ms\"}},\n",
             name);
-    fprintf(f, saga_steps_fmt, authorize_extra);
+    fprintf(f, saga_steps_fmt, authorize_extra, approve_extra);
     fprintf(f, "}\n");
     cr_assert_eq(fclose(f), 0, "cannot write %s", path);
 }
@@ -78,18 +80,19 @@ static void write_definitions(struct saga_e2e *w)
 {
     snprintf(w->sagas_dir, sizeof(w->sagas_dir), "/tmp/saga-e2e-%d-sagas-XXXXXX", (int)getpid());
     cr_assert(mkdtemp(w->sagas_dir), "mkdtemp: %s", strerror(errno));
-    write_definition(w->sagas_dir, "e2e_order", "");
-    write_definition(w->sagas_dir, "e2e_timeout",
-                     ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 2}");
+    const char *two_s_2 = ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 2}";
+    write_definition(w->sagas_dir, "e2e_order", "", "");
+    write_definition(w->sagas_dir, "e2e_timeout", two_s_2, "");
     write_definition(w->sagas_dir, "e2e_patient",
-                     ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 100}");
+                     ",\n  \"timeout\": \"2s\", \"retry\": {\"max_attempts\": 100}", "");
+    write_definition(w->sagas_dir, "e2e_pivot", "", two_s_2);
 }
 
 static void remove_definitions(struct saga_e2e *w)
 {
     if (!w->sagas_dir[0])
         return;
-    const char *names[] = {"e2e_order", "e2e_timeout", "e2e_patient"};
+    const char *names[] = {"e2e_order", "e2e_timeout", "e2e_patient", "e2e_pivot"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         char path[256];
         snprintf(path, sizeof(path), "%s/%s.json", w->sagas_dir, names[i]);

@@ -7,14 +7,16 @@
  * checks them, and produces replies with librdkafka, as a participant's relay would. The
  * orchestrator only sees Kafka, so it cannot tell.
  *
- * The definitions directory holds three sagas shaped like sagas/order_fulfillment.json
+ * The definitions directory holds four sagas shaped like sagas/order_fulfillment.json
  * (reserve_inventory, authorize_payment, approve_order (pivot), schedule_shipping):
  * - e2e_order: 10 s timeouts (never reached unless a test wants it), 3 attempts, backoff 50 ms
  *   capped at 200 ms; schedule_shipping is retried without limit (after the pivot);
  * - e2e_timeout: the same, but authorize_payment times out after 2 s and has 2 attempts, so
  *   that timeouts happen within a test's time;
  * - e2e_patient: authorize_payment times out after 2 s and has 100 attempts (for a test that
- *   cannot tell how many attempts time out, e.g. around a restart).
+ *   cannot tell how many attempts time out, e.g. around a restart);
+ * - e2e_pivot: approve_order (the pivot) times out after 2 s and has 2 attempts (which do not
+ *   limit a pivot).
  *
  * Every wait is bounded; helpers fail the test (with the daemons' logs) when a bound is
  * reached, so tests read as straight-line scripts. */
