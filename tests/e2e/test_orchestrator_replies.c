@@ -268,3 +268,44 @@ Test(orchestrator_replies, replies_postgresql_cannot_store)
     saga_e2e_wait_status(&w, &s, "compensated", 30000);
     saga_e2e_check_all_commands(&w, &s);
 }
+
+/* Transactions that fail for a while (a constraint refuses the outbox rows, then the inbox
+ * rows): both workers roll back and retry, nothing is lost or applied twice once the cause
+ * is gone. */
+Test(orchestrator_replies, failing_transactions_retried)
+{
+    size_t from = 0;
+    pgtest_exec(w.conn,
+                "ALTER TABLE saga.outbox ADD CONSTRAINT e2e_refuse CHECK (false) NOT VALID");
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-refused", NULL, NULL, &s);
+    if (!proc_wait_log(&w.orch, "failed; rolling back", &from, 30000, NULL, 0)) {
+        saga_e2e_dump(&w);
+        cr_assert_fail("the claim transaction did not fail");
+    }
+    assert_value("SELECT status FROM saga.instances WHERE id = $1", s.id, "pending");
+    pgtest_exec(w.conn, "ALTER TABLE saga.outbox DROP CONSTRAINT e2e_refuse");
+    const struct kmsg *m = expect_step(&s, "reserve_inventory");
+
+    pgtest_exec(w.conn, "ALTER TABLE saga.inbox ADD CONSTRAINT e2e_refuse CHECK (false) NOT VALID");
+    saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-50\"}", NULL, NULL);
+    if (!proc_wait_log(&w.orch, "saga.apply_batch failed", &from, 30000, NULL, 0)) {
+        saga_e2e_dump(&w);
+        cr_assert_fail("the reply transaction did not fail");
+    }
+    assert_history(&s, "reserve_inventory:action:1:sent");
+    pgtest_exec(w.conn, "ALTER TABLE saga.inbox DROP CONSTRAINT e2e_refuse");
+    m = expect_step(&s, "authorize_payment");
+    saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
+    m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
+                        "compensation",
+                        "{\"orderId\": \"o-refused\", \"reservationId\": \"r-50\"}");
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "compensated", 30000);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
+                       "reserve_inventory:compensation:1:succeeded");
+    assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
+                 "FROM saga.inbox",
+                 NULL, "3 3");
+    saga_e2e_check_all_commands(&w, &s);
+}
