@@ -255,6 +255,18 @@ int pgloop_query(struct pgloop *pg, const char *sql, int nparams, const char *co
     return after_send(pg, cb, cb_arg);
 }
 
+int pgloop_query_prepared(struct pgloop *pg, const char *name, int nparams,
+                          const char *const *params, pgloop_result_cb cb, void *cb_arg)
+{
+    if (pg->phase != PG_READY || pg->busy)
+        return -1;
+    if (!PQsendQueryPrepared(pg->conn, name, nparams, params, NULL, NULL, 0)) {
+        schedule_fail(pg);
+        return -1;
+    }
+    return after_send(pg, cb, cb_arg);
+}
+
 int pgloop_query_simple(struct pgloop *pg, const char *sql, pgloop_result_cb cb, void *cb_arg)
 {
     if (pg->phase != PG_READY || pg->busy)

@@ -44,6 +44,13 @@ __attribute__((warn_unused_result)) int pgloop_query(struct pgloop *pg, const ch
 __attribute__((warn_unused_result)) int pgloop_query_simple(struct pgloop *pg, const char *sql,
                                                             pgloop_result_cb cb, void *cb_arg);
 
+/* Executes a statement prepared on this connection (PREPARE name AS ..., or PQprepare) with
+ * text parameters: no parse and plan per call. Same contract as pgloop_query otherwise. */
+__attribute__((warn_unused_result)) int pgloop_query_prepared(struct pgloop *pg, const char *name,
+                                                              int nparams,
+                                                              const char *const *params,
+                                                              pgloop_result_cb cb, void *cb_arg);
+
 bool pgloop_ready(const struct pgloop *pg); /* connected */
 bool pgloop_busy(const struct pgloop *pg);  /* a query is in flight */
 

@@ -84,6 +84,7 @@ struct outbox_table {
     char *claim_sql;
     char *delete_sql;
     char *dead_sql;
+    char *session_sql; /* LISTEN and the PREPAREs, run after every (re)connect */
     char lock_key[24];
     struct pgloop *pg;
     enum table_phase phase;
@@ -517,7 +518,7 @@ static void send_delete(struct outbox_table *t)
     t->acked = tmp;
     t->acked.count = 0;
     const char *params[1] = {arr};
-    if (pgloop_query(t->pg, t->delete_sql, 1, params, delete_result_cb, t)) {
+    if (pgloop_query_prepared(t->pg, "relay_delete", 1, params, delete_result_cb, t)) {
         for (size_t i = 0; i < t->deleting.count; i++)
             vec_push(&t->acked, t->deleting.items[i]);
         t->deleting.count = 0;
@@ -532,7 +533,7 @@ static void send_dead(struct outbox_table *t)
     snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
     const char *params[2] = {seq, r->dead_error ? r->dead_error : "rejected"};
     t->dead_row = r;
-    if (pgloop_query(t->pg, t->dead_sql, 2, params, dead_result_cb, t)) {
+    if (pgloop_query_prepared(t->pg, "relay_dead", 2, params, dead_result_cb, t)) {
         t->dead_row = NULL;
         vec_push(&t->dead, r);
     }
@@ -550,7 +551,7 @@ static void send_claim(struct outbox_table *t)
     const char *params[3] = {low, cursor, limit};
     t->more = false;
     t->claim_gen = t->gen;
-    if (pgloop_query(t->pg, t->claim_sql, 3, params, claim_result_cb, t))
+    if (pgloop_query_prepared(t->pg, "relay_claim", 3, params, claim_result_cb, t))
         t->more = true;
 }
 
@@ -568,7 +569,9 @@ static void step(struct outbox_table *t)
         return;
     }
     case PHASE_LISTENING:
-        if (pgloop_query(t->pg, "LISTEN saga_outbox", 0, NULL, listen_result_cb, t))
+        /* LISTEN, and the statements prepared once per session: no parse and plan per
+         * claim (about half a millisecond each, measured). */
+        if (pgloop_query_simple(t->pg, t->session_sql, listen_result_cb, t))
             return; /* a failed send is reported through state_cb */
         return;
     case PHASE_LEADING:
@@ -667,7 +670,13 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
                  "(id, seq, topic, key, event_type, payload, headers, created_at, error) "
                  "SELECT id, seq, topic, key, event_type, payload, headers, created_at, $2 "
                  "FROM moved",
-                 q, src->schema, src->table) < 0) {
+                 q, src->schema, src->table) < 0 ||
+        asprintf(&t->session_sql,
+                 "LISTEN saga_outbox; "
+                 "PREPARE relay_claim(bigint, bigint, int) AS %s; "
+                 "PREPARE relay_delete(bigint[]) AS %s; "
+                 "PREPARE relay_dead(bigint, text) AS %s",
+                 t->claim_sql, t->delete_sql, t->dead_sql) < 0) {
         outbox_table_destroy(t);
         return NULL;
     }
@@ -740,5 +749,6 @@ void outbox_table_destroy(struct outbox_table *t)
     free(t->claim_sql);
     free(t->delete_sql);
     free(t->dead_sql);
+    free(t->session_sql);
     free(t);
 }

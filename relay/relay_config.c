@@ -115,7 +115,7 @@
              "RELAY_LINGER",                                                                       \
              SETTING_DURATION,                                                                     \
              &(s)->linger_ms,                                                                      \
-             "5ms",                                                                                \
+             "1ms",                                                                                \
              "producer linger.ms (batching delay)",                                                \
              false,                                                                                \
              0,                                                                                    \
