@@ -116,6 +116,10 @@ static void describe_metrics(void)
     metrics_describe("relay_commit_to_ack_seconds", "histogram",
                      "From the row's created_at to Kafka's acknowledgement.");
     metrics_describe("relay_kafka_up", "gauge", "1 when a Kafka broker is reachable.");
+    metrics_describe("relay_backlog_rows", "gauge",
+                     "Rows waiting in the table (upper bound from its seq range; every 5 s).");
+    metrics_describe("relay_backlog_oldest_seconds", "gauge",
+                     "Age of the oldest row waiting in the table (every 5 s).");
 }
 
 int main(int argc, char **argv)

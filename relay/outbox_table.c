@@ -91,6 +91,7 @@ struct outbox_table {
     ev_timer timer; /* reconnect, standby retry, poll fallback */
     ev_idle kick;   /* runs the next step from the loop */
     int64_t backoff_ms;
+    int64_t backlog_ms; /* when the backlog gauges were last measured */
     unsigned gen;
     unsigned claim_gen; /* the generation that sent the claim in flight */
     bool claiming;      /* false after SIGTERM */
@@ -555,6 +556,20 @@ static void send_claim(struct outbox_table *t)
         t->more = true;
 }
 
+/* Rows waiting (an upper bound: max(seq) - min(seq) + 1, both read from the seq index, so
+ * it never scans the table) and the age of the oldest, for /metrics. */
+static void backlog_result_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct outbox_table *t = arg;
+    if (!result_ok(t, res, "backlog"))
+        return;
+    double rows = PQgetisnull(res, 0, 0) ? 0 : strtod(PQgetvalue(res, 0, 0), NULL);
+    double age = PQgetisnull(res, 0, 1) ? 0 : strtod(PQgetvalue(res, 0, 1), NULL);
+    metrics_gauge_set("relay_backlog_rows", t->mlabels, rows);
+    metrics_gauge_set("relay_backlog_oldest_seconds", t->mlabels, age);
+    kick(t);
+}
+
 /* The one place that decides what this table's connection does next. */
 static void step(struct outbox_table *t)
 {
@@ -591,6 +606,15 @@ static void step(struct outbox_table *t)
         t->inflight < (size_t)t->relay->settings.max_inflight) {
         send_claim(t);
         return;
+    }
+    /* Every few seconds, when nothing else is to be done: the backlog gauges. */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    if (now_ms - t->backlog_ms >= 5000) {
+        t->backlog_ms = now_ms;
+        if (!pgloop_query_prepared(t->pg, "relay_backlog", 0, NULL, backlog_result_cb, t))
+            return;
     }
     /* Idle: wait for a NOTIFY, an acknowledgement or the fallback poll. */
     if (!ev_is_active(&t->timer))
@@ -675,8 +699,11 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
                  "LISTEN saga_outbox; "
                  "PREPARE relay_claim(bigint, bigint, int) AS %s; "
                  "PREPARE relay_delete(bigint[]) AS %s; "
-                 "PREPARE relay_dead(bigint, text) AS %s",
-                 t->claim_sql, t->delete_sql, t->dead_sql) < 0) {
+                 "PREPARE relay_dead(bigint, text) AS %s; "
+                 "PREPARE relay_backlog AS SELECT (SELECT max(seq) FROM %s) - "
+                 "(SELECT min(seq) FROM %s) + 1, extract(epoch FROM now() - "
+                 "(SELECT created_at FROM %s ORDER BY seq LIMIT 1))",
+                 t->claim_sql, t->delete_sql, t->dead_sql, q, q, q) < 0) {
         outbox_table_destroy(t);
         return NULL;
     }

@@ -1,0 +1,43 @@
+/* The relay's backlog gauges: rows waiting in a table and the age of the oldest, while Kafka
+ * is away; both fall back to zero once the backlog drains. */
+#include "relay_e2e.h"
+
+static double metric_now(int port, const char *series)
+{
+    char *body = NULL;
+    double v = e2e_http_get(port, "/metrics", &body) == 200 ? e2e_metric(body, series) : -1;
+    free(body);
+    return v;
+}
+
+Test(relay_backlog, gauges_show_rows_waiting_and_their_age)
+{
+    struct e2e e;
+    e2e_setup(&e, "backlog", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    devbroker_command(&e.broker, "down 1");
+    e2e_insert(&e, 0, 300);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
+    cr_assert(e2e_wait_metric(port, "relay_backlog_rows{table=\"saga.outbox\"}", 300, 20000),
+              "relay_backlog_rows did not reach the 300 rows waiting");
+    cr_assert(
+        e2e_wait_metric(port, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}", 1, 20000),
+        "relay_backlog_oldest_seconds did not report the waiting rows' age");
+
+    devbroker_command(&e.broker, "up 1");
+    cr_assert(e2e_wait_all(c, 300, 60000, NULL), "the backlog did not drain");
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    int64_t end = proc_now_ms() + 20000;
+    while (proc_now_ms() < end &&
+           metric_now(port, "relay_backlog_rows{table=\"saga.outbox\"}") != 0)
+        usleep(100 * 1000);
+    cr_assert_eq(metric_now(port, "relay_backlog_rows{table=\"saga.outbox\"}"), 0);
+    cr_assert_eq(metric_now(port, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}"), 0);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
