@@ -68,11 +68,11 @@
              0,                                                                                    \
              0},                                                                                   \
             {"batch-size", "RELAY_BATCH_SIZE", SETTING_INT, &(s)->batch_size,                      \
-             "1000",       "rows per claim",   false,       1,                                     \
+             "5000",       "rows per claim",   false,       1,                                     \
              100000},                                                                              \
             {"max-inflight", "RELAY_MAX_INFLIGHT",                                                 \
              SETTING_INT,    &(s)->max_inflight,                                                   \
-             "50000",        "claimed rows not yet deleted, per table",                            \
+             "10000",        "claimed rows not yet deleted, per table",                            \
              false,          1,                                                                    \
              10000000},                                                                            \
             {"poll-interval",                                                                      \

@@ -215,3 +215,39 @@ Test(outbox, an_insert_statement_notifies_once)
     PQfreemem(note);
     PQfinish(listener);
 }
+
+/* saga.set_outbox_notify (sql/003): off stops the notifications and survives create_outbox
+ * running again; on brings them back; idempotent; NULL is refused. */
+Test(outbox, notify_can_be_turned_off_and_on)
+{
+    create_outbox("inventory");
+    PGconn *listener = pgtest_connect(db.url);
+    pgtest_exec(listener, "LISTEN saga_outbox");
+    const char *insert = "INSERT INTO inventory.outbox (id, topic, event_type, payload) "
+                         "VALUES (gen_random_uuid(), 't', 'E', '{}')";
+
+    pgtest_exec(conn, "SELECT saga.set_outbox_notify('inventory.outbox', false)");
+    pgtest_exec(conn, "SELECT saga.set_outbox_notify('inventory.outbox', false)");
+    create_outbox("inventory"); /* a redeployment keeps the choice */
+    pgtest_exec(conn, insert);
+    /* A marker on another table proves the listener is live and ordered after the insert. */
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, event_type, payload) "
+                      "VALUES (gen_random_uuid(), 't', 'E', '{}')");
+    PGnotify *note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note);
+    cr_assert_str_eq(note->extra, "saga.outbox", "inventory.outbox notified while off");
+    PQfreemem(note);
+
+    pgtest_exec(conn, "SELECT saga.set_outbox_notify('inventory.outbox', true)");
+    pgtest_exec(conn, insert);
+    note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note, "no notification after turning it back on");
+    cr_assert_str_eq(note->extra, "inventory.outbox");
+    PQfreemem(note);
+
+    char sqlstate[6];
+    pgtest_expect_error(conn, "SELECT saga.set_outbox_notify('inventory.outbox', NULL)", 0, NULL,
+                        sqlstate, NULL, 0);
+    cr_assert_str_eq(sqlstate, "22023");
+    PQfinish(listener);
+}
