@@ -289,7 +289,7 @@ Test(orchestrator_flow, many_sagas_at_once)
         char reservation[32], data[64];
         snprintf(reservation, sizeof(reservation), "r-many-%02d", i);
         if (!strcmp(phase, "compensation")) {
-            char payload[128];
+            char payload[256];
             snprintf(payload, sizeof(payload), "{\"orderId\": \"%s\", \"reservationId\": \"%s\"}",
                      s[i].order_id, reservation);
             saga_e2e_check_command(m, &s[i], "inventory.commands", "ReleaseStock",
