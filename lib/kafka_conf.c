@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 extern char **environ;
 
 int kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, const char *what,
@@ -68,4 +70,19 @@ int kafka_conf_apply_env(rd_kafka_conf_t *conf, char *err, size_t errlen)
             return -1;
     }
     return 0;
+}
+
+bool kafka_stats_any_broker_up(const char *json, size_t len)
+{
+    cJSON *doc = cJSON_ParseWithLength(json, len);
+    bool up = false;
+    cJSON *brokers = cJSON_GetObjectItemCaseSensitive(doc, "brokers");
+    for (cJSON *b = brokers ? brokers->child : NULL; b && !up; b = b->next) {
+        cJSON *state = cJSON_GetObjectItemCaseSensitive(b, "state");
+        cJSON *nodeid = cJSON_GetObjectItemCaseSensitive(b, "nodeid");
+        up = cJSON_IsString(state) && !strcmp(state->valuestring, "UP") && cJSON_IsNumber(nodeid) &&
+             nodeid->valueint >= 0;
+    }
+    cJSON_Delete(doc);
+    return up;
 }

@@ -2,6 +2,7 @@
 #ifndef SAGA_KAFKA_CONF_H
 #define SAGA_KAFKA_CONF_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <librdkafka/rdkafka.h>
@@ -9,7 +10,8 @@
 /* Applies every KAFKA_<NAME>=value environment variable to conf as the property <name>,
  * lower-cased with '_' turned into '.' (KAFKA_SECURITY_PROTOCOL -> security.protocol).
  * KAFKA_<NAME>_FILE reads the value from a file (for secrets). Returns 0, or -1 with a
- * message in err naming the variable (never its value). conf is borrowed. */
+ * message in err naming the variable; librdkafka's reason may quote a rejected value (an
+ * enum like "zip"), never one it accepted. conf is borrowed. */
 __attribute__((warn_unused_result)) int kafka_conf_apply_env(rd_kafka_conf_t *conf, char *err,
                                                              size_t errlen);
 
@@ -17,5 +19,10 @@ __attribute__((warn_unused_result)) int kafka_conf_apply_env(rd_kafka_conf_t *co
 __attribute__((warn_unused_result)) int kafka_conf_set(rd_kafka_conf_t *conf, const char *name,
                                                        const char *value, const char *what,
                                                        char *err, size_t errlen);
+
+/* From a librdkafka statistics document (the stats callback's JSON, statistics.interval.ms):
+ * true when at least one real broker (nodeid >= 0) is UP. The error callback only says when
+ * every broker is down, never that one came back; readiness reads this instead. */
+bool kafka_stats_any_broker_up(const char *json, size_t len);
 
 #endif

@@ -277,17 +277,7 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     struct orchestrator *o = opaque;
-    cJSON *doc = cJSON_ParseWithLength(json, len);
-    bool up = false;
-    cJSON *brokers = cJSON_GetObjectItemCaseSensitive(doc, "brokers");
-    for (cJSON *b = brokers ? brokers->child : NULL; b; b = b->next) {
-        cJSON *state = cJSON_GetObjectItemCaseSensitive(b, "state");
-        cJSON *nodeid = cJSON_GetObjectItemCaseSensitive(b, "nodeid");
-        if (cJSON_IsString(state) && !strcmp(state->valuestring, "UP") && cJSON_IsNumber(nodeid) &&
-            nodeid->valueint >= 0)
-            up = true;
-    }
-    cJSON_Delete(doc);
+    bool up = kafka_stats_any_broker_up(json, len);
     if (up != o->kafka_up)
         log_info("kafka %s", up ? "reachable" : "unreachable");
     o->kafka_up = up;
