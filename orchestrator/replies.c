@@ -14,7 +14,7 @@
 #include "metrics.h"
 #include "orchestrator.h"
 
-#define MAX_PENDING 5000
+#define MAX_PENDING 1000
 
 /* Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, at most
  * U+10FFFF) at s, or 0. */
@@ -242,9 +242,11 @@ static void consumer_io_cb(struct ev_loop *loop, ev_io *w, int revents)
 static void consumer_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct orchestrator *o = w->data;
+    /* rd_kafka_consumer_poll serves errors and statistics too: rd_kafka_poll_set_consumer
+     * forwarded the main queue to it. Calling rd_kafka_poll here as well tripped librdkafka's
+     * assertion in rd_kafka_q_serve (res != RD_KAFKA_OP_RES_PASS) when it met a fetched
+     * message under load (seen in bench/saga-bench). */
     replies_poll(o);
-    /* Serve the main queue too (errors, stats). */
-    rd_kafka_poll(o->consumer, 0);
 }
 
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
