@@ -76,24 +76,30 @@ BEGIN
 END;
 $$;
 
--- Inserts the reply to cmd into the outbox: topic = reply-to, key = saga id, a new
--- message-id (the row id), in-reply-to = the command's message-id.
-CREATE OR REPLACE FUNCTION inventory.send_reply(cmd jsonb, outcome text, reply jsonb)
-RETURNS void
-LANGUAGE sql
+-- The reply to cmd as an outbox row (handle_commands inserts a batch's replies together):
+-- topic = reply-to, key = saga id, a new message-id (the row id), in-reply-to = the command's
+-- message-id. PL/pgSQL rather than SQL: its statement is planned once per session, where a
+-- SQL function's would be parsed and planned again at every call.
+CREATE OR REPLACE FUNCTION inventory.reply_row(cmd jsonb, outcome text, reply jsonb)
+RETURNS inventory.outbox
+LANGUAGE plpgsql
 AS $$
-    INSERT INTO inventory.outbox (id, topic, key, event_type, payload, headers)
-    VALUES (gen_random_uuid(),
-            cmd -> 'headers' ->> 'reply-to',
-            cmd -> 'headers' ->> 'saga-id',
-            (cmd -> 'headers' ->> 'event-type') || '.Reply',
-            reply,
-            jsonb_strip_nulls(jsonb_build_object(
-                'in-reply-to',    cmd -> 'headers' ->> 'message-id',
-                'saga-id',        cmd -> 'headers' ->> 'saga-id',
-                'outcome',        outcome,
-                'correlation-id', cmd -> 'headers' ->> 'correlation-id',
-                'traceparent',    cmd -> 'headers' ->> 'traceparent')));
+DECLARE
+    r inventory.outbox;
+BEGIN
+    r.id := gen_random_uuid();
+    r.topic := cmd -> 'headers' ->> 'reply-to';
+    r.key := cmd -> 'headers' ->> 'saga-id';
+    r.event_type := (cmd -> 'headers' ->> 'event-type') || '.Reply';
+    r.payload := reply;
+    r.headers := jsonb_strip_nulls(jsonb_build_object(
+        'in-reply-to',    cmd -> 'headers' ->> 'message-id',
+        'saga-id',        cmd -> 'headers' ->> 'saga-id',
+        'outcome',        outcome,
+        'correlation-id', cmd -> 'headers' ->> 'correlation-id',
+        'traceparent',    cmd -> 'headers' ->> 'traceparent'));
+    RETURN r;
+END;
 $$;
 
 -- Handles a batch of commands in the caller's transaction (the participant calls it once per
@@ -118,6 +124,7 @@ DECLARE
     res        record;
     outcome    text;
     reply      jsonb;
+    outgoing   inventory.outbox[] := '{}'; -- the batch's replies, in command order
     handled    int := 0;
     replayed   int := 0;
     failed     int := 0;
@@ -163,7 +170,8 @@ BEGIN
             IF knobs.fail_next > 0 THEN
                 UPDATE inventory.behavior SET fail_next = fail_next - 1 WHERE id AND fail_next > 0;
                 IF FOUND THEN
-                    PERFORM inventory.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
+                    outgoing := outgoing || inventory.reply_row(cmd, 'failure',
+                                                                '{"reason": "injected failure"}');
                     failed := failed + 1;
                     CONTINUE;
                 END IF;
@@ -176,7 +184,7 @@ BEGIN
         IF FOUND THEN
             UPDATE inventory.inbox SET replies = replies + 1, last_reply_at = now()
              WHERE idempotency_key = ikey;
-            PERFORM inventory.send_reply(cmd, seen.outcome, seen.reply);
+            outgoing := outgoing || inventory.reply_row(cmd, seen.outcome, seen.reply);
             replayed := replayed + 1;
             CONTINUE;
         END IF;
@@ -226,12 +234,18 @@ BEGIN
                                outcome, reply)
         VALUES (ikey, h ->> 'message-id', h ->> 'saga-id', h ->> 'saga-step', phase, etype,
                 outcome, reply);
-        PERFORM inventory.send_reply(cmd, outcome, reply);
+        outgoing := outgoing || inventory.reply_row(cmd, outcome, reply);
         handled := handled + 1;
         IF outcome = 'failure' THEN
             failed := failed + 1;
         END IF;
     END LOOP;
+    -- Every reply in one INSERT, in command order (seq is the publish order): one statement
+    -- and one NOTIFY per batch rather than per command.
+    INSERT INTO inventory.outbox (id, topic, key, event_type, payload, headers)
+    SELECT r.id, r.topic, r.key, r.event_type, r.payload, r.headers
+      FROM unnest(outgoing) WITH ORDINALITY AS r
+     ORDER BY r.ordinality;
     RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
                               'dropped', dropped, 'skipped', skipped);
 END;
@@ -252,7 +266,8 @@ DECLARE
     payload  jsonb := cmd -> 'payload';
     order_id text;
     wanted   jsonb;
-    short    record;
+    line     record;
+    have     int;
     res_id   uuid;
     released jsonb;
 BEGIN
@@ -274,23 +289,23 @@ BEGIN
             RAISE EXCEPTION 'payload.items: every item needs a positive qty' USING ERRCODE = '22023';
         END IF;
         -- Lock the rows in sku order (no deadlock between concurrent batches), then all or
-        -- nothing: the first sku short of stock fails the whole reservation.
-        PERFORM 1 FROM inventory.stock
-          WHERE sku IN (SELECT w ->> 'sku' FROM jsonb_array_elements(wanted) AS w)
-          ORDER BY sku FOR UPDATE;
-        SELECT w ->> 'sku' AS sku INTO short
-          FROM jsonb_array_elements(wanted) AS w
-          LEFT JOIN inventory.stock s ON s.sku = w ->> 'sku'
-         WHERE coalesce(s.available, 0) < (w ->> 'qty')::int
-         ORDER BY 1 LIMIT 1;
-        IF FOUND THEN
-            outcome := 'failure';
-            reply := jsonb_build_object('reason', 'out of stock', 'sku', short.sku);
-            RETURN;
-        END IF;
-        UPDATE inventory.stock s SET available = s.available - (w ->> 'qty')::int
-          FROM jsonb_array_elements(wanted) AS w
-         WHERE s.sku = w ->> 'sku';
+        -- nothing: the first sku short of stock fails the whole reservation. One primary-key
+        -- lookup per line: a join of the lines with inventory.stock is planned as a hash join
+        -- over the whole table (the planner guesses 100 lines), measured at ~0.7 ms a command
+        -- with 1,000 products.
+        FOR line IN SELECT w.sku, w.qty FROM jsonb_to_recordset(wanted) AS w(sku text, qty int)
+                     ORDER BY w.sku LOOP
+            SELECT s.available INTO have FROM inventory.stock s WHERE s.sku = line.sku FOR UPDATE;
+            IF coalesce(have, 0) < line.qty THEN -- NULL: an unknown sku has no stock
+                outcome := 'failure';
+                reply := jsonb_build_object('reason', 'out of stock', 'sku', line.sku);
+                RETURN;
+            END IF;
+        END LOOP;
+        FOR line IN SELECT w.sku, w.qty FROM jsonb_to_recordset(wanted) AS w(sku text, qty int)
+        LOOP
+            UPDATE inventory.stock SET available = available - line.qty WHERE sku = line.sku;
+        END LOOP;
         INSERT INTO inventory.reservations (saga_id, order_id, items, status)
         VALUES (cmd -> 'headers' ->> 'saga-id', order_id, wanted, 'reserved')
         RETURNING id INTO res_id;
@@ -304,9 +319,11 @@ BEGIN
          WHERE id = res_id AND status = 'reserved'
         RETURNING items INTO released;
         IF FOUND THEN
-            UPDATE inventory.stock s SET available = s.available + (w ->> 'qty')::int
-              FROM jsonb_array_elements(released) AS w
-             WHERE s.sku = w ->> 'sku';
+            FOR line IN SELECT w.sku, w.qty
+                          FROM jsonb_to_recordset(released) AS w(sku text, qty int)
+                         ORDER BY w.sku LOOP
+                UPDATE inventory.stock SET available = available + line.qty WHERE sku = line.sku;
+            END LOOP;
         END IF;
         outcome := 'success';
         reply := jsonb_build_object('reservationId', res_id, 'released', released IS NOT NULL);

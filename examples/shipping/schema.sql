@@ -71,24 +71,30 @@ BEGIN
 END;
 $$;
 
--- Inserts the reply to cmd into the outbox: topic = reply-to, key = saga id, a new
--- message-id (the row id), in-reply-to = the command's message-id.
-CREATE OR REPLACE FUNCTION shipping.send_reply(cmd jsonb, outcome text, reply jsonb)
-RETURNS void
-LANGUAGE sql
+-- The reply to cmd as an outbox row (handle_commands inserts a batch's replies together):
+-- topic = reply-to, key = saga id, a new message-id (the row id), in-reply-to = the command's
+-- message-id. PL/pgSQL rather than SQL: its statement is planned once per session, where a
+-- SQL function's would be parsed and planned again at every call.
+CREATE OR REPLACE FUNCTION shipping.reply_row(cmd jsonb, outcome text, reply jsonb)
+RETURNS shipping.outbox
+LANGUAGE plpgsql
 AS $$
-    INSERT INTO shipping.outbox (id, topic, key, event_type, payload, headers)
-    VALUES (gen_random_uuid(),
-            cmd -> 'headers' ->> 'reply-to',
-            cmd -> 'headers' ->> 'saga-id',
-            (cmd -> 'headers' ->> 'event-type') || '.Reply',
-            reply,
-            jsonb_strip_nulls(jsonb_build_object(
-                'in-reply-to',    cmd -> 'headers' ->> 'message-id',
-                'saga-id',        cmd -> 'headers' ->> 'saga-id',
-                'outcome',        outcome,
-                'correlation-id', cmd -> 'headers' ->> 'correlation-id',
-                'traceparent',    cmd -> 'headers' ->> 'traceparent')));
+DECLARE
+    r shipping.outbox;
+BEGIN
+    r.id := gen_random_uuid();
+    r.topic := cmd -> 'headers' ->> 'reply-to';
+    r.key := cmd -> 'headers' ->> 'saga-id';
+    r.event_type := (cmd -> 'headers' ->> 'event-type') || '.Reply';
+    r.payload := reply;
+    r.headers := jsonb_strip_nulls(jsonb_build_object(
+        'in-reply-to',    cmd -> 'headers' ->> 'message-id',
+        'saga-id',        cmd -> 'headers' ->> 'saga-id',
+        'outcome',        outcome,
+        'correlation-id', cmd -> 'headers' ->> 'correlation-id',
+        'traceparent',    cmd -> 'headers' ->> 'traceparent'));
+    RETURN r;
+END;
 $$;
 
 -- Handles a batch of commands in the caller's transaction (the participant calls it once per
@@ -113,6 +119,7 @@ DECLARE
     res        record;
     outcome    text;
     reply      jsonb;
+    outgoing   shipping.outbox[] := '{}'; -- the batch's replies, in command order
     handled    int := 0;
     replayed   int := 0;
     failed     int := 0;
@@ -158,7 +165,8 @@ BEGIN
             IF knobs.fail_next > 0 THEN
                 UPDATE shipping.behavior SET fail_next = fail_next - 1 WHERE id AND fail_next > 0;
                 IF FOUND THEN
-                    PERFORM shipping.send_reply(cmd, 'failure', '{"reason": "injected failure"}');
+                    outgoing := outgoing || shipping.reply_row(cmd, 'failure',
+                                                               '{"reason": "injected failure"}');
                     failed := failed + 1;
                     CONTINUE;
                 END IF;
@@ -171,7 +179,7 @@ BEGIN
         IF FOUND THEN
             UPDATE shipping.inbox SET replies = replies + 1, last_reply_at = now()
              WHERE idempotency_key = ikey;
-            PERFORM shipping.send_reply(cmd, seen.outcome, seen.reply);
+            outgoing := outgoing || shipping.reply_row(cmd, seen.outcome, seen.reply);
             replayed := replayed + 1;
             CONTINUE;
         END IF;
@@ -221,12 +229,18 @@ BEGIN
                                outcome, reply)
         VALUES (ikey, h ->> 'message-id', h ->> 'saga-id', h ->> 'saga-step', phase, etype,
                 outcome, reply);
-        PERFORM shipping.send_reply(cmd, outcome, reply);
+        outgoing := outgoing || shipping.reply_row(cmd, outcome, reply);
         handled := handled + 1;
         IF outcome = 'failure' THEN
             failed := failed + 1;
         END IF;
     END LOOP;
+    -- Every reply in one INSERT, in command order (seq is the publish order): one statement
+    -- and one NOTIFY per batch rather than per command.
+    INSERT INTO shipping.outbox (id, topic, key, event_type, payload, headers)
+    SELECT r.id, r.topic, r.key, r.event_type, r.payload, r.headers
+      FROM unnest(outgoing) WITH ORDINALITY AS r
+     ORDER BY r.ordinality;
     RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
                               'dropped', dropped, 'skipped', skipped);
 END;
