@@ -6,7 +6,9 @@
  * - the reply worker applies batches of replies consumed from Kafka, deduplicated through
  *   saga.inbox; the consumer offsets are committed only after that transaction commits.
  * Both persist exactly what the pure engine returns (saga.apply_batch), in one transaction
- * per batch. */
+ * per batch. A batch that fails is run again after a pause (transient SQLSTATE) or bisected
+ * down to the one reply (dead-lettered) or saga (left alone for a while) that fails on its
+ * own (worker.c). */
 #ifndef SAGA_ORCHESTRATOR_H
 #define SAGA_ORCHESTRATOR_H
 
@@ -41,8 +43,10 @@ struct registry {
 };
 
 /* Loads the definitions directory (exit 2 on any error), registers each (name, version) with
- * saga.register_definition, then loads every registered version from saga.definitions.
- * Blocking: runs before the loop. Returns 0, or -1 with err (every error, one per line). */
+ * saga.register_definition, then loads every registered version from saga.definitions (one
+ * this binary cannot parse is skipped with a warning: its sagas are left to others).
+ * Blocking: runs before the loop, or on the reload thread. Returns 0, or -1 with err (every
+ * error, one per line). */
 __attribute__((warn_unused_result)) int registry_load(struct registry *reg, const char *conninfo,
                                                       const char *dir, char *err, size_t errlen);
 const struct saga_definition *registry_find(const struct registry *reg, const char *name,
@@ -136,7 +140,7 @@ struct orchestrator {
      * arrive, so reply timeouts are not fired: a timeout measures the participant, not our own
      * deafness. */
     int assigned_partitions;
-    bool definitions_missing; /* a batch met an unknown version: reload, then retry */
+    bool definitions_missing; /* sagas of a version not loaded here exist: reload requested */
 };
 
 /* Consumer (orchestrator/replies.c). */

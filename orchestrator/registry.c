@@ -1,12 +1,14 @@
 /* registry: the definitions the orchestrator runs. Files are validated and registered at
  * start; every version in saga.definitions is then loaded, because in-flight sagas keep the
- * version they started with. */
+ * version they started with. A version this binary cannot read (registered by a newer
+ * orchestrator) is skipped with a warning: its sagas are not claimed here. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <libpq-fe.h>
 
+#include "log.h"
 #include "orchestrator.h"
 
 static int registry_add(struct registry *reg, struct saga_definition *def)
@@ -80,8 +82,15 @@ int registry_load(struct registry *reg, const char *conninfo, const char *dir, c
                  PQgetvalue(res, i, 1));
         if (saga_definition_parse(label, PQgetvalue(res, i, 2), (size_t)PQgetlength(res, i, 2),
                                   &def, &errs)) {
-            for (size_t k = 0; k < errs.count; k++)
-                append(err, errlen, errs.items[k]);
+            /* Registered by another orchestrator that this one cannot read (a newer release
+             * in a rolling upgrade): not ours to run. Its sagas are left out of our claims
+             * and left to the orchestrators that can (see worker.c). Our own files were
+             * validated above, so this is never one of them. */
+            log_at(LOG_WARN,
+                   LOG_FIELDS("saga_name", PQgetvalue(res, i, 0), "saga_version",
+                              PQgetvalue(res, i, 1), "error", errs.count ? errs.items[0] : NULL),
+                   "a registered definition version cannot be read by this orchestrator; its "
+                   "sagas are left to others");
             diag_clear(&errs);
             continue;
         }

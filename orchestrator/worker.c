@@ -2,7 +2,8 @@
  * time, as a small state machine driven by pgloop callbacks.
  *
  * Claim worker:  BEGIN; SELECT ... FOR UPDATE SKIP LOCKED (pending sagas, due deadlines,
- *                operator requests) -> engine -> saga.apply_batch -> COMMIT
+ *                operator requests, of the definition versions this process has loaded) ->
+ *                engine -> saga.apply_batch -> COMMIT
  * Reply worker:  BEGIN; SELECT ... FOR UPDATE (the sagas of the batch, in id order) ->
  *                SELECT inbox (duplicates) -> engine -> saga.apply_batch -> COMMIT ->
  *                commit the Kafka offsets
@@ -10,8 +11,32 @@
  * Crash at any point before COMMIT: the transaction rolls back, nothing was sent (the
  * commands are outbox rows of the same transaction), and the same work is claimed or
  * consumed again. Crash after COMMIT and before the offset commit: the replies come again
- * and the inbox (and the engine's in-reply-to check) drops them. */
+ * and the inbox (and the engine's in-reply-to check) drops them.
+ *
+ * When a statement fails on a live connection, the transaction is rolled back and the
+ * failure is classified by its SQLSTATE (sqlstate_transient):
+ * - transient (connection, serialization, deadlock, resources, a lock timeout, a missing
+ *   grant or function...): the same batch is tried again after a pause that doubles from
+ *   500 ms up to SAGA_RECONNECT_MAX, and nothing else runs meanwhile (state W_WAIT);
+ * - deterministic (a constraint, a trigger that raises, bad data): the batch is bisected.
+ *   Its first half runs alone, then the rest, down to the one reply or saga that fails on
+ *   its own. That reply goes to saga.dead_letters (dead_letter) and its offset is committed
+ *   with the others; that saga is left alone for a while (quarantine) and claimed again
+ *   later, as a workflow task that fails is retried with backoff in Temporal.
+ *
+ * Dead-lettering a reply, step by step, and what a crash between the steps does:
+ * 1. the batch fails and rolls back; bisection runs smaller batches, each committed (with
+ *    its offsets) or rolled back as above. Crash: the uncommitted replies come again and
+ *    the bisection starts over; the committed ones are dropped by the inbox.
+ * 2. the reply fails alone and rolls back. Crash: it comes again, step 1.
+ * 3. INSERT INTO saga.dead_letters, in its own transaction. Crash before its commit: as 2.
+ *    Crash after it: the reply comes again, fails again, and its second dead letter is
+ *    dropped by the unique index on (topic, partition, offset).
+ * 4. its offset is committed (replies_commit), only after step 3 committed. Crash before:
+ *    as after step 3. The offset of a reply is never committed before the reply was
+ *    applied, recorded or dead-lettered in a committed transaction. */
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +48,31 @@
 #include "metrics.h"
 #include "orchestrator.h"
 
-enum wstate { W_DOWN, W_CONNECTING, W_LISTEN, W_IDLE, W_BUSY };
+/* W_WAIT: connected, pausing after a transient failure; only the timer ends it (a kick, a
+ * notification or newly consumed replies do not). */
+enum wstate { W_DOWN, W_CONNECTING, W_LISTEN, W_IDLE, W_BUSY, W_WAIT };
+
+/* What to do once the failed transaction is rolled back. */
+enum wfail { F_NONE, F_PAUSE, F_BISECT, F_PREFIX };
+
+#define RETRY_FIRST_MS 500
+#define QUARANTINE_FIRST_MS 10000
+#define QUARANTINE_MAX_MS 300000
+#define UNKNOWN_VERSION_WARN_MS 60000
+
+/* A saga whose transaction failed on its own: not claimed before until_ms. */
+struct quarantined {
+    char id[SAGA_UUID_LEN + 1];
+    int64_t until_ms;
+    int64_t backoff_ms;
+};
+
+/* A definition version some in-flight sagas use and this process has not loaded. */
+struct unknown_version {
+    char name[128];
+    int version;
+    int64_t warned_ms;
+};
 
 struct worker {
     struct orchestrator *o;
@@ -43,6 +92,24 @@ struct worker {
     uint64_t started, completed, compensated, failed, deadlines, applied, duplicates, late, unknown,
         malformed;
     int64_t counted_ms; /* when saga_sagas_in_flight was last measured */
+    /* The failure being handled: set by failed(), acted upon once ROLLBACK returns. */
+    enum wfail fail;
+    size_t fail_items; /* replies or sagas in the failed batch */
+    char fail_state[6];
+    char *fail_error; /* owned */
+    int64_t retry_ms; /* the next pause after a transient failure; 0 after a success */
+    /* Bisection. Replies: the first `suspect` of o->pending hold one that fails (0: none
+     * known), and the next batch takes at most `limit` of them (0: SAGA_BATCH_SIZE). Claims:
+     * the ids of the failed batch, of which the first try_count are claimed next. */
+    size_t suspect, limit;
+    char (*suspects)[SAGA_UUID_LEN + 1];
+    size_t suspect_count, try_count;
+    bool trying_suspects; /* the claim in flight is of suspects */
+    struct quarantined *quarantine;
+    size_t quarantine_count;
+    struct unknown_version *unknown_versions;
+    size_t unknown_version_count;
+    int64_t reload_ms; /* when a reload was last requested for unknown versions */
 };
 
 int64_t orch_now_ms(void)
@@ -87,6 +154,7 @@ static void lost(struct worker *w)
            "database connection lost or refused; retrying");
     pgloop_close(w->pg);
     batch_reset(w); /* the server rolled the transaction back */
+    w->fail = F_NONE;
     w->state = W_DOWN;
     metrics_counter_add("saga_db_reconnects_total", NULL, 1);
     schedule(w, w->backoff_ms);
@@ -95,25 +163,193 @@ static void lost(struct worker *w)
                         : w->backoff_ms * 2;
 }
 
+/* Whether a failed statement may well succeed when the same batch runs again later: the
+ * failure lies with the server or the deployment, not with a reply or a saga of the batch.
+ * Bisecting such a failure would dead-letter good replies one by one (a revoked grant or a
+ * missing migration fails every one of them). Unknown or absent SQLSTATE: transient too. */
+static bool sqlstate_transient(const char *state)
+{
+    if (!state || strlen(state) != 5)
+        return true;
+    static const char *const classes[] = {
+        "08", /* connection exception */
+        "25", /* invalid transaction state: ours (a read-only session after a failover too) */
+        "40", /* serialization failure, deadlock */
+        "53", /* insufficient resources */
+        "57", /* operator intervention: shutdown, cancel, statement timeout */
+        "58", /* system error (I/O) */
+        "XX", /* internal error */
+        "28", /* authorization */
+        "3D", /* invalid catalog */
+        "3F", /* invalid schema */
+        "42", /* undefined table or function, insufficient privilege: the deployment */
+        "0A", /* feature not supported */
+    };
+    for (size_t i = 0; i < sizeof(classes) / sizeof(classes[0]); i++)
+        if (!strncmp(state, classes[i], 2))
+            return true;
+    return !strcmp(state, "55P03") /* lock not available */ ||
+           !strcmp(state, "55006") /* object in use */;
+}
+
+/* After a transient failure: the same work again once the pause is over. */
+static void pause_retry(struct worker *w)
+{
+    int64_t cap = w->o->settings.reconnect_max_ms;
+    if (w->retry_ms <= 0)
+        w->retry_ms = RETRY_FIRST_MS < cap ? RETRY_FIRST_MS : cap;
+    char labels[64];
+    snprintf(labels, sizeof(labels), "worker=\"%s\"", w->name);
+    metrics_counter_add("saga_transaction_retries_total", labels, 1);
+    log_at(LOG_WARN, LOG_FIELDS("worker", w->name, "sqlstate", w->fail_state),
+           "transient failure; retrying in %" PRId64 " ms", w->retry_ms);
+    w->state = W_WAIT;
+    schedule(w, w->retry_ms);
+    w->retry_ms = w->retry_ms * 2 > cap ? cap : w->retry_ms * 2;
+}
+
+static struct quarantined *quarantine_find(struct worker *w, const char *id)
+{
+    for (size_t i = 0; i < w->quarantine_count; i++)
+        if (!strcmp(w->quarantine[i].id, id))
+            return &w->quarantine[i];
+    return NULL;
+}
+
+/* A saga whose transaction fails on its own: not claimed for a while (doubling each time
+ * it fails again), so that it cannot hold back the others. Kept in memory only: another
+ * orchestrator, or this one after a restart, tries it again sooner, which is harmless. */
+static void quarantine_add(struct worker *w, const char *id)
+{
+    struct quarantined *q = quarantine_find(w, id);
+    if (!q) {
+        struct quarantined *grown =
+            realloc(w->quarantine, (w->quarantine_count + 1) * sizeof(*grown));
+        if (!grown) {
+            log_error("out of memory");
+            abort();
+        }
+        w->quarantine = grown;
+        q = &w->quarantine[w->quarantine_count++];
+        memset(q, 0, sizeof(*q));
+        snprintf(q->id, sizeof(q->id), "%s", id);
+        q->backoff_ms = QUARANTINE_FIRST_MS;
+    } else {
+        q->backoff_ms =
+            q->backoff_ms * 2 > QUARANTINE_MAX_MS ? QUARANTINE_MAX_MS : q->backoff_ms * 2;
+    }
+    q->until_ms = orch_now_ms() + q->backoff_ms;
+    char secs[32];
+    snprintf(secs, sizeof(secs), "%" PRId64, q->backoff_ms / 1000);
+    metrics_counter_add("saga_sagas_quarantined_total", NULL, 1);
+    log_at(LOG_ERROR,
+           LOG_FIELDS("saga_id", id, "sqlstate", w->fail_state, "error", w->fail_error,
+                      "retry_in_seconds", secs),
+           "a saga's transaction fails on its own; the saga is left alone for a while, the "
+           "others go on");
+}
+
+/* The sagas of a batch that committed: their quarantine is over. */
+static void quarantine_release(struct worker *w)
+{
+    for (size_t r = 0; r < w->row_count; r++)
+        for (size_t i = 0; i < w->quarantine_count; i++)
+            if (!strcmp(w->quarantine[i].id, w->rows[r].state.id)) {
+                w->quarantine[i] = w->quarantine[--w->quarantine_count];
+                break;
+            }
+}
+
+static void dead_letter(struct worker *w);
+static void bisect(struct worker *w);
+
 static void rollback_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct worker *w = arg;
     if (!res)
         return;
+    enum wfail f = w->fail;
+    w->fail = F_NONE;
     w->state = W_IDLE;
-    schedule(w, 500); /* try the work again a little later */
+    if (f == F_BISECT)
+        bisect(w);
+    else if (f == F_PREFIX)
+        worker_kick(w); /* w->limit is set: the replies before the one we cannot apply */
+    else
+        pause_retry(w);
 }
 
-/* A statement failed on a live connection: roll back and retry later. */
+/* A statement failed on a live connection: roll back, then retry after a pause (transient)
+ * or bisect the batch (deterministic). */
 static void failed(struct worker *w, PGresult *res, const char *what)
 {
     if (!res)
         return; /* connection lost: state_cb follows */
-    log_at(LOG_ERROR, LOG_FIELDS("worker", w->name, "error", PQresultErrorMessage(res)),
-           "%s failed; rolling back", what);
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    size_t items = w->replies ? w->reply_count : w->row_count;
+    bool transient = sqlstate_transient(state) || items == 0;
+    snprintf(w->fail_state, sizeof(w->fail_state), "%s", state ? state : "");
+    free(w->fail_error);
+    size_t len = strlen(what) + (primary ? strlen(primary) : 0) + 64;
+    w->fail_error = malloc(len);
+    if (!w->fail_error) {
+        log_error("out of memory");
+        abort();
+    }
+    snprintf(w->fail_error, len, "%s failed (SQLSTATE %s): %s", what, state ? state : "none",
+             primary ? primary : "no message");
+    w->fail_items = items;
+    w->fail = transient ? F_PAUSE : F_BISECT;
+    if (!transient && !w->replies) {
+        /* The ids of the failed claim: the suspects bisection claims by halves. */
+        free(w->suspects);
+        w->suspects = malloc(items * sizeof(*w->suspects));
+        if (!w->suspects) {
+            log_error("out of memory");
+            abort();
+        }
+        for (size_t i = 0; i < items; i++)
+            memcpy(w->suspects[i], w->rows[i].state.id, sizeof(w->suspects[i]));
+        w->suspect_count = items;
+    }
+    char count[32];
+    snprintf(count, sizeof(count), "%zu", items);
+    log_at(transient ? LOG_WARN : LOG_ERROR,
+           LOG_FIELDS("worker", w->name, "sqlstate", w->fail_state, "error",
+                      PQresultErrorMessage(res), "batch", count),
+           "%s failed; rolling back (%s)", what,
+           transient ? "transient: the batch runs again after a pause"
+                     : "the batch is bisected to find what fails");
     batch_reset(w);
     if (pgloop_query_simple(w->pg, "ROLLBACK", rollback_cb, w))
         w->state = W_IDLE;
+}
+
+/* After a deterministic failure of a batch of fail_items: run its first half alone, or, for
+ * one item, set it aside. */
+static void bisect(struct worker *w)
+{
+    size_t n = w->fail_items;
+    if (w->replies) {
+        if (n > 1) {
+            w->suspect = n;
+            w->limit = n / 2;
+            worker_kick(w);
+        } else {
+            dead_letter(w);
+        }
+        return;
+    }
+    if (n > 1) {
+        w->try_count = n / 2;
+    } else {
+        if (w->suspect_count)
+            quarantine_add(w, w->suspects[0]);
+        w->suspect_count = w->try_count = 0;
+    }
+    w->more = true;
+    worker_kick(w);
 }
 
 static bool ok(PGresult *res)
@@ -156,11 +392,23 @@ static void commit_cb(struct pgloop *pg, PGresult *res, void *arg)
     metrics_histogram_observe("saga_batch_sagas", NULL, (double)w->row_count);
     size_t replies = w->reply_count;
     bool full = w->row_count >= (size_t)w->o->settings.batch_size;
+    if (!w->replies)
+        quarantine_release(w);
     batch_reset(w);
     w->state = W_IDLE;
     w->backoff_ms = 100;
+    w->retry_ms = 0;
     if (w->replies) {
+        /* Bisecting: what failed is among the rest of the suspects; try its first half. */
+        w->suspect = w->suspect > replies ? w->suspect - replies : 0;
+        w->limit = w->suspect > 1 ? w->suspect / 2 : w->suspect;
         replies_commit(w->o, replies); /* only now: the replies are applied for good */
+    } else if (w->trying_suspects) {
+        size_t done = w->try_count < w->suspect_count ? w->try_count : w->suspect_count;
+        memmove(w->suspects, w->suspects + done, (w->suspect_count - done) * sizeof(*w->suspects));
+        w->suspect_count -= done;
+        w->try_count = w->suspect_count > 1 ? w->suspect_count / 2 : w->suspect_count;
+        w->more = true;
     } else {
         w->more = full;
     }
@@ -243,20 +491,76 @@ static void apply_event(struct worker *w, struct saga_row *row, const struct sag
     saga_effects_clear(&fx);
 }
 
-static int read_rows(struct worker *w, PGresult *res)
+/* Sagas of a definition version this process has not loaded (another orchestrator, newer,
+ * registered it): a warning at most once a minute per version, and a reload, which brings
+ * the version in unless this binary cannot read it (then the sagas are left to the
+ * orchestrators that can). */
+static void note_unknown_version(struct worker *w, const char *name, int version, long count)
+{
+    struct unknown_version *u = NULL;
+    for (size_t i = 0; i < w->unknown_version_count && !u; i++)
+        if (w->unknown_versions[i].version == version && !strcmp(w->unknown_versions[i].name, name))
+            u = &w->unknown_versions[i];
+    if (!u) {
+        struct unknown_version *grown = realloc(
+            w->unknown_versions, (w->unknown_version_count + 1) * sizeof(*w->unknown_versions));
+        if (!grown) {
+            log_error("out of memory");
+            abort();
+        }
+        w->unknown_versions = grown;
+        u = &w->unknown_versions[w->unknown_version_count++];
+        memset(u, 0, sizeof(*u));
+        snprintf(u->name, sizeof(u->name), "%s", name);
+        u->version = version;
+        u->warned_ms = -UNKNOWN_VERSION_WARN_MS;
+    }
+    int64_t now = orch_now_ms();
+    if (now - u->warned_ms >= UNKNOWN_VERSION_WARN_MS) {
+        u->warned_ms = now;
+        char ver[16], n[32];
+        snprintf(ver, sizeof(ver), "%d", version);
+        snprintf(n, sizeof(n), "%ld", count);
+        log_at(LOG_WARN,
+               LOG_FIELDS("worker", w->name, "saga_name", name, "saga_version", ver, "sagas",
+                          count >= 0 ? n : NULL),
+               "sagas of a definition version this orchestrator has not loaded are left to "
+               "other orchestrators (reload with SIGHUP once it can be loaded)");
+    }
+    if (now - w->reload_ms >= UNKNOWN_VERSION_WARN_MS) {
+        w->reload_ms = now;
+        w->o->definitions_missing = true;
+        orch_request_reload();
+    }
+}
+
+/* Reads the locked rows into w->rows. A row of a definition version this process has not
+ * loaded is left out; its saga id is appended to *unknown (caller frees) when unknown is
+ * not NULL. Returns how many were left out so, or -1 when out of memory. */
+static int read_rows(struct worker *w, PGresult *res, char (**unknown)[SAGA_UUID_LEN + 1])
 {
     int n = PQntuples(res);
+    int missing = 0;
     w->rows = calloc(n ? (size_t)n : 1, sizeof(*w->rows));
     if (!w->rows)
         return -1;
     for (int i = 0; i < n; i++) {
         char err[512];
-        int rc = store_read_row(&w->o->registry, res, i, &w->rows[w->row_count], err, sizeof(err));
+        struct saga_row *row = &w->rows[w->row_count];
+        int rc = store_read_row(&w->o->registry, res, i, row, err, sizeof(err));
         if (rc == -2) {
-            log_at(LOG_WARN, LOG_FIELDS("error", err), "loading the definitions again");
-            w->o->definitions_missing = true;
-            orch_request_reload();
-            return -2;
+            note_unknown_version(w, row->name, row->version, -1);
+            if (unknown) {
+                char(*grown)[SAGA_UUID_LEN + 1] =
+                    realloc(*unknown, ((size_t)missing + 1) * sizeof(**unknown));
+                if (!grown)
+                    return -1;
+                *unknown = grown;
+                snprintf(grown[missing], sizeof(grown[missing]), "%s", PQgetvalue(res, i, 0));
+            }
+            missing++;
+            memset(row, 0, sizeof(*row));
+            continue;
         }
         if (rc) {
             log_at(LOG_ERROR, LOG_FIELDS("error", err), "skipping a saga that cannot be read");
@@ -264,7 +568,7 @@ static int read_rows(struct worker *w, PGresult *res)
         }
         w->row_count++;
     }
-    return 0;
+    return missing;
 }
 
 /* ---- claim worker ---------------------------------------------------------------------- */
@@ -276,12 +580,9 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
         failed(w, res, "claim");
         return;
     }
-    int rr = read_rows(w, res);
-    if (rr == -2) {
-        failed(w, res, "reading sagas (unknown definition version)");
-        return;
-    }
-    if (rr) {
+    /* The claim takes only loaded versions: one left out here was registered and claimed
+     * in between (its lock goes with the COMMIT). */
+    if (read_rows(w, res, NULL) < 0) {
         log_error("out of memory reading sagas");
         abort();
     }
@@ -347,6 +648,74 @@ static cJSON *headers_json(rd_kafka_message_t *m)
         free(v);
     }
     return o;
+}
+
+static void dead_letter_cb(struct pgloop *pg, PGresult *res, void *arg)
+{
+    struct worker *w = arg;
+    if (!res)
+        return; /* connection lost: the reply stays first in line */
+    struct reply_msg *r = &w->o->pending[0];
+    if (!ok(res)) {
+        log_at(LOG_ERROR,
+               LOG_FIELDS("saga_id", r->saga_id[0] ? r->saga_id : NULL, "message_id",
+                          r->message_id[0] ? r->message_id : NULL, "error",
+                          PQresultErrorMessage(res)),
+               "cannot record a dead letter; the reply is tried again after a pause");
+        w->state = W_IDLE;
+        pause_retry(w);
+        return;
+    }
+    rd_kafka_message_t *m = r->msg;
+    char part[16], offset[32];
+    snprintf(part, sizeof(part), "%" PRId32, m->partition);
+    snprintf(offset, sizeof(offset), "%" PRId64, m->offset);
+    log_at(LOG_ERROR,
+           LOG_FIELDS("saga_id", r->saga_id[0] ? r->saga_id : NULL, "message_id",
+                      r->message_id[0] ? r->message_id : NULL, "topic", rd_kafka_topic_name(m->rkt),
+                      "partition", part, "offset", offset, "sqlstate", w->fail_state, "error",
+                      w->fail_error),
+           "a reply that cannot be applied was moved to saga.dead_letters; the consumer goes on");
+    metrics_counter_add("saga_replies_total", "result=\"dead_lettered\"", 1);
+    w->state = W_IDLE;
+    w->retry_ms = 0;
+    w->suspect = w->limit = 0; /* the rest of the batch is tried as a whole again */
+    replies_commit(w->o, 1);   /* only now: the dead letter is committed */
+    worker_kick(w);
+}
+
+/* The first pending reply failed on its own, deterministically: it goes to saga.dead_letters
+ * in a transaction of its own (a single autocommitted INSERT), recorded like a malformed
+ * reply, with the error and its SQLSTATE (see the top of this file for crashes). */
+static void dead_letter(struct worker *w)
+{
+    struct reply_msg *r = &w->o->pending[0];
+    rd_kafka_message_t *m = r->msg;
+    char part[16], offset[32];
+    snprintf(part, sizeof(part), "%" PRId32, m->partition);
+    snprintf(offset, sizeof(offset), "%" PRId64, m->offset);
+    char *key = m->key ? reply_text(m->key, m->key_len) : NULL;
+    char *payload = m->payload ? reply_text(m->payload, m->len) : NULL;
+    cJSON *h = headers_json(m);
+    char *headers = h ? cJSON_PrintUnformatted(h) : NULL;
+    cJSON_Delete(h);
+    if ((m->key && !key) || (m->payload && !payload) || !headers) {
+        log_error("out of memory recording a dead letter");
+        abort();
+    }
+    const char *params[7] = {
+        rd_kafka_topic_name(m->rkt), part, offset, key, headers, payload, w->fail_error};
+    w->state = W_BUSY;
+    int rc = pgloop_query(w->pg,
+                          "INSERT INTO saga.dead_letters (topic, partition, \"offset\", key, "
+                          "headers, payload, error) VALUES ($1, $2::int, $3::bigint, $4, "
+                          "$5::jsonb, $6, $7) ON CONFLICT DO NOTHING",
+                          7, params, dead_letter_cb, w);
+    free(key);
+    free(payload);
+    free(headers);
+    if (rc)
+        w->state = W_IDLE;
 }
 
 static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
@@ -457,16 +826,39 @@ static void lock_cb(struct pgloop *pg, PGresult *res, void *arg)
         failed(w, res, "locking sagas");
         return;
     }
-    int rr = read_rows(w, res);
-    if (rr == -2) {
-        /* Not "unknown saga": the saga exists, this process lacks its definition. Roll back
-         * (the offsets stay uncommitted) and retry once the reload is done. */
-        failed(w, res, "reading sagas (unknown definition version)");
-        return;
-    }
-    if (rr) {
+    char(*unknown)[SAGA_UUID_LEN + 1] = NULL;
+    int rr = read_rows(w, res, &unknown);
+    if (rr < 0) {
         log_error("out of memory reading sagas");
         abort();
+    }
+    if (rr > 0) {
+        /* Not "unknown saga": the saga exists, this process lacks its definition. Its reply
+         * cannot be applied, nor skipped (its offset must not be committed): the replies
+         * before it are applied, then it waits, with a pause that grows, for the reload
+         * (requested by read_rows) or for the partition to move to another orchestrator. */
+        size_t k = 0;
+        bool hit = false;
+        for (; k < w->reply_count && !hit; k++)
+            for (int u = 0; u < rr && !hit; u++)
+                hit = !w->o->pending[k].error && !strcmp(w->o->pending[k].saga_id, unknown[u]);
+        k = hit ? k - 1 : 0;
+        free(unknown);
+        if (k > 0) {
+            w->limit = k;
+            w->fail = F_PREFIX;
+        } else {
+            orch_request_reload();
+            snprintf(w->fail_state, sizeof(w->fail_state), "%s", "");
+            w->fail = F_PAUSE;
+            log_at(LOG_WARN, LOG_FIELDS("saga_id", w->o->pending[0].saga_id),
+                   "a reply for a saga of a definition version this orchestrator has not "
+                   "loaded waits for the definitions to be loaded");
+        }
+        batch_reset(w);
+        if (pgloop_query_simple(w->pg, "ROLLBACK", rollback_cb, w))
+            w->state = W_IDLE;
+        return;
     }
     /* Which replies were applied before (redelivery after a crash, a participant's
      * duplicate)? Asked after the locks, so a concurrent applier's commit is visible. */
@@ -501,6 +893,8 @@ static void start_reply_batch(struct worker *w)
     size_t n = o->pending_count;
     if (n > (size_t)o->settings.batch_size)
         n = (size_t)o->settings.batch_size;
+    if (w->limit && n > w->limit)
+        n = w->limit; /* bisecting */
     w->reply_count = n;
     /* The saga ids are validated uuids: safe to inline, which lets BEGIN and the locks share
      * one round trip. Sorted locking (ORDER BY id) keeps two appliers from deadlocking. */
@@ -529,32 +923,120 @@ static void start_reply_batch(struct worker *w)
         w->state = W_IDLE;
 }
 
+/* A growing SQL text (the claim has one literal per loaded version and quarantined saga). */
+struct sqlbuf {
+    char *text;
+    size_t len, cap;
+};
+
+static void sql_add(struct sqlbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sql_add(struct sqlbuf *b, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n =
+            vsnprintf(b->text ? b->text + b->len : NULL, b->text ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            log_error("cannot format a claim");
+            abort();
+        }
+        if (b->text && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t cap = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
+        char *grown = realloc(b->text, cap);
+        if (!grown) {
+            log_error("out of memory");
+            abort();
+        }
+        b->text = grown;
+        b->cap = cap;
+    }
+}
+
+/* The claim's filter: the definition versions this process has loaded (sagas of other
+ * versions are left to the orchestrators that have them), and no quarantined saga. Each of
+ * the claim's index range scans applies it, so a saga left alone never takes a place in
+ * its LIMIT. Names are quoted by PQescapeLiteral: they come from the database. */
+static void claim_filter(struct worker *w, struct sqlbuf *b)
+{
+    const struct registry *reg = &w->o->registry;
+    PGconn *conn = pgloop_conn(w->pg);
+    sql_add(b, " AND (saga_name, saga_version) IN (");
+    size_t added = 0;
+    for (size_t i = 0; i < reg->count && conn; i++) {
+        char *lit = PQescapeLiteral(conn, reg->defs[i]->name, strlen(reg->defs[i]->name));
+        if (!lit) {
+            log_error("out of memory");
+            abort();
+        }
+        sql_add(b, "%s(%s, %d)", added++ ? ", " : "", lit, reg->defs[i]->version);
+        PQfreemem(lit);
+    }
+    if (!added)
+        sql_add(b, "(NULL, NULL)");
+    sql_add(b, ")");
+    int64_t now = orch_now_ms();
+    added = 0;
+    for (size_t i = 0; i < w->quarantine_count; i++) {
+        if (w->quarantine[i].until_ms + QUARANTINE_MAX_MS < now) {
+            /* Not failed again since long (finished elsewhere, or fine): forget it. */
+            w->quarantine[i--] = w->quarantine[--w->quarantine_count];
+            continue;
+        }
+        if (w->quarantine[i].until_ms <= now)
+            continue;
+        sql_add(b, "%s'%s'", added++ ? ", " : " AND id NOT IN (", w->quarantine[i].id);
+    }
+    if (added)
+        sql_add(b, ")");
+}
+
 static void start_claim_batch(struct worker *w)
 {
-    char sql[2048];
     int n = w->o->settings.batch_size;
-    /* Three index range scans, one per kind of work (each on its partial index, so a claim
-     * costs the work it finds, not the size of saga.instances: an OR of the three let the
-     * planner pick a sequential scan, measured at 5 ms per claim with 3,000 finished sagas).
-     * Without a partition of the replies, due reply timeouts are left alone (see
-     * assigned_partitions): claiming them would only lock them. */
-    snprintf(sql, sizeof(sql),
-             "BEGIN; SELECT %s FROM saga.instances WHERE id IN ("
-             "(SELECT id FROM saga.instances WHERE status = 'pending' ORDER BY created_at "
-             "LIMIT %d) UNION ALL "
-             "(SELECT id FROM saga.instances WHERE deadline <= now()%s ORDER BY deadline "
-             "LIMIT %d) UNION ALL "
-             "(SELECT id FROM saga.instances WHERE pending_request IS NOT NULL ORDER BY updated_at "
-             "LIMIT %d)) "
-             "LIMIT %d FOR UPDATE SKIP LOCKED",
-             store_instance_columns, n, w->o->assigned_partitions ? "" : " AND wait <> 'reply'", n,
-             n, n);
+    struct sqlbuf filter = {0}, b = {0};
+    claim_filter(w, &filter);
+    w->trying_suspects = w->suspect_count > 0;
+    if (w->trying_suspects) {
+        /* Bisecting a claim whose transaction failed: its first try_count sagas again. */
+        sql_add(&b, "BEGIN; SELECT %s FROM saga.instances WHERE id IN (", store_instance_columns);
+        size_t k =
+            w->try_count && w->try_count < w->suspect_count ? w->try_count : w->suspect_count;
+        w->try_count = k;
+        for (size_t i = 0; i < k; i++)
+            sql_add(&b, "%s'%s'", i ? ", " : "", w->suspects[i]);
+        sql_add(&b, ")%s ORDER BY id FOR UPDATE SKIP LOCKED", filter.text);
+    } else {
+        /* Three index range scans, one per kind of work (each on its partial index, so a
+         * claim costs the work it finds, not the size of saga.instances: an OR of the three
+         * let the planner pick a sequential scan, measured at 5 ms per claim with 3,000
+         * finished sagas). Without a partition of the replies, due reply timeouts are left
+         * alone (see assigned_partitions): claiming them would only lock them. */
+        sql_add(&b,
+                "BEGIN; SELECT %s FROM saga.instances WHERE id IN ("
+                "(SELECT id FROM saga.instances WHERE status = 'pending'%s ORDER BY created_at "
+                "LIMIT %d) UNION ALL "
+                "(SELECT id FROM saga.instances WHERE deadline <= now()%s%s ORDER BY deadline "
+                "LIMIT %d) UNION ALL "
+                "(SELECT id FROM saga.instances WHERE pending_request IS NOT NULL%s ORDER BY "
+                "updated_at LIMIT %d)) "
+                "LIMIT %d FOR UPDATE SKIP LOCKED",
+                store_instance_columns, filter.text, n,
+                w->o->assigned_partitions ? "" : " AND wait <> 'reply'", filter.text, n,
+                filter.text, n, n);
+    }
+    free(filter.text);
     w->more = false;
     w->state = W_BUSY;
-    if (pgloop_query_simple(w->pg, sql, claim_cb, w)) {
+    if (pgloop_query_simple(w->pg, b.text, claim_cb, w)) {
         w->state = W_IDLE;
         w->more = true;
     }
+    free(b.text);
 }
 
 /* ---- connection and scheduling --------------------------------------------------------- */
@@ -610,6 +1092,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *t, int revents)
             lost(w);
         return;
     }
+    if (w->state == W_WAIT)
+        w->state = W_IDLE; /* the pause after a transient failure is over */
     if (!w->replies)
         w->more = true; /* deadlines come due without a notification */
     worker_kick(w);
@@ -631,10 +1115,15 @@ static void count_cb(struct pgloop *pg, PGresult *res, void *arg)
     if (ok(res)) {
         double by_status[3] = {0, 0, 0};
         static const char *const names[] = {"pending", "running", "compensating"};
-        for (int i = 0; i < PQntuples(res); i++)
+        for (int i = 0; i < PQntuples(res); i++) {
             for (int k = 0; k < 3; k++)
                 if (!strcmp(PQgetvalue(res, i, 0), names[k]))
-                    by_status[k] = strtod(PQgetvalue(res, i, 1), NULL);
+                    by_status[k] += strtod(PQgetvalue(res, i, 3), NULL);
+            int version = atoi(PQgetvalue(res, i, 2));
+            if (!registry_find(&w->o->registry, PQgetvalue(res, i, 1), version))
+                note_unknown_version(w, PQgetvalue(res, i, 1), version,
+                                     strtol(PQgetvalue(res, i, 3), NULL, 10));
+        }
         for (int k = 0; k < 3; k++) {
             char labels[64];
             snprintf(labels, sizeof(labels), "status=\"%s\"", names[k]);
@@ -644,14 +1133,17 @@ static void count_cb(struct pgloop *pg, PGresult *res, void *arg)
     worker_kick(w);
 }
 
-/* Every few seconds, when idle: how many sagas are not finished (all orchestrators). */
+/* Every few seconds, when idle: how many sagas are not finished (all orchestrators), and
+ * whether some of them use a definition version this process has not loaded (the claims
+ * leave them out, so only this count sees them). */
 static void count_in_flight(struct worker *w)
 {
     w->counted_ms = orch_now_ms();
     w->state = W_BUSY;
     if (pgloop_query_simple(w->pg,
-                            "SELECT status, count(*) FROM saga.instances WHERE status IN "
-                            "('pending', 'running', 'compensating') GROUP BY status",
+                            "SELECT status, saga_name, saga_version, count(*) FROM "
+                            "saga.instances WHERE status IN ('pending', 'running', "
+                            "'compensating') GROUP BY status, saga_name, saga_version",
                             count_cb, w))
         w->state = W_IDLE;
 }
@@ -693,6 +1185,11 @@ struct worker *worker_create(struct orchestrator *o, bool replies)
     ev_idle_init(&w->kick, kick_cb);
     w->kick.data = w;
     w->backoff_ms = 100;
+    w->reload_ms = -UNKNOWN_VERSION_WARN_MS;
+    metrics_describe("saga_transaction_retries_total", "counter",
+                     "Batches rolled back by a transient error and run again after a pause.");
+    metrics_describe("saga_sagas_quarantined_total", "counter",
+                     "Sagas whose transaction failed on its own, left alone for a while.");
     return w;
 }
 
@@ -708,7 +1205,7 @@ bool worker_idle(const struct worker *w)
 
 bool worker_ready(const struct worker *w)
 {
-    return w->state == W_IDLE || w->state == W_BUSY;
+    return w->state == W_IDLE || w->state == W_BUSY || w->state == W_WAIT;
 }
 
 void worker_destroy(struct worker *w)
@@ -719,5 +1216,9 @@ void worker_destroy(struct worker *w)
     ev_idle_stop(w->o->loop, &w->kick);
     batch_reset(w);
     pgloop_destroy(w->pg);
+    free(w->fail_error);
+    free(w->suspects);
+    free(w->quarantine);
+    free(w->unknown_versions);
     free(w);
 }
