@@ -102,7 +102,13 @@ Test(orchestrator_poison, poison_reply_is_dead_lettered)
     const struct kmsg *gm[4];
     for (int i = 0; i < 4; i++)
         gm[i] = expect_step(&g[i], "reserve_inventory");
-    inbox_trigger(p.id, "RAISE EXCEPTION 'poisoned reply for saga %', NEW.saga_id;");
+    /* Refused twice as a transient error first: the pauses (500 ms, 1 s) let the good
+     * replies queue up behind it, so that it fails within one batch with them, which is then
+     * bisected. */
+    pgtest_exec(w.conn, "CREATE SEQUENCE public.poison_tries");
+    inbox_trigger(p.id, "IF nextval('public.poison_tries') <= 2 THEN "
+                        "RAISE EXCEPTION 'not now' USING ERRCODE = '40001'; END IF; "
+                        "RAISE EXCEPTION 'poisoned reply for saga %', NEW.saga_id;");
 
     /* The poison first: before the fix everything behind it waited forever. */
     char poison_id[37];
@@ -207,13 +213,16 @@ Test(orchestrator_poison, poison_saga_does_not_block_claims)
                         "END $$;\n"
                         "CREATE TRIGGER stuck BEFORE UPDATE ON saga.instances FOR EACH ROW "
                         "EXECUTE FUNCTION public.stuck()");
+    /* In one transaction, so that one claim takes the four: it is bisected. */
     struct saga_ref p, g[3];
+    pgtest_exec(w.conn, "BEGIN");
     saga_e2e_start(&w, "e2e_order", "o-stuck", NULL, NULL, &p);
     for (int i = 0; i < 3; i++) {
         char order[32];
         snprintf(order, sizeof(order), "o-free-%d", i);
         saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &g[i]);
     }
+    pgtest_exec(w.conn, "COMMIT");
     for (int i = 0; i < 3; i++)
         expect_step(&g[i], "reserve_inventory");
     saga_e2e_wait_metric(&w, "saga_sagas_quarantined_total", 1, 10000);
