@@ -15,9 +15,14 @@
 
 const char *const sys_service_names[SYS_SERVICES] = {"inventory", "payment", "orders", "shipping"};
 
-/* The demo's initial stock (scripts/demo-run); sys_check compares against it. */
-#define SYS_STOCK_VALUES                                                                           \
-    "('sku-1', 1000), ('sku-2', 1000), ('sku-3', 1000), ('sku-4', 1000), ('rare-item', 3)"
+/* The demo's initial stock (scripts/demo-run), with s->stock units of each sku-N (1000 in the
+ * demo); sys_check compares against it. */
+static void stock_values(const struct sys *s, char *buf, size_t len)
+{
+    snprintf(buf, len,
+             "('sku-1', %d), ('sku-2', %d), ('sku-3', %d), ('sku-4', %d), ('rare-item', 3)",
+             s->stock, s->stock, s->stock, s->stock);
+}
 
 void sys_pause_ms(int ms)
 {
@@ -116,7 +121,8 @@ void sys_orchestrator_start(struct sys *s, int i)
      * member vanished, so a short session lets a restarted consumer rejoin quickly. */
     const char *env[] = {url,     brokers,   dir, "SAGA_ADMIN_ADDR=127.0.0.1:0",
                          session, heartbeat, NULL};
-    const char *argv[] = {bin_env("SAGA_ORCHESTRATOR_BIN"), NULL};
+    const char *bin = getenv("SAGA_SYSTEM_ORCHESTRATOR_BIN");
+    const char *argv[] = {bin && *bin ? bin : bin_env("SAGA_ORCHESTRATOR_BIN"), NULL};
     struct proc_options opts = {.name = d->name};
     proc_start(next_run(d), argv, env, &opts);
     d->running = true;
@@ -261,6 +267,7 @@ void sys_setup(struct sys *s, const char *test, const struct sys_options *opts)
     int orchestrators = opts->orchestrators ? opts->orchestrators : 1;
     const char *step_timeout = opts->step_timeout;
     s->session_timeout_ms = opts->session_timeout_ms ? opts->session_timeout_ms : 6000;
+    s->stock = opts->stock ? opts->stock : 1000;
     cr_assert(orchestrators >= 1 && orchestrators <= SYS_MAX_ORCHESTRATORS);
     s->orchestrators = orchestrators;
     static const char *const orch_names[] = {"orchestrator-a", "orchestrator-b"};
@@ -295,9 +302,13 @@ void sys_setup(struct sys *s, const char *test, const struct sys_options *opts)
 
     /* The demo's business: stock, a payment limit, a blocked customer; shipping fails a few
      * times (retried after the pivot), inventory loses two commands (timeouts, resent). */
-    pgtest_exec(s->svc[SYS_INVENTORY],
-                "INSERT INTO inventory.stock (sku, available) VALUES " SYS_STOCK_VALUES
-                " ON CONFLICT (sku) DO UPDATE SET available = excluded.available");
+    char stock[256], sql[512];
+    stock_values(s, stock, sizeof(stock));
+    snprintf(sql, sizeof(sql),
+             "INSERT INTO inventory.stock (sku, available) VALUES %s"
+             " ON CONFLICT (sku) DO UPDATE SET available = excluded.available",
+             stock);
+    pgtest_exec(s->svc[SYS_INVENTORY], sql);
     pgtest_exec(s->svc[SYS_PAYMENT], "UPDATE payment.settings SET decline_above = 1000");
     pgtest_exec(s->svc[SYS_ORDERS],
                 "UPDATE orders.settings SET reject_customers = '{blocked-customer}'");
@@ -382,6 +393,26 @@ void sys_start_sagas(struct sys *s, int from, int to)
         "     'sku', CASE WHEN i % 11 = 0 THEN 'rare-item' ELSE 'sku-' || (1 + i % 4) END,"
         "     'qty', 1 + i % 3)),"
         "  'amount', CASE WHEN i % 7 = 0 THEN 5000 ELSE 20 + i % 400 END),"
+        " 'demo-order-' || i, 'corr-' || i)"
+        " FROM generate_series($1::int, $2::int) i) s",
+        2, params);
+    cr_assert_eq(started, to - from + 1);
+    s->sagas = to;
+}
+
+void sys_start_completing_sagas(struct sys *s, int from, int to)
+{
+    char a[16], b[16];
+    snprintf(a, sizeof(a), "%d", from);
+    snprintf(b, sizeof(b), "%d", to);
+    const char *params[] = {a, b};
+    /* Amounts below the payment limit (1000), never 'blocked-customer' nor 'rare-item'. */
+    long started = pgtest_count(
+        s->orch,
+        "SELECT count(*) FROM (SELECT saga.start('order_fulfillment', jsonb_build_object("
+        "  'orderId', 'order-' || i, 'customerId', 'customer-' || (i % 17),"
+        "  'items', jsonb_build_array(jsonb_build_object('sku', 'sku-' || (1 + i % 4), 'qty', 1)),"
+        "  'amount', 20 + i % 400),"
         " 'demo-order-' || i, 'corr-' || i)"
         " FROM generate_series($1::int, $2::int) i) s",
         2, params);
@@ -555,14 +586,18 @@ void sys_check(struct sys *s, bool expect_mix)
                    " UNION ALL SELECT 'orders', saga_id FROM p_orders"
                    " UNION ALL SELECT 'shipments', saga_id FROM p_shipments) x"
                    " WHERE saga_id NOT IN (SELECT id::text FROM saga.instances)");
-    failed += violations(s, "stock conserved (initial = available + reserved)",
-                         "WITH init(sku, qty) AS (VALUES " SYS_STOCK_VALUES "),"
-                         " held AS (SELECT i->>'sku' AS sku, sum((i->>'qty')::int) AS qty"
-                         "            FROM p_reservations r, jsonb_array_elements(r.items) i"
-                         "           WHERE r.status = 'reserved' GROUP BY 1)"
-                         " SELECT init.sku, init.qty AS initial, st.available, held.qty AS reserved"
-                         "   FROM init LEFT JOIN p_stock st USING (sku) LEFT JOIN held USING (sku)"
-                         "  WHERE init.qty <> coalesce(st.available, 0) + coalesce(held.qty, 0)");
+    char stock[256], conserved[1024];
+    stock_values(s, stock, sizeof(stock));
+    snprintf(conserved, sizeof(conserved),
+             "WITH init(sku, qty) AS (VALUES %s),"
+             " held AS (SELECT i->>'sku' AS sku, sum((i->>'qty')::int) AS qty"
+             "            FROM p_reservations r, jsonb_array_elements(r.items) i"
+             "           WHERE r.status = 'reserved' GROUP BY 1)"
+             " SELECT init.sku, init.qty AS initial, st.available, held.qty AS reserved"
+             "   FROM init LEFT JOIN p_stock st USING (sku) LEFT JOIN held USING (sku)"
+             "  WHERE init.qty <> coalesce(st.available, 0) + coalesce(held.qty, 0)",
+             stock);
+    failed += violations(s, "stock conserved (initial = available + reserved)", conserved);
     failed += violations(
         s, "a compensated saga holds no reservation, payment, approved order or shipment",
         "SELECT i.id, 'reserved stock' AS what FROM saga.instances i"

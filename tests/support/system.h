@@ -4,9 +4,11 @@
  * participants (inventory, payment, orders, shipping), each with its own database, and one
  * outbox-relay over the five outboxes (RELAY_CONFIG), all real binaries (SAGA_ORCHESTRATOR_BIN,
  * SAGA_RELAY_BIN, SAGA_PARTICIPANT_BIN, SAGA_DEV_BROKER_BIN; the sagas from
- * SAGA_SOURCE_ROOT/sagas). The business is the demo's: stock, a payment limit, a blocked
- * customer, a shipping service that fails a few times, an inventory service that loses two
- * commands; the sagas are the demo's mix (declined, out of stock, rejected, completed).
+ * SAGA_SOURCE_ROOT/sagas; SAGA_SYSTEM_ORCHESTRATOR_BIN, when set, wins over the
+ * SAGA_ORCHESTRATOR_BIN that meson sets, to run a test against another build's orchestrator).
+ * The business is the demo's: stock, a payment limit, a blocked customer, a shipping service
+ * that fails a few times, an inventory service that loses two commands; the sagas are the
+ * demo's mix (declined, out of stock, rejected, completed).
  *
  * A test kills daemons with SIGKILL and restarts them (sys_chaos), then checks that every saga
  * ended and that the participants' tables agree with the outcomes (sys_check). Each daemon's
@@ -55,6 +57,7 @@ struct sys {
     unsigned seed;          /* of the chaos schedule */
     int session_timeout_ms; /* the consumers' KAFKA_SESSION_TIMEOUT_MS */
     int sagas;              /* started so far */
+    int stock;              /* the initial units of each of sku-1..sku-4 */
 };
 
 extern const char *const sys_service_names[SYS_SERVICES];
@@ -68,6 +71,9 @@ struct sys_options {
      * demo). A SIGKILLed consumer stays in its group until its session times out, and the group
      * rebalances meanwhile. */
     int session_timeout_ms;
+    /* The initial units of each of sku-1..sku-4 (0: 1000, as in the demo); sys_check's stock
+     * conservation counts from it. */
+    int stock;
 };
 
 /* Prints the test's seed (sys_seed) and starts everything as opts says (NULL: defaults), then
@@ -100,6 +106,11 @@ void sys_orchestrator_wait_assigned(struct sys *s, int i);
 
 /* Starts sagas number from..to (inclusive) of the demo's mix with saga.start(). */
 void sys_start_sagas(struct sys *s, int from, int to);
+
+/* Starts sagas number from..to (inclusive) with saga.start(), in one statement, of orders that
+ * all complete: one unit of sku-1..sku-4 each (round robin: the stock must hold (to + 3) / 4
+ * units of each), within the payment limit, no blocked customer. */
+void sys_start_completing_sagas(struct sys *s, int from, int to);
 
 /* Starts n sagas in chunks while it kills one daemon 5 to 10 times (the count and the
  * moments, 0.5 to 2 s apart, drawn from s->seed) with kill_restart(s, arg), which kills it
