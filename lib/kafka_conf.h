@@ -25,4 +25,8 @@ __attribute__((warn_unused_result)) int kafka_conf_set(rd_kafka_conf_t *conf, co
  * every broker is down, never that one came back; readiness reads this instead. */
 bool kafka_stats_any_broker_up(const char *json, size_t len);
 
+/* Limits glibc's malloc arenas to two (unless MALLOC_ARENA_MAX is set): less resident memory
+ * with librdkafka's threads. Call at the start of main, before any thread starts. */
+void kafka_limit_malloc_arenas(void);
+
 #endif

@@ -10,7 +10,7 @@
 
 enum kind { KIND_COUNTER, KIND_GAUGE, KIND_HISTOGRAM };
 
-struct series {
+struct metrics_series {
     char *name;
     char *labels;
     enum kind kind;
@@ -18,7 +18,8 @@ struct series {
     uint64_t buckets[MAX_BUCKETS + 1];
     double sum;
     uint64_t count;
-    struct series *next_in_slot;
+    size_t family; /* index into families (the array may move) */
+    struct metrics_series *next_in_slot;
 };
 
 struct family {
@@ -30,8 +31,8 @@ struct family {
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static struct series *slots[1024];
-static struct series **order; /* creation order, for stable output */
+static struct metrics_series *slots[1024];
+static struct metrics_series **order; /* creation order, for stable output */
 static size_t order_count, order_cap;
 static struct family *families;
 static size_t family_count;
@@ -84,14 +85,14 @@ static struct family *family_get(const char *name)
 }
 
 /* Called with mu held. */
-static struct series *series_get(const char *name, const char *labels, enum kind kind)
+static struct metrics_series *series_get(const char *name, const char *labels, enum kind kind)
 {
     const char *l = labels ? labels : "";
     size_t slot = hash2(name, l) % (sizeof(slots) / sizeof(slots[0]));
-    for (struct series *s = slots[slot]; s; s = s->next_in_slot)
+    for (struct metrics_series *s = slots[slot]; s; s = s->next_in_slot)
         if (!strcmp(s->name, name) && !strcmp(s->labels, l))
             return s;
-    struct series *s = calloc(1, sizeof(*s));
+    struct metrics_series *s = calloc(1, sizeof(*s));
     if (!s)
         oom();
     s->name = strdup(name);
@@ -103,13 +104,13 @@ static struct series *series_get(const char *name, const char *labels, enum kind
     slots[slot] = s;
     if (order_count == order_cap) {
         order_cap = order_cap ? order_cap * 2 : 64;
-        struct series **grown = realloc(order, order_cap * sizeof(*order));
+        struct metrics_series **grown = realloc(order, order_cap * sizeof(*order));
         if (!grown)
             oom();
         order = grown;
     }
     order[order_count++] = s;
-    family_get(name);
+    s->family = (size_t)(family_get(name) - families);
     return s;
 }
 
@@ -158,17 +159,47 @@ void metrics_gauge_add(const char *name, const char *labels, double value)
     pthread_mutex_unlock(&mu);
 }
 
-void metrics_histogram_observe(const char *name, const char *labels, double value)
+/* Called with mu held. */
+static void observe(struct metrics_series *s, double value)
 {
-    pthread_mutex_lock(&mu);
-    struct series *s = series_get(name, labels, KIND_HISTOGRAM);
-    struct family *f = family_get(name);
+    const struct family *f = &families[s->family];
     size_t i = 0;
     while (i < f->nbounds && value > f->bounds[i])
         i++;
     s->buckets[i]++;
     s->sum += value;
     s->count++;
+}
+
+void metrics_histogram_observe(const char *name, const char *labels, double value)
+{
+    pthread_mutex_lock(&mu);
+    observe(series_get(name, labels, KIND_HISTOGRAM), value);
+    pthread_mutex_unlock(&mu);
+}
+
+struct metrics_series *metrics_series(const char *name, const char *labels, const char *type)
+{
+    enum kind kind = !strcmp(type, "histogram") ? KIND_HISTOGRAM
+                     : !strcmp(type, "gauge")   ? KIND_GAUGE
+                                                : KIND_COUNTER;
+    pthread_mutex_lock(&mu);
+    struct metrics_series *s = series_get(name, labels, kind);
+    pthread_mutex_unlock(&mu);
+    return s;
+}
+
+void metrics_series_add(struct metrics_series *s, double value)
+{
+    pthread_mutex_lock(&mu);
+    s->value += value;
+    pthread_mutex_unlock(&mu);
+}
+
+void metrics_series_observe(struct metrics_series *s, double value)
+{
+    pthread_mutex_lock(&mu);
+    observe(s, value);
     pthread_mutex_unlock(&mu);
 }
 
@@ -178,7 +209,7 @@ double metrics_value(const char *name, const char *labels)
     const char *l = labels ? labels : "";
     pthread_mutex_lock(&mu);
     size_t slot = hash2(name, l) % (sizeof(slots) / sizeof(slots[0]));
-    for (struct series *s = slots[slot]; s; s = s->next_in_slot)
+    for (struct metrics_series *s = slots[slot]; s; s = s->next_in_slot)
         if (!strcmp(s->name, name) && !strcmp(s->labels, l))
             v = s->kind == KIND_HISTOGRAM ? (double)s->count : s->value;
     pthread_mutex_unlock(&mu);
@@ -234,7 +265,7 @@ char *metrics_render(void)
         if (f->type)
             bprintf(&b, "# TYPE %s %s\n", f->name, f->type);
         for (size_t i = 0; i < order_count; i++) {
-            struct series *s = order[i];
+            struct metrics_series *s = order[i];
             if (strcmp(s->name, f->name))
                 continue;
             const char *sep = *s->labels ? "," : "";

@@ -19,6 +19,14 @@ void metrics_gauge_add(const char *name, const char *labels, double value);
 void metrics_histogram_observe(const char *name, const char *labels, double value);
 void metrics_histogram_buckets(const char *name, const double *bounds, size_t count);
 
+/* Hot paths: look a series up once (type "counter", "gauge" or "histogram"; created if
+ * absent), then add to it (counter, gauge) or observe into it (histogram) without the lookup
+ * by name and labels. The handle lives as long as the process. */
+struct metrics_series;
+struct metrics_series *metrics_series(const char *name, const char *labels, const char *type);
+void metrics_series_add(struct metrics_series *s, double value);
+void metrics_series_observe(struct metrics_series *s, double value);
+
 /* Reads a counter or gauge (0 when absent): for tests and /readyz. */
 double metrics_value(const char *name, const char *labels);
 

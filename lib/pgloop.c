@@ -258,9 +258,16 @@ int pgloop_query(struct pgloop *pg, const char *sql, int nparams, const char *co
 int pgloop_query_prepared(struct pgloop *pg, const char *name, int nparams,
                           const char *const *params, pgloop_result_cb cb, void *cb_arg)
 {
+    return pgloop_query_prepared_binary(pg, name, nparams, params, false, cb, cb_arg);
+}
+
+int pgloop_query_prepared_binary(struct pgloop *pg, const char *name, int nparams,
+                                 const char *const *params, bool binary, pgloop_result_cb cb,
+                                 void *cb_arg)
+{
     if (pg->phase != PG_READY || pg->busy)
         return -1;
-    if (!PQsendQueryPrepared(pg->conn, name, nparams, params, NULL, NULL, 0)) {
+    if (!PQsendQueryPrepared(pg->conn, name, nparams, params, NULL, NULL, binary ? 1 : 0)) {
         schedule_fail(pg);
         return -1;
     }

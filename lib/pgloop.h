@@ -51,6 +51,12 @@ __attribute__((warn_unused_result)) int pgloop_query_prepared(struct pgloop *pg,
                                                               const char *const *params,
                                                               pgloop_result_cb cb, void *cb_arg);
 
+/* The same with every column of the result in binary format when binary is true (the types'
+ * send functions: no text conversion of numbers, uuids or timestamps on either side). */
+__attribute__((warn_unused_result)) int
+pgloop_query_prepared_binary(struct pgloop *pg, const char *name, int nparams,
+                             const char *const *params, bool binary, pgloop_result_cb cb,
+                             void *cb_arg);
 bool pgloop_ready(const struct pgloop *pg); /* connected */
 bool pgloop_busy(const struct pgloop *pg);  /* a query is in flight */
 

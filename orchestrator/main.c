@@ -9,6 +9,7 @@
 #include <libpq-fe.h>
 
 #include "admin.h"
+#include "kafka_conf.h"
 #include "log.h"
 #include "metrics.h"
 #include "migrate.h"
@@ -264,6 +265,7 @@ int main(int argc, char **argv)
     if (argc > 1 && !strcmp(argv[1], "healthcheck"))
         return admin_healthcheck("SAGA_ADMIN_ADDR", "127.0.0.1:9187");
     log_init(stdout, "saga-orchestrator");
+    kafka_limit_malloc_arenas();
     int rc = settings_load(table, nset, argc - 1 - migrate_only, argv + 1 + migrate_only,
                            "saga-orchestrator [migrate]", err, sizeof(err));
     if (rc == 1)

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "kafka_conf.h"
 #include "log.h"
 #include "metrics.h"
 #include "relay.h"
@@ -132,6 +133,7 @@ int main(int argc, char **argv)
     if (argc > 1 && !strcmp(argv[1], "healthcheck"))
         return admin_healthcheck("RELAY_ADMIN_ADDR", "127.0.0.1:9188");
     log_init(stdout, "outbox-relay");
+    kafka_limit_malloc_arenas();
     struct sigaction early = {.sa_handler = early_stop_handler};
     sigemptyset(&early.sa_mask);
     sigaction(SIGTERM, &early, NULL);

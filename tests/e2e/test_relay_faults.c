@@ -388,6 +388,64 @@ Test(relay_faults, database_session_terminated)
     e2e_teardown(&e);
 }
 
+/* Only the relay's claim session (the one that does not hold the leader lock) is terminated,
+ * again and again, while rows flow: the relay keeps its leadership (no new "leading" line, no
+ * lost lock connection), reconnects the claim session, and nothing is lost or reordered. */
+Test(relay_faults, claim_session_terminated)
+{
+    struct e2e e;
+    e2e_setup(&e, "claimkill", 30);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    devbroker_command(&e.broker, "rtt 1 20"); /* keeps rows in flight */
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_RECONNECT_MAX=500ms", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    size_t log_at = 0;
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &log_at, 20000, NULL, 0));
+    const long total = 5000;
+    long inserted = 0;
+    const int terminations = 5;
+    for (int i = 0; i < terminations; i++) {
+        size_t before = kconsumer_count(c);
+        e2e_insert(&e, inserted, inserted + total / terminations);
+        inserted += total / terminations;
+        cr_assert(kconsumer_wait_count(c, before + 50, 30000), "round %d: no flow", i);
+        const char *dbname[] = {e.db.name};
+        /* The claim session: the relay's session without the lock, once it is back (bounded:
+         * 1,000 polls of 20 ms). */
+        long n = 0;
+        for (int k = 0; k < 1000 && n == 0; k++)
+            n = pgtest_count(
+                e.conn,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity, pg_sleep(0.02) "
+                "WHERE datname = $1 AND pid <> pg_backend_pid() AND state IS NOT NULL AND "
+                "backend_type = 'client backend' AND pid NOT IN (SELECT pid FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted)",
+                1, dbname);
+        cr_assert_eq(n, 1, "round %d: expected one claim session to terminate", i);
+        cr_assert(e2e_wait_metric(port, "relay_db_reconnects_total{table=\"saga.outbox\"}",
+                                  (double)(i + 1), 20000),
+                  "round %d: the loss was not counted", i);
+    }
+    long distinct = 0;
+    if (!e2e_wait_all(c, total, 60000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, total, false);
+    cr_assert_geq(proc_count_log(&relay, "lost the claim connection"), 1);
+    cr_assert_eq(proc_count_log(&relay, "lost the database connection"), 0,
+                 "the lock connection was never lost");
+    cr_assert_eq(proc_count_log(&relay, "leading: publishing"), 1, "leadership was kept");
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* SIGTERM while the broker is down: the relay cannot get its rows acknowledged, gives up
  * after RELAY_DRAIN_TIMEOUT and exits 0 with the rows still in the table; the next run, with
  * the broker back, publishes them. */

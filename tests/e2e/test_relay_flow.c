@@ -45,6 +45,9 @@ Test(relay_flow, every_row_exactly_once_in_order)
              "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_b);
     cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
     cr_assert_eq(e2e_metric(body, "relay_table_leader{table=\"saga.outbox\"}"), 1.0, "%s", body);
+    /* One commit-to-ack observation per acknowledged row (no duplicates in this run). */
+    cr_assert_eq(e2e_metric(body, "relay_commit_to_ack_seconds_count{table=\"saga.outbox\"}"),
+                 (double)total, "%s", body);
     free(body);
 
     e2e_relay_stop(&relay);

@@ -1,0 +1,72 @@
+/* outbox_sql: the statements the relay runs on one outbox table. See outbox_sql.h. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "outbox_sql.h"
+
+int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *out)
+{
+    memset(out, 0, sizeof(*out));
+    char label[256];
+    snprintf(label, sizeof(label), "%s.%s", schema, table);
+    /* The leader lock's key: a 64-bit FNV-1a hash of "saga-relay:schema.table". */
+    uint64_t h = 1469598103934665603ULL;
+    const char *prefix = "saga-relay:";
+    for (const char *p = prefix; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    for (const char *p = label; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    snprintf(out->lock_key, sizeof(out->lock_key), "%" PRId64, (int64_t)h);
+    out->lock_classid = (uint32_t)(h >> 32);
+    out->lock_objid = (uint32_t)h;
+    /* Validated identifiers (see the header); quoting keeps them exact. */
+    char q[600];
+    snprintf(q, sizeof(q), "\"%s\".\"%s\"", schema, table);
+    if (asprintf(&out->claim,
+                 "SELECT seq, id, topic, key, event_type, payload, headers, created_at FROM ("
+                 "(SELECT * FROM %s WHERE seq < $1::bigint ORDER BY seq LIMIT $3::int) UNION ALL "
+                 "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
+                 /* the fence: evaluated once per claim (an InitPlan), from the lock table */
+                 "WHERE EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                 "WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM "
+                 "pg_database WHERE datname = current_database()) AND l.classid = %u"
+                 " AND l.objid = %u AND l.objsubid = 1 AND l.pid = $4::int "
+                 "AND a.backend_start = $5::timestamptz) "
+                 "ORDER BY seq LIMIT $3::int",
+                 q, q, out->lock_classid, out->lock_objid) < 0 ||
+        asprintf(&out->remove, "DELETE FROM %s WHERE seq = ANY($1::bigint[])", q) < 0 ||
+        asprintf(&out->dead,
+                 "WITH moved AS (DELETE FROM %s WHERE seq = $1::bigint RETURNING *) "
+                 "INSERT INTO \"%s\".\"%s_dead_letters\" "
+                 "(id, seq, topic, key, event_type, payload, headers, created_at, error) "
+                 "SELECT id, seq, topic, key, event_type, payload, headers, created_at, $2 "
+                 "FROM moved",
+                 q, schema, table) < 0 ||
+        asprintf(&out->session,
+                 "LISTEN saga_outbox; "
+                 "PREPARE relay_delete(bigint[]) AS %s; "
+                 "PREPARE relay_dead(bigint, text) AS %s; "
+                 "PREPARE relay_backlog AS SELECT (SELECT max(seq) FROM %s) - "
+                 "(SELECT min(seq) FROM %s) + 1, extract(epoch FROM now() - "
+                 "(SELECT created_at FROM %s ORDER BY seq LIMIT 1))",
+                 out->remove, out->dead, q, q, q) < 0 ||
+        asprintf(&out->claim_session,
+                 "PREPARE relay_claim(bigint, bigint, int, int, timestamptz) AS %s",
+                 out->claim) < 0) {
+        outbox_sql_free(out);
+        return -1;
+    }
+    return 0;
+}
+
+void outbox_sql_free(struct outbox_sql *s)
+{
+    free(s->claim);
+    free(s->remove);
+    free(s->dead);
+    free(s->session);
+    free(s->claim_session);
+    memset(s, 0, sizeof(*s));
+}
