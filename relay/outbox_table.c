@@ -107,6 +107,7 @@ struct outbox_table {
     int64_t backlog_ms; /* when the backlog gauges were last measured */
     unsigned gen;
     unsigned claim_gen; /* the generation that sent the claim in flight */
+    int claim_limit;    /* the LIMIT of the claim in flight */
     bool claiming;      /* false after SIGTERM */
     bool more;          /* the last claim was full or a NOTIFY arrived */
     int64_t cursor;
@@ -530,7 +531,10 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     /* send_claim cleared `more`; if it is set now, a NOTIFY (or the poll) came while the claim
      * ran, whose snapshot may not have seen those rows: keep it, or they wait for the next
      * poll. */
-    if (n >= t->relay->settings.batch_size)
+    /* Full means as many rows as asked for: a claim limited by RELAY_MAX_INFLIGHT's room asks
+     * for fewer than RELAY_BATCH_SIZE (comparing with the batch size left the rest of the
+     * backlog to the fallback poll: a drain at 5,000 in flight ran at 12,000-15,000 rows/s). */
+    if (n >= t->claim_limit)
         t->more = true;
     if (n == 0) {
         kick(t);
@@ -702,6 +706,7 @@ static void send_claim(struct outbox_table *t)
     if (room > t->relay->settings.batch_size)
         room = t->relay->settings.batch_size;
     snprintf(limit, sizeof(limit), "%" PRId64, room);
+    t->claim_limit = (int)room;
     const char *params[5] = {low, cursor, limit, t->leader_pid, t->leader_start};
     t->more = false;
     t->claim_gen = t->gen;

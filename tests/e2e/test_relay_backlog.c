@@ -41,3 +41,31 @@ Test(relay_backlog, gauges_show_rows_waiting_and_their_age)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* A backlog drains without waiting for the fallback poll when RELAY_MAX_INFLIGHT is not a
+ * multiple of RELAY_BATCH_SIZE: a claim limited by the room left in flight (here 50 of a
+ * batch of 100) is full when it returns all it asked for. (It was compared with the batch
+ * size, so the relay waited for the next poll, a minute here, after every such claim.) */
+Test(relay_backlog, drains_without_the_poll_when_claims_are_limited_by_inflight)
+{
+    struct e2e e;
+    e2e_setup(&e, "roomclaim", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    e2e_insert(&e, 0, 2000); /* before the relay starts: no NOTIFY wakes it */
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_MAX_INFLIGHT=150",
+                         "RELAY_POLL_INTERVAL=60s", NULL};
+    e2e_relay_start(&e, &relay, env);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 2000, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 4000);
+        cr_assert_fail("%ld of 2000 rows arrived within 30 s (the poll is 60 s)", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 2000, true);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
