@@ -242,11 +242,14 @@ BEGIN
         END IF;
     END LOOP;
     -- Every reply in one INSERT, in command order (seq is the publish order): one statement
-    -- and one NOTIFY per batch rather than per command.
-    INSERT INTO orders.outbox (id, topic, key, event_type, payload, headers)
-    SELECT r.id, r.topic, r.key, r.event_type, r.payload, r.headers
-      FROM unnest(outgoing) WITH ORDINALITY AS r
-     ORDER BY r.ordinality;
+    -- and one NOTIFY per batch rather than per command; none when there is nothing to send (the
+    -- NOTIFY trigger fires per statement, even for no rows).
+    IF cardinality(outgoing) > 0 THEN
+        INSERT INTO orders.outbox (id, topic, key, event_type, payload, headers)
+        SELECT r.id, r.topic, r.key, r.event_type, r.payload, r.headers
+          FROM unnest(outgoing) WITH ORDINALITY AS r
+         ORDER BY r.ordinality;
+    END IF;
     RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
                               'dropped', dropped, 'skipped', skipped);
 END;
