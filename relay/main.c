@@ -1,5 +1,6 @@
 /* outbox-relay: publishes outbox tables to Kafka. Config, wiring and the loop; the work is
  * in outbox_table.c (one publisher per table) and producer.c (the Kafka side). */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,17 @@ static struct relay relay;
 static struct admin *admin;
 static ev_timer status_timer, drain_timer, drain_deadline;
 static ev_signal sig_term, sig_int, sig_hup;
+
+/* A table whose source SIGHUP removed, until it is freed (see retire_cb). */
+struct retiring {
+    struct retiring *next;
+    struct outbox_table *table;
+    struct outbox_source *src; /* owned: the table borrows it until it is destroyed */
+    ev_tstamp deadline;        /* of its drain (RELAY_DRAIN_TIMEOUT) */
+    bool released;             /* its sessions are closed (lock released) */
+};
+static struct retiring *retiring;
+static ev_timer retire_timer;
 
 int relay_producer_start(struct relay *r, char *err, size_t errlen);
 void relay_producer_stop(struct relay *r);
@@ -44,6 +56,9 @@ static bool all_drained(void)
 {
     for (size_t i = 0; i < relay.table_count; i++)
         if (!outbox_table_drained(relay.tables[i]))
+            return false;
+    for (struct retiring *r = retiring; r; r = r->next)
+        if (!r->released && !outbox_table_drained(r->table))
             return false;
     return true;
 }
@@ -89,10 +104,292 @@ static void early_stop_handler(int sig)
     _exit(0);
 }
 
+/* ---- SIGHUP: the sources of RELAY_CONFIG, reloaded ------------------------------------------
+ *
+ * The file is read and validated, and the tables it adds are checked (outbox_table_check: a
+ * blocking connection, up to its connect_timeout per table), off the loop in a thread; the
+ * result comes back through an ev_async and is applied on the loop, so that the loop never
+ * waits for a database. Only one reload runs at a time. The thread reads relay.settings and
+ * relay.sources, which only the loop changes, and only in reload_done_cb (after the join) and
+ * after the loop ends (after the join too).
+ *
+ * Sources are keyed by (conninfo, schema, table). A table kept is not touched (no reconnect, no
+ * lost leadership); a table added is created and started; a table removed stops claiming,
+ * drains (what it claimed is acknowledged and deleted, bounded by RELAY_DRAIN_TIMEOUT) and is
+ * then let go (outbox_table_release: its sessions close, which releases its leader lock). A
+ * file that fails any check changes nothing. Settings from the environment (RELAY_OUTBOX_TABLES,
+ * RELAY_DATABASE_URL, RELAY_LOG_LEVEL, ...) cannot change in a running process and stay. */
+
+static struct outbox_source *source_take(struct outbox_source *s)
+{
+    struct outbox_source *own = malloc(sizeof(*own));
+    if (!own)
+        return NULL;
+    *own = *s;
+    s->conninfo = s->schema = s->table = NULL; /* moved */
+    return own;
+}
+
+static void source_free(struct outbox_source *s)
+{
+    if (!s)
+        return;
+    free(s->conninfo);
+    free(s->schema);
+    free(s->table);
+    free(s);
+}
+
+/* The index of the live table of src's key, or -1. */
+static long live_index(const struct outbox_source *src)
+{
+    for (size_t i = 0; i < relay.table_count; i++) {
+        const struct outbox_source *s = relay.sources[i];
+        if (!strcmp(s->conninfo, src->conninfo) && !strcmp(s->schema, src->schema) &&
+            !strcmp(s->table, src->table))
+            return (long)i;
+    }
+    return -1;
+}
+
+static struct {
+    pthread_t thread;
+    bool running;
+    ev_async done;
+    /* Written by the thread, read by the loop after the join. */
+    int rc;
+    char err[2048];
+    struct outbox_source *fresh; /* every source of the new configuration */
+    size_t fresh_count;
+    bool *added; /* added[i]: fresh[i] is not published yet (and passed the check) */
+} reload;
+
+static void *reload_main(void *arg)
+{
+    reload.rc = relay_sources_load(&relay.settings, &reload.fresh, &reload.fresh_count, reload.err,
+                                   sizeof(reload.err));
+    if (!reload.rc) {
+        reload.added = calloc(reload.fresh_count + 1, sizeof(*reload.added));
+        if (!reload.added) {
+            snprintf(reload.err, sizeof(reload.err), "out of memory");
+            reload.rc = -1;
+        }
+    }
+    for (size_t i = 0; !reload.rc && i < reload.fresh_count; i++) {
+        reload.added[i] = live_index(&reload.fresh[i]) < 0;
+        char err[1536];
+        if (reload.added[i] && outbox_table_check(&reload.fresh[i], err, sizeof(err))) {
+            snprintf(reload.err, sizeof(reload.err), "%s: %s", relay.settings.config_file, err);
+            reload.rc = -1;
+        }
+    }
+    ev_async_send(relay.loop, &reload.done);
+    return arg;
+}
+
+/* Appends ", name" (or "name") to list; a list that no longer fits ends with "...". */
+static void list_add(char *list, size_t size, const struct outbox_source *src)
+{
+    size_t len = strlen(list);
+    int n = snprintf(list + len, size - len, "%s%s.%s", len ? "," : "", src->schema, src->table);
+    if (n < 0 || (size_t)n >= size - len)
+        snprintf(list + (size > 4 ? size - 4 : 0), size > 4 ? 4 : size, "...");
+}
+
+/* Swaps fresh in (its sources are moved out). Creates everything first, so that on failure
+ * (out of memory) nothing has changed. */
+static int reload_apply(struct outbox_source *fresh, size_t n, const bool *added)
+{
+    struct outbox_table **tables = calloc(n + 1, sizeof(*tables));
+    struct outbox_source **srcs = calloc(n + 1, sizeof(*srcs));
+    bool *kept = calloc(relay.table_count + 1, sizeof(*kept));
+    struct retiring *gone = NULL;
+    size_t n_added = 0, n_removed = 0;
+    char added_list[512] = "", removed_list[512] = "";
+    if (!tables || !srcs || !kept)
+        goto fail;
+    for (size_t j = 0; j < n; j++) {
+        if (added[j]) {
+            srcs[j] = source_take(&fresh[j]);
+            tables[j] = srcs[j] ? outbox_table_create(&relay, srcs[j]) : NULL;
+            if (!tables[j])
+                goto fail;
+            n_added++;
+            list_add(added_list, sizeof(added_list), srcs[j]);
+            continue;
+        }
+        long i = live_index(&fresh[j]);
+        if (i < 0)
+            goto fail; /* cannot happen: only this function changes the live set */
+        tables[j] = relay.tables[i];
+        srcs[j] = relay.sources[i];
+        kept[i] = true;
+    }
+    for (size_t i = 0; i < relay.table_count; i++) {
+        if (kept[i])
+            continue;
+        struct retiring *r = calloc(1, sizeof(*r));
+        if (!r)
+            goto fail;
+        r->table = relay.tables[i];
+        r->src = relay.sources[i];
+        r->next = gone;
+        gone = r;
+        n_removed++;
+        list_add(removed_list, sizeof(removed_list), r->src);
+    }
+
+    /* Commit: nothing below can fail. */
+    ev_tstamp deadline = ev_now(relay.loop) + (double)relay.settings.drain_timeout_ms / 1000.0;
+    while (gone) {
+        struct retiring *r = gone;
+        gone = r->next;
+        r->deadline = deadline;
+        outbox_table_stop_claiming(r->table);
+        r->next = retiring;
+        retiring = r;
+    }
+    free(relay.tables);
+    free(relay.sources);
+    relay.tables = tables;
+    relay.sources = srcs;
+    relay.table_count = n;
+    for (size_t j = 0; j < n; j++)
+        if (added[j])
+            outbox_table_start(tables[j]);
+    if (retiring && !ev_is_active(&retire_timer))
+        ev_timer_start(relay.loop, &retire_timer);
+    free(kept);
+    char counts[3][24];
+    snprintf(counts[0], sizeof(counts[0]), "%zu", n_added);
+    snprintf(counts[1], sizeof(counts[1]), "%zu", n_removed);
+    snprintf(counts[2], sizeof(counts[2]), "%zu", n - n_added);
+    log_at(LOG_INFO,
+           LOG_FIELDS("file", relay.settings.config_file, "added", counts[0], "removed", counts[1],
+                      "unchanged", counts[2], "added_tables", added_list, "removed_tables",
+                      removed_list),
+           "SIGHUP: sources reloaded: %zu table(s) added, %zu removed, %zu unchanged", n_added,
+           n_removed, n - n_added);
+    metrics_counter_add("relay_config_reloads_total", "result=\"ok\"", 1);
+    update_status();
+    return 0;
+
+fail:
+    for (size_t j = 0; tables && srcs && j < n; j++) {
+        if (added[j]) {
+            outbox_table_destroy(tables[j]); /* never started: nothing in the producer */
+            source_free(srcs[j]);
+        }
+    }
+    while (gone) {
+        struct retiring *r = gone;
+        gone = r->next;
+        free(r);
+    }
+    free(tables);
+    free(srcs);
+    free(kept);
+    return -1;
+}
+
+static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    pthread_join(reload.thread, NULL);
+    reload.running = false;
+    if (relay.stopping) {
+        log_info("SIGHUP: the relay is stopping; the reloaded sources are not applied");
+    } else if (reload.rc) {
+        log_at(LOG_ERROR, LOG_FIELDS("file", relay.settings.config_file, "error", reload.err),
+               "SIGHUP: RELAY_CONFIG rejected; still publishing the previous tables");
+        metrics_counter_add("relay_config_reloads_total", "result=\"error\"", 1);
+    } else if (reload_apply(reload.fresh, reload.fresh_count, reload.added)) {
+        log_at(LOG_ERROR, LOG_FIELDS("file", relay.settings.config_file),
+               "SIGHUP: out of memory applying RELAY_CONFIG; still publishing the previous "
+               "tables");
+        metrics_counter_add("relay_config_reloads_total", "result=\"error\"", 1);
+    }
+    relay_sources_free(reload.fresh, reload.fresh_count);
+    free(reload.added);
+    reload.fresh = NULL;
+    reload.fresh_count = 0;
+    reload.added = NULL;
+}
+
+/* Tables removed by SIGHUP, every 50 ms until none is left. A table is let go (released) once
+ * drained or at its drain deadline, and freed only once the producer holds no message of it:
+ * each message carries a pointer to its row, in a batch that points to the table (and the
+ * table to its source), and librdkafka cannot purge one table's messages. So after a drain
+ * timeout (say, the broker is away), the table is released at once, which lets another relay
+ * (or this one, if the table is added again) take it and publish its unacknowledged rows again
+ * (same message-id; the first deliveries stay in order per key, since both producers send the
+ * rows of a key in seq order), while the table object, closed and never reconnecting, waits
+ * for its last delivery reports, which it drops. With the broker gone for good that object
+ * (a few hundred bytes plus its batches) is only freed at exit. */
+static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct retiring **link = &retiring;
+    while (*link) {
+        struct retiring *r = *link;
+        if (!r->released) {
+            bool drained = outbox_table_drained(r->table);
+            if (!drained && ev_now(loop) < r->deadline) {
+                link = &r->next;
+                continue;
+            }
+            char label[300];
+            snprintf(label, sizeof(label), "%s.%s", r->src->schema, r->src->table);
+            if (drained)
+                log_at(LOG_INFO, LOG_FIELDS("table", label),
+                       "removed from RELAY_CONFIG: every claimed row is acknowledged and "
+                       "deleted; letting the table go");
+            else
+                log_at(LOG_WARN, LOG_FIELDS("table", label),
+                       "removed from RELAY_CONFIG: drain timeout; letting the table go with rows "
+                       "not yet acknowledged (they stay in the table and are published again, "
+                       "same message-id)");
+            outbox_table_release(r->table);
+            r->released = true;
+        }
+        if (outbox_table_in_producer(r->table)) {
+            link = &r->next;
+            continue;
+        }
+        *link = r->next;
+        outbox_table_destroy(r->table);
+        source_free(r->src);
+        free(r);
+    }
+    if (!retiring)
+        ev_timer_stop(loop, w);
+}
+
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    /* Nothing is reloadable yet: the sources and the producer need a restart. */
-    log_info("SIGHUP: nothing to reload; restart the relay to change its settings");
+    if (relay.stopping) {
+        log_info("SIGHUP: the relay is stopping; nothing reloaded");
+        return;
+    }
+    if (!relay.settings.config_file) {
+        log_info("SIGHUP: RELAY_CONFIG is not set, nothing to reload (settings from the "
+                 "environment need a restart)");
+        return;
+    }
+    if (reload.running) {
+        log_info("SIGHUP: a reload is already running");
+        return;
+    }
+    reload.running = true;
+    /* The thread takes no signal: they are the loop's. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&reload.thread, NULL, reload_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        reload.running = false;
+        log_error("SIGHUP: cannot start the reload thread");
+        metrics_counter_add("relay_config_reloads_total", "result=\"error\"", 1);
+    }
 }
 
 static void describe_metrics(void)
@@ -121,6 +418,8 @@ static void describe_metrics(void)
                      "Rows waiting in the table (upper bound from its seq range; every 5 s).");
     metrics_describe("relay_backlog_oldest_seconds", "gauge",
                      "Age of the oldest row waiting in the table (every 5 s).");
+    metrics_describe("relay_config_reloads_total", "counter",
+                     "SIGHUP reloads of RELAY_CONFIG, by result (ok, error).");
 }
 
 int main(int argc, char **argv)
@@ -138,6 +437,8 @@ int main(int argc, char **argv)
     sigemptyset(&early.sa_mask);
     sigaction(SIGTERM, &early, NULL);
     sigaction(SIGINT, &early, NULL);
+    /* A SIGHUP before the loop's watcher takes over would end the relay (default action). */
+    signal(SIGHUP, SIG_IGN);
     int rc = relay_config_load(argc - 1, argv + 1, &relay.settings, &sources, &source_count, err,
                                sizeof(err));
     if (rc == 1)
@@ -184,17 +485,22 @@ int main(int argc, char **argv)
                relay.settings.admin_addr);
     }
 
-    relay.tables = calloc(source_count, sizeof(*relay.tables));
-    if (!relay.tables && source_count) {
+    relay.tables = calloc(source_count + 1, sizeof(*relay.tables));
+    relay.sources = calloc(source_count + 1, sizeof(*relay.sources));
+    if (!relay.tables || !relay.sources) {
         log_error("out of memory");
         goto out;
     }
     for (size_t i = 0; i < source_count; i++) {
-        relay.tables[i] = outbox_table_create(&relay, &sources[i]);
-        if (!relay.tables[i]) {
+        struct outbox_source *src = source_take(&sources[i]);
+        struct outbox_table *t = src ? outbox_table_create(&relay, src) : NULL;
+        if (!t) {
+            source_free(src);
             log_error("out of memory creating table publishers");
             goto out;
         }
+        relay.sources[i] = src;
+        relay.tables[i] = t;
         relay.table_count++;
     }
 
@@ -204,6 +510,9 @@ int main(int argc, char **argv)
     ev_signal_start(relay.loop, &sig_term);
     ev_signal_start(relay.loop, &sig_int);
     ev_signal_start(relay.loop, &sig_hup);
+    ev_async_init(&reload.done, reload_done_cb);
+    ev_async_start(relay.loop, &reload.done);
+    ev_timer_init(&retire_timer, retire_cb, 0.05, 0.05);
     signal(SIGPIPE, SIG_IGN);
     ev_timer_init(&status_timer, status_cb, 0.0, 0.5);
     ev_timer_start(relay.loop, &status_timer);
@@ -217,11 +526,29 @@ int main(int argc, char **argv)
     status = 0;
 
 out:
+    /* The reload thread reads the live sources: it ends (its connects are bounded) before
+     * they are freed. */
+    if (reload.running)
+        pthread_join(reload.thread, NULL);
+    relay_sources_free(reload.fresh, reload.fresh_count);
+    free(reload.added);
+    /* The producer first: its purged messages are dropped without reports, so no table is
+     * called after this, retiring ones included. */
     if (relay.loop)
         relay_producer_stop(&relay);
-    for (size_t i = 0; i < relay.table_count; i++)
+    for (size_t i = 0; i < relay.table_count; i++) {
         outbox_table_destroy(relay.tables[i]);
+        source_free(relay.sources[i]);
+    }
     free(relay.tables);
+    free(relay.sources);
+    while (retiring) {
+        struct retiring *r = retiring;
+        retiring = r->next;
+        outbox_table_destroy(r->table);
+        source_free(r->src);
+        free(r);
+    }
     admin_stop(admin);
     relay_sources_free(sources, source_count);
     relay_settings_free(&relay.settings);

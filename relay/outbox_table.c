@@ -109,6 +109,8 @@ struct outbox_table {
     unsigned claim_gen; /* the generation that sent the claim in flight */
     int claim_limit;    /* the LIMIT of the claim in flight */
     bool claiming;      /* false after SIGTERM */
+    bool released;      /* outbox_table_release: no session, never reconnects */
+    size_t in_producer; /* messages produced, not yet reported (any generation) */
     bool more;          /* the last claim was full or a NOTIFY arrived */
     int64_t cursor;
     size_t inflight; /* claimed rows not yet deleted (this generation) */
@@ -347,6 +349,8 @@ static void notify_cb(struct pgloop *pg, const char *channel, const char *payloa
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct outbox_table *t = w->data;
+    if (t->released)
+        return;
     switch (t->phase) {
     case PHASE_DISCONNECTED:
         set_phase(t, PHASE_CONNECTING);
@@ -571,6 +575,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
                                                 payload, payload_len, r->created_ms, h, r);
         if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
             produced++;
+            t->in_producer++;
             t->inflight++;
             if (r->seq > t->cursor)
                 t->cursor = r->seq;
@@ -796,6 +801,7 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     struct batch *b = r->batch;
     struct outbox_table *t = b->table;
     b->unresolved--;
+    t->in_producer--;
     if (b->gen != t->gen) {
         /* Claimed before a reset: the row is still in the table and is claimed again. The
          * reset detached this batch; its last report frees it. */
@@ -870,6 +876,27 @@ void outbox_table_stop_claiming(struct outbox_table *t)
 {
     t->claiming = false;
     kick(t);
+}
+
+/* Closing the sessions ends the advisory lock with the lock session. The generation moves on
+ * (reset_state), so that reports of batches still in the producer only free them; kick() may
+ * still run step(), which stops at once without a connection, and timer_cb ignores a released
+ * table, so nothing connects again. */
+void outbox_table_release(struct outbox_table *t)
+{
+    t->released = true;
+    t->claiming = false;
+    ev_timer_stop(t->relay->loop, &t->timer);
+    ev_idle_stop(t->relay->loop, &t->kick);
+    claim_close(t);
+    pgloop_close(t->pg);
+    reset_state(t);
+    set_phase(t, PHASE_DISCONNECTED);
+}
+
+size_t outbox_table_in_producer(const struct outbox_table *t)
+{
+    return t->in_producer;
 }
 
 bool outbox_table_drained(const struct outbox_table *t)

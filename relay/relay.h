@@ -30,6 +30,7 @@ struct relay_settings {
     int64_t reconnect_max_ms;
     int64_t drain_timeout_ms; /* SIGTERM: how long to wait for acknowledgements */
     int64_t linger_ms;
+    bool sources_from_env; /* RELAY_OUTBOX_TABLES is used (decided once, at start) */
 };
 
 /* One outbox table of one database. */
@@ -47,6 +48,16 @@ __attribute__((warn_unused_result)) int relay_config_load(int argc, char **argv,
                                                           struct outbox_source **sources,
                                                           size_t *count, char *err, size_t errlen);
 void relay_sources_free(struct outbox_source *sources, size_t count);
+
+/* The sources again, from settings already loaded by relay_config_load (SIGHUP): those of
+ * RELAY_OUTBOX_TABLES as at start (the environment of a running process does not change) and
+ * those of RELAY_CONFIG read anew, with the same checks and errors (naming the file and the
+ * JSON path). Touches no global state but getenv, so it may run off the loop. Returns 0, or -1
+ * with err. *sources is a new array the caller frees with relay_sources_free(), also on
+ * failure. */
+__attribute__((warn_unused_result)) int relay_sources_load(const struct relay_settings *settings,
+                                                           struct outbox_source **sources,
+                                                           size_t *count, char *err, size_t errlen);
 void relay_settings_free(struct relay_settings *settings);
 
 /* Checks, with a blocking connection before the loop starts, that the table and its dead-letter
@@ -65,6 +76,16 @@ void outbox_table_start(struct outbox_table *t);
 /* Stop claiming; keep deleting what is acknowledged. */
 void outbox_table_stop_claiming(struct outbox_table *t);
 
+/* Lets the table go (a source removed by SIGHUP): closes both sessions, which releases the
+ * leader lock, forgets what it claimed (those rows stay in the table) and never reconnects.
+ * Delivery reports of its messages still in the producer may arrive afterwards and are
+ * dropped; destroy the table only once outbox_table_in_producer() is 0. */
+void outbox_table_release(struct outbox_table *t);
+
+/* Messages of this table handed to the producer and not yet reported: while it is not 0 the
+ * producer may still call outbox_table_delivered() for it. */
+size_t outbox_table_in_producer(const struct outbox_table *t);
+
 /* True when nothing claimed is left unresolved (all acknowledged rows deleted). */
 bool outbox_table_drained(const struct outbox_table *t);
 
@@ -80,6 +101,7 @@ struct relay {
     struct relay_settings settings;
     rd_kafka_t *producer;
     struct outbox_table **tables;
+    struct outbox_source **sources; /* sources[i] is tables[i]'s, owned (one allocation each) */
     size_t table_count;
     bool stopping;
     bool kafka_up;

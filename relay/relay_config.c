@@ -293,9 +293,11 @@ static int load_config_file(const char *path, struct outbox_source **srcs, size_
     fclose(f);
     text[len] = '\0';
     int rc = -1;
-    cJSON *doc = cJSON_ParseWithLength(text, len);
+    /* The error position from the parse itself, not cJSON_GetErrorPtr(): that is one global,
+     * and a SIGHUP reload parses this file in a thread while the loop parses headers. */
+    const char *at = NULL;
+    cJSON *doc = cJSON_ParseWithLengthOpts(text, len, &at, false);
     if (!doc) {
-        const char *at = cJSON_GetErrorPtr();
         int line = 1, col = 1;
         for (const char *p = text; at && p < at && *p; p++) {
             if (*p == '\n') {
@@ -382,6 +384,42 @@ out:
     return rc;
 }
 
+int relay_sources_load(const struct relay_settings *settings, struct outbox_source **sources,
+                       size_t *count, char *err, size_t errlen)
+{
+    *sources = NULL;
+    *count = 0;
+    if (settings->sources_from_env) {
+        const char *conninfo = settings->database_url ? settings->database_url : "";
+        if (check_conninfo(conninfo, "RELAY_DATABASE_URL (--database-url)", err, errlen))
+            return -1;
+        char *list = strdup(settings->outbox_tables);
+        if (!list) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        char *save = NULL;
+        int any = 0;
+        for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            any = 1;
+            if (add_table(sources, count, conninfo, tok, "RELAY_OUTBOX_TABLES (--outbox-tables)",
+                          err, errlen)) {
+                free(list);
+                return -1;
+            }
+        }
+        free(list);
+        if (!any) {
+            snprintf(err, errlen, "RELAY_OUTBOX_TABLES (--outbox-tables): no table given");
+            return -1;
+        }
+    }
+    if (settings->config_file &&
+        load_config_file(settings->config_file, sources, count, err, errlen))
+        return -1;
+    return 0;
+}
+
 int relay_config_load(int argc, char **argv, struct relay_settings *settings,
                       struct outbox_source **sources, size_t *count, char *err, size_t errlen)
 {
@@ -409,33 +447,8 @@ int relay_config_load(int argc, char **argv, struct relay_settings *settings,
     for (int i = 0; i < argc; i++)
         if (!strncmp(argv[i], "--outbox-tables", 15))
             tables_given = true;
-    if (settings->database_url || !settings->config_file || tables_given) {
-        const char *conninfo = settings->database_url ? settings->database_url : "";
-        if (check_conninfo(conninfo, "RELAY_DATABASE_URL (--database-url)", err, errlen))
-            return -1;
-        char *list = strdup(settings->outbox_tables);
-        if (!list) {
-            snprintf(err, errlen, "out of memory");
-            return -1;
-        }
-        char *save = NULL;
-        int any = 0;
-        for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-            any = 1;
-            if (add_table(sources, count, conninfo, tok, "RELAY_OUTBOX_TABLES (--outbox-tables)",
-                          err, errlen)) {
-                free(list);
-                return -1;
-            }
-        }
-        free(list);
-        if (!any) {
-            snprintf(err, errlen, "RELAY_OUTBOX_TABLES (--outbox-tables): no table given");
-            return -1;
-        }
-    }
-    if (settings->config_file &&
-        load_config_file(settings->config_file, sources, count, err, errlen))
+    settings->sources_from_env = settings->database_url || !settings->config_file || tables_given;
+    if (relay_sources_load(settings, sources, count, err, errlen))
         return -1;
     if (settings->admin_addr && *settings->admin_addr && !strchr(settings->admin_addr, ':')) {
         snprintf(err, errlen, "RELAY_ADMIN_ADDR (--admin-addr): \"%s\" is not host:port",

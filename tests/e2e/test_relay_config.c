@@ -1,5 +1,7 @@
 /* End-to-end: the outbox relay's start-up: bad configuration exits 2 with a message on stderr
- * that names the problem and never shows a password; SIGTERM during start-up exits 0. */
+ * that names the problem and never shows a password; SIGTERM during start-up exits 0. And
+ * SIGHUP: RELAY_CONFIG read again, tables added and removed while the others run on, a bad
+ * file rejected as a whole. */
 #include "relay_e2e.h"
 
 TestSuite(relay_config, .timeout = 120);
@@ -218,4 +220,350 @@ Test(relay_config, sigterm_during_startup_exits_0)
     close(cfd);
     close(lfd);
     proc_cleanup(&p);
+}
+
+/* ---- SIGHUP ------------------------------------------------------------------------------ */
+
+/* Writes RELAY_CONFIG: one source, e's database, with the tables given (NULL-terminated). The
+ * file is written aside and renamed over, as a deployment would, so the relay never reads a
+ * half-written file. */
+static void write_config(const char *path, const struct e2e *e, const char *const tables[])
+{
+    char tmp[300];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    cr_assert(f, "cannot write %s", tmp);
+    fprintf(f, "{\"sources\": [{\"name\": \"main\", \"database_url\": \"%s\", \"tables\": [",
+            e->db.url);
+    for (size_t i = 0; tables[i]; i++)
+        fprintf(f, "%s\"%s\"", i ? ", " : "", tables[i]);
+    fprintf(f, "]}]}\n");
+    cr_assert(!fclose(f));
+    cr_assert(!rename(tmp, path));
+}
+
+static void write_text(const char *path, const char *text)
+{
+    char tmp[300];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    cr_assert(f, "cannot write %s", tmp);
+    fputs(text, f);
+    cr_assert(!fclose(f));
+    cr_assert(!rename(tmp, path));
+}
+
+/* Starts the relay with RELAY_CONFIG=path alone (no RELAY_DATABASE_URL, no
+ * RELAY_OUTBOX_TABLES) and more env (NULL-terminated, may be NULL). */
+static void start_with_config(struct e2e *e, struct proc *p, const char *path,
+                              const char *const more[])
+{
+    static char config[320];
+    snprintf(config, sizeof(config), "RELAY_CONFIG=%s", path);
+    const char *env[16] = {config, "RELAY_DATABASE_URL", "RELAY_OUTBOX_TABLES"};
+    size_t n = 3;
+    for (size_t i = 0; more && more[i] && n < 15; i++)
+        env[n++] = more[i];
+    env[n] = NULL;
+    e2e_relay_start(e, p, env);
+}
+
+/* Lines of the relay's log where it starts leading the table (the message, then its field). */
+static size_t leading_lines(const struct proc *p, const char *table)
+{
+    char needle[200];
+    snprintf(needle, sizeof(needle), "leading: publishing this table\",\"table\":\"%s\"", table);
+    return proc_count_log(p, needle);
+}
+
+/* Inserts rows [from, to) of the model into table. */
+static void insert_into(struct e2e *e, const char *table, long from, long to)
+{
+    snprintf(e->table, sizeof(e->table), "%s", table);
+    e2e_insert(e, from, to);
+}
+
+/* The relay's metric series, or -1. */
+static double metric_now(int port, const char *series)
+{
+    char *body;
+    int status = e2e_http_get(port, "/metrics", &body);
+    double v = status == 200 ? e2e_metric(body, series) : -2;
+    free(body);
+    return v;
+}
+
+/* Granted holders of the relay's leader lock of schema.table (outbox_sql.c: a 64-bit FNV-1a
+ * hash of "saga-relay:schema.table", a bigint advisory lock, so classid is its high half). */
+static long lock_holders(struct e2e *e, const char *table)
+{
+    uint64_t h = 1469598103934665603ULL;
+    char key[200];
+    snprintf(key, sizeof(key), "saga-relay:%s", table);
+    for (const char *p = key; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+    char classid[24], objid[24];
+    snprintf(classid, sizeof(classid), "%" PRIu32, (uint32_t)(h >> 32));
+    snprintf(objid, sizeof(objid), "%" PRIu32, (uint32_t)h);
+    const char *params[] = {classid, objid};
+    return pgtest_count(e->conn,
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND classid = $1::oid AND objid = $2::oid AND objsubid = 1",
+                        2, params);
+}
+
+/* (a) A table added to the file and SIGHUP: it is published; the table already published is
+ * not touched (it never leads a second time, never reconnects). */
+Test(relay_config, sighup_adds_a_table)
+{
+    struct e2e e;
+    e2e_setup(&e, "hupadd", 10);
+    pgtest_exec(e.conn, "SELECT saga.create_outbox('inventory')");
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-add.json", (int)getpid());
+    write_config(path, &e, (const char *[]){"saga.outbox", NULL});
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    start_with_config(&e, &relay, path, NULL);
+    int port = e2e_admin_port(&relay);
+    cr_assert(proc_wait_log(&relay, "leading: publishing", NULL, 15000, NULL, 0));
+    insert_into(&e, "saga.outbox", 0, 200);
+    cr_assert(e2e_wait_all(c, 200, 30000, NULL), "saga.outbox is not published");
+    /* Rows of the second table before it is in the file stay there. */
+    insert_into(&e, "inventory.outbox", 200, 400);
+
+    write_config(path, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
+    size_t from = 0;
+    proc_signal(&relay, SIGHUP);
+    char line[2048];
+    if (!proc_wait_log(&relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("no reload logged within 15 s of SIGHUP");
+    }
+    cr_assert(strstr(line, "\"added\":\"1\"") && strstr(line, "\"removed\":\"0\"") &&
+                  strstr(line, "\"unchanged\":\"1\"") && strstr(line, "inventory.outbox") &&
+                  strstr(line, "\"level\":\"info\""),
+              "%s", line);
+    insert_into(&e, "inventory.outbox", 400, 600);
+    insert_into(&e, "saga.outbox", 600, 800);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 800, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 800 rows arrived after the table was added", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify_opts(&e, c, 800, true, false);
+    cr_assert_eq(leading_lines(&relay, "inventory.outbox"), 1);
+    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
+    cr_assert_eq(proc_count_log(&relay, "lost the"), 0, "a session was lost");
+    cr_assert(metric_now(port, "relay_db_reconnects_total{table=\"saga.outbox\"}") <= 0);
+    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
+    char *body = e2e_wait_ready(port, 15000);
+    cr_assert(strstr(body, "saga.outbox leading") && strstr(body, "inventory.outbox leading"), "%s",
+              body);
+    free(body);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    unlink(path);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* (b) A table removed from the file and SIGHUP while rows of it are in flight (every broker
+ * response is delayed): it stops claiming, what it claimed is acknowledged and deleted, then
+ * it lets the table go (its lock is free); rows inserted afterwards stay in the table, and
+ * another relay publishes them, each row exactly once in all. The other table runs on. */
+Test(relay_config, sighup_removes_a_table)
+{
+    struct e2e e;
+    e2e_setup(&e, "hupdel", 10);
+    pgtest_exec(e.conn, "SELECT saga.create_outbox('inventory')");
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-del.json", (int)getpid());
+    write_config(path, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=50", "RELAY_MAX_INFLIGHT=200", NULL};
+    start_with_config(&e, &relay, path, env);
+    int port = e2e_admin_port(&relay);
+    size_t from = 0;
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    cr_assert_eq(lock_holders(&e, "inventory.outbox"), 1);
+
+    devbroker_command(&e.broker, "rtt 1 300");
+    const long first = 3000;
+    insert_into(&e, "inventory.outbox", 0, first);
+    /* Wait (bounded) until /readyz shows rows of inventory.outbox in flight. */
+    bool inflight = false;
+    for (int64_t deadline = proc_now_ms() + 20000; !inflight && proc_now_ms() < deadline;) {
+        char *body;
+        if (e2e_http_get(port, "/readyz", &body)) {
+            const char *at = body ? strstr(body, "inventory.outbox leading inflight=") : NULL;
+            inflight = at && atol(at + strlen("inventory.outbox leading inflight=")) > 0;
+        }
+        free(body);
+        if (!inflight) {
+            struct timespec ts = {0, 20 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+    cr_assert(inflight, "no row of inventory.outbox in flight within 20 s");
+
+    write_config(path, &e, (const char *[]){"saga.outbox", NULL});
+    proc_signal(&relay, SIGHUP);
+    char line[2048];
+    if (!proc_wait_log(&relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("no reload logged within 15 s of SIGHUP");
+    }
+    cr_assert(strstr(line, "\"added\":\"0\"") && strstr(line, "\"removed\":\"1\"") &&
+                  strstr(line, "\"unchanged\":\"1\""),
+              "%s", line);
+    if (!proc_wait_log(&relay, "letting the table go", &from, 30000, line, sizeof(line))) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("the removed table was not let go within 30 s");
+    }
+    cr_assert(strstr(line, "every claimed row is acknowledged and deleted") &&
+                  strstr(line, "inventory.outbox"),
+              "%s", line);
+    /* The lock is free (the server ends the closed session on its own time: bounded wait),
+     * the other table's is not. */
+    long holders = 1;
+    for (int64_t deadline = proc_now_ms() + 10000;
+         (holders = lock_holders(&e, "inventory.outbox")) && proc_now_ms() < deadline;) {
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    cr_assert_eq(holders, 0, "the removed table's lock is still held after 10 s");
+    cr_assert_eq(lock_holders(&e, "saga.outbox"), 1);
+    devbroker_command(&e.broker, "rtt 1 0");
+
+    /* Every row published is deleted; every other row is still in the table. */
+    size_t n;
+    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    unsigned char *published = calloc((size_t)first, 1);
+    cr_assert(published);
+    long published_count = 0;
+    for (size_t i = 0; i < n; i++) {
+        long g = id_row(kmsg_header(msgs[i], "message-id", NULL));
+        if (g >= 0 && g < first && !published[g]) {
+            published[g] = 1;
+            published_count++;
+        }
+    }
+    free(msgs);
+    cr_assert(published_count > 0, "nothing of inventory.outbox was published");
+    PGresult *res = pgtest_query(e.conn, "SELECT id::text FROM inventory.outbox", 0, NULL);
+    long left = PQntuples(res);
+    for (long i = 0; i < left; i++) {
+        long g = id_row(PQgetvalue(res, (int)i, 0));
+        cr_assert(g >= 0 && g < first && !published[g],
+                  "row %ld is published and still in the table", g);
+    }
+    PQclear(res);
+    cr_assert_eq(left + published_count, first, "%ld left + %ld published != %ld", left,
+                 published_count, first);
+    free(published);
+
+    /* Rows inserted now stay in the removed table while the other table is published. */
+    insert_into(&e, "inventory.outbox", first, first + 100);
+    insert_into(&e, "saga.outbox", first + 100, first + 200);
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "saga.outbox no longer published");
+    cr_assert_eq(e2e_table_count(&e, "inventory.outbox"), left + 100);
+    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
+
+    /* Another relay takes the table over and publishes the rest: each row exactly once. */
+    struct proc second;
+    const char *env2[] = {"RELAY_OUTBOX_TABLES=inventory.outbox", "RELAY_CONFIG", NULL};
+    e2e_relay_start(&e, &second, env2);
+    cr_assert(proc_wait_log(&second, "leading: publishing", NULL, 15000, NULL, 0),
+              "the second relay does not take the table");
+    long distinct = 0;
+    if (!e2e_wait_all(c, first + 200, 30000, &distinct)) {
+        proc_dump(&second, "second relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived", distinct, first + 200);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
+    e2e_verify_opts(&e, c, first + 200, true, false);
+    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
+    e2e_relay_stop(&second);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&second);
+    proc_cleanup(&relay);
+    unlink(path);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* (c) A broken file and SIGHUP: an ERROR naming the file and the place in it, nothing changes,
+ * the tables keep being published. Also a file whose new table does not exist (the check of
+ * start-up): rejected as a whole, though its other table is fine. */
+Test(relay_config, sighup_rejects_a_broken_file)
+{
+    struct e2e e;
+    e2e_setup(&e, "hupbad", 10);
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-bad.json", (int)getpid());
+    write_config(path, &e, (const char *[]){"saga.outbox", NULL});
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    start_with_config(&e, &relay, path, NULL);
+    int port = e2e_admin_port(&relay);
+    size_t from = 0;
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    insert_into(&e, "saga.outbox", 0, 100);
+    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+
+    char text[2048];
+    snprintf(text, sizeof(text),
+             "{\"sources\": [{\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"],\n"
+             "  \"colour\": \"red\"}]}\n",
+             e.db.url);
+    write_text(path, text);
+    proc_signal(&relay, SIGHUP);
+    char line[4096];
+    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line))) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("no rejection logged within 15 s of SIGHUP");
+    }
+    cr_assert(strstr(line, "\"level\":\"error\"") && strstr(line, path) &&
+                  strstr(line, "$.sources[0].colour"),
+              "%s", line);
+
+    write_text(path, "{\"sources\": [\n");
+    proc_signal(&relay, SIGHUP);
+    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
+        cr_assert_fail("no rejection of invalid JSON logged within 15 s of SIGHUP");
+    cr_assert(strstr(line, path) && strstr(line, "invalid JSON"), "%s", line);
+
+    write_config(path, &e, (const char *[]){"saga.outbox", "nosuch.outbox", NULL});
+    proc_signal(&relay, SIGHUP);
+    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
+        cr_assert_fail("no rejection of a missing table logged within 15 s of SIGHUP");
+    cr_assert(strstr(line, path) && strstr(line, "nosuch.outbox") && strstr(line, "does not exist"),
+              "%s", line);
+
+    /* Still publishing, never reloaded, never led again. */
+    insert_into(&e, "saga.outbox", 100, 300);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 300, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld of 300 rows arrived after the rejected reloads", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 300, true);
+    cr_assert_eq(proc_count_log(&relay, "sources reloaded"), 0);
+    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1);
+    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"error\"}"), 3.0);
+    cr_assert(metric_now(port, "relay_config_reloads_total{result=\"ok\"}") <= 0);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    unlink(path);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
 }
