@@ -141,10 +141,14 @@ static void stop_cb(struct ev_loop *loop, ev_signal *w, int revents)
 
 /* SIGHUP: definitions are validated and registered again, off the loop (a thread with its
  * own blocking connection), then swapped in on the loop. A rejected set changes nothing.
- * The previous registry is retired, not freed: a batch in flight may still point into it. */
+ * The previous registry is retired, not freed: a batch in flight may still point into it.
+ * A request that comes while a reload runs is queued, not dropped: the running reload may
+ * have read the directory (or saga.definitions) before the change the request is about.
+ * Any number of such requests make one more reload, once the running one is done. */
 static struct {
     pthread_t thread;
     bool running;
+    bool queued; /* requested while running: one more reload after it */
     ev_async done;
     struct registry fresh;
     struct registry retired;
@@ -162,10 +166,10 @@ static void *reload_main(void *arg)
     return arg;
 }
 
-static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
+static void reload_start(const char *why);
+
+static void reload_swap(void)
 {
-    pthread_join(reload.thread, NULL);
-    reload.running = false;
     if (reload.rc) {
         log_at(LOG_ERROR, LOG_FIELDS("errors", reload.err),
                "SIGHUP: definitions rejected; still running the previous ones");
@@ -190,28 +194,42 @@ static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
     log_info("SIGHUP: %zu definition version(s) loaded", orch.registry.count);
 }
 
-void orch_request_reload(void)
+static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
-    if (reload.running)
+    pthread_join(reload.thread, NULL);
+    reload.running = false;
+    reload_swap();
+    if (reload.queued && !orch.stopping) {
+        reload.queued = false;
+        reload_start("a reload requested while the previous one ran");
+    }
+}
+
+/* Starts a reload, or queues one when a reload is running (see above). Loop thread only. */
+static void reload_start(const char *why)
+{
+    if (reload.running) {
+        if (!reload.queued)
+            log_at(LOG_INFO, LOG_FIELDS("reason", why),
+                   "SIGHUP: a reload is running; another one follows it");
+        reload.queued = true;
         return;
+    }
     reload.running = true;
     if (pthread_create(&reload.thread, NULL, reload_main, NULL)) {
         reload.running = false;
-        log_error("cannot start the definitions reload thread");
+        log_error("SIGHUP: cannot start the definitions reload thread");
     }
+}
+
+void orch_request_reload(void)
+{
+    reload_start("sagas of a definition version not loaded here");
 }
 
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    if (reload.running) {
-        log_info("SIGHUP: a reload is already running");
-        return;
-    }
-    reload.running = true;
-    if (pthread_create(&reload.thread, NULL, reload_main, NULL)) {
-        reload.running = false;
-        log_error("SIGHUP: cannot start the reload thread");
-    }
+    reload_start("SIGHUP");
 }
 
 static void describe_metrics(void)
@@ -222,7 +240,11 @@ static void describe_metrics(void)
     metrics_describe("saga_sagas_failed_total", "counter",
                      "Sagas whose compensation gave up (waiting for saga.retry).");
     metrics_describe("saga_replies_total", "counter",
-                     "Replies by result: applied, duplicate, late, unknown, malformed.");
+                     "Replies by result: applied, duplicate, late, unknown, malformed, "
+                     "dead_lettered.");
+    metrics_describe("saga_replies_trace_mismatch_total", "counter",
+                     "Replies to a known saga (applied or late) whose traceparent is missing, "
+                     "malformed or of another trace than the saga's.");
     metrics_describe("saga_deadlines_fired_total", "counter", "Step timeouts and backoffs fired.");
     metrics_describe("saga_step_latency_seconds", "histogram", "From a command to its reply.");
     metrics_describe("saga_batch_sagas", "histogram", "Sagas per transaction.");
@@ -231,7 +253,8 @@ static void describe_metrics(void)
     metrics_describe("saga_replies_queued", "gauge", "Replies consumed, not yet applied.");
     metrics_describe("saga_sagas_in_flight", "gauge",
                      "Sagas not finished, by status (all orchestrators; measured every 5 s).");
-    metrics_describe("saga_db_reconnects_total", "counter", "Lost or failed database connections.");
+    metrics_describe("saga_db_reconnects_total", "counter",
+                     "Lost or failed database connections (or session setups).");
 }
 
 static int migrate_now(const char *conninfo, char *err, size_t errlen)

@@ -97,8 +97,13 @@ struct reply_msg {
     char in_reply_to[SAGA_UUID_LEN + 1];
     char saga_id[SAGA_UUID_LEN + 1];
     bool success;
-    cJSON *data; /* owned */
-    char *error; /* owned: why it is malformed, NULL when well-formed */
+    /* The trace-id of the traceparent header (32 lowercase hex digits), "" when the header is
+     * missing or malformed. Never a reason to refuse a reply: compared with the saga's trace
+     * id only to count and log replies that left the trace (worker.c). */
+    char trace_id[33];
+    char traceparent[64]; /* the header as received (reply_text, cut), "" when missing */
+    cJSON *data;          /* owned */
+    char *error;          /* owned: why it is malformed, NULL when well-formed */
 };
 
 /* Parses a consumed message; never fails: a malformed one gets error set. Takes ownership

@@ -125,6 +125,45 @@ static int header_uuid(rd_kafka_headers_t *hdrs, const char *name, char out[SAGA
     return 0;
 }
 
+static bool hex_run(const char *s, size_t n)
+{
+    bool nonzero = false;
+    for (size_t i = 0; i < n; i++) {
+        if (!isxdigit((unsigned char)s[i]))
+            return false;
+        nonzero = nonzero || s[i] != '0';
+    }
+    return nonzero;
+}
+
+/* The trace-id of a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>"; a later version may add
+ * fields after a '-'), lowercased, into out; "" when missing or malformed (version ff, an
+ * all-zero trace or parent id). The raw header, as text, goes to raw (cut to fit). */
+static void header_trace_id(rd_kafka_headers_t *hdrs, char out[33], char raw[64])
+{
+    const void *val;
+    size_t size;
+    out[0] = raw[0] = '\0';
+    if (!hdrs || rd_kafka_header_get_last(hdrs, "traceparent", &val, &size) || !val)
+        return;
+    char *text = reply_text(val, size < 63 ? size : 63);
+    if (text) {
+        snprintf(raw, 64, "%s", text);
+        free(text);
+    }
+    const char *s = val;
+    if (size < 55 || (size > 55 && s[55] != '-') || !isxdigit((unsigned char)s[0]) ||
+        !isxdigit((unsigned char)s[1]) ||
+        (tolower((unsigned char)s[0]) == 'f' && tolower((unsigned char)s[1]) == 'f') ||
+        s[2] != '-' || s[35] != '-' || s[52] != '-' || !hex_run(s + 3, 32) ||
+        !hex_run(s + 36, 16) || !isxdigit((unsigned char)s[53]) ||
+        !isxdigit((unsigned char)s[54]) || (s[0] == '0' && s[1] == '0' && size != 55))
+        return;
+    for (size_t i = 0; i < 32; i++)
+        out[i] = (char)tolower((unsigned char)s[3 + i]);
+    out[32] = '\0';
+}
+
 void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
 {
     memset(out, 0, sizeof(*out));
@@ -134,6 +173,7 @@ void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
     const char *problem = NULL;
     const void *val;
     size_t size;
+    header_trace_id(hdrs, out->trace_id, out->traceparent);
     if (header_uuid(hdrs, "message-id", out->message_id))
         problem = "header message-id is missing or not a uuid";
     else if (header_uuid(hdrs, "in-reply-to", out->in_reply_to))

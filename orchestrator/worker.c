@@ -90,7 +90,7 @@ struct worker {
     size_t reply_count; /* replies of o->pending in this batch */
     char *apply_doc;
     uint64_t started, completed, compensated, failed, deadlines, applied, duplicates, late, unknown,
-        malformed;
+        malformed, trace_mismatches;
     int64_t counted_ms; /* when saga_sagas_in_flight was last measured */
     /* The failure being handled: set by failed(), acted upon once ROLLBACK returns. */
     enum wfail fail;
@@ -145,13 +145,13 @@ static void batch_reset(struct worker *w)
     free(w->apply_doc);
     w->apply_doc = NULL;
     w->started = w->completed = w->compensated = w->failed = w->deadlines = 0;
-    w->applied = w->duplicates = w->late = w->unknown = w->malformed = 0;
+    w->applied = w->duplicates = w->late = w->unknown = w->malformed = w->trace_mismatches = 0;
 }
 
-static void lost(struct worker *w)
+/* The session is gone or unusable: close it and connect again after a pause that doubles up
+ * to SAGA_RECONNECT_MAX (reset once a session is set up: listen_cb). */
+static void reconnect_later(struct worker *w)
 {
-    log_at(LOG_WARN, LOG_FIELDS("worker", w->name, "error", pgloop_error(w->pg)),
-           "database connection lost or refused; retrying");
     pgloop_close(w->pg);
     batch_reset(w); /* the server rolled the transaction back */
     w->fail = F_NONE;
@@ -161,6 +161,13 @@ static void lost(struct worker *w)
     w->backoff_ms = w->backoff_ms * 2 > w->o->settings.reconnect_max_ms
                         ? w->o->settings.reconnect_max_ms
                         : w->backoff_ms * 2;
+}
+
+static void lost(struct worker *w)
+{
+    log_at(LOG_WARN, LOG_FIELDS("worker", w->name, "error", pgloop_error(w->pg)),
+           "database connection lost or refused; retrying");
+    reconnect_later(w);
 }
 
 /* Whether a failed statement may well succeed when the same batch runs again later: the
@@ -389,6 +396,7 @@ static void commit_cb(struct pgloop *pg, PGresult *res, void *arg)
     metrics_counter_add("saga_replies_total", "result=\"late\"", w->late);
     metrics_counter_add("saga_replies_total", "result=\"unknown\"", w->unknown);
     metrics_counter_add("saga_replies_total", "result=\"malformed\"", w->malformed);
+    metrics_counter_add("saga_replies_trace_mismatch_total", NULL, w->trace_mismatches);
     metrics_histogram_observe("saga_batch_sagas", NULL, (double)w->row_count);
     size_t replies = w->reply_count;
     bool full = w->row_count >= (size_t)w->o->settings.batch_size;
@@ -718,6 +726,25 @@ static void dead_letter(struct worker *w)
         w->state = W_IDLE;
 }
 
+/* A reply should carry the trace of the saga it answers (its command's traceparent, sent
+ * back). One without it, or from another trace, is applied all the same (tracing never
+ * decides what a saga does), but counted and logged: a participant that drops or replaces
+ * the traceparent breaks the saga's trace. Counted at commit, with the batch's other counts. */
+static void check_trace(struct worker *w, const struct reply_msg *r, const struct saga_row *row)
+{
+    if (row->state.trace_id && !strcmp(r->trace_id, row->state.trace_id))
+        return;
+    w->trace_mismatches++;
+    const char *what = !r->traceparent[0] ? "a reply without a traceparent"
+                       : !r->trace_id[0]  ? "a reply with a malformed traceparent"
+                                          : "a reply from another trace than its saga's";
+    log_at(LOG_WARN,
+           LOG_FIELDS("saga_id", r->saga_id, "message_id", r->message_id, "trace_id",
+                      row->state.trace_id, "reply_trace_id", r->trace_id[0] ? r->trace_id : NULL,
+                      "reply_traceparent", r->traceparent[0] ? r->traceparent : NULL),
+           "%s; applied all the same", what);
+}
+
 static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct worker *w = arg;
@@ -785,6 +812,7 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
                    "reply for an unknown saga recorded and ignored");
             continue;
         }
+        check_trace(w, r, row);
         int64_t sent_ms = 0;
         if (row->state.wait == SAGA_WAIT_REPLY && row->state.step >= 0 &&
             (size_t)row->state.step < row->def->step_count)
@@ -1041,13 +1069,26 @@ static void start_claim_batch(struct worker *w)
 
 /* ---- connection and scheduling --------------------------------------------------------- */
 
+/* The session's settings (and the claim worker's LISTEN) are sent once per connection. When
+ * they fail (a server in recovery refuses LISTEN, say, after a failover to a standby), the
+ * session is not usable as it is: rolling back and going on would leave a claim worker that
+ * never hears a notification and sessions without the planner settings, for as long as the
+ * connection lasts. So the session is closed and set up again on a new connection, with the
+ * reconnection's backoff (which only a session set up in full resets). */
 static void listen_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct worker *w = arg;
+    if (!res)
+        return; /* connection lost: state_cb follows */
     if (!ok(res)) {
-        failed(w, res, "LISTEN");
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        log_at(LOG_WARN,
+               LOG_FIELDS("worker", w->name, "sqlstate", state, "error", PQresultErrorMessage(res)),
+               "database session setup failed; reconnecting");
+        reconnect_later(w);
         return;
     }
+    w->backoff_ms = 100;
     w->state = W_IDLE;
     w->more = true;
     worker_kick(w);
@@ -1061,7 +1102,6 @@ static void state_cb(struct pgloop *pg, bool up, void *arg)
         return;
     }
     log_at(LOG_INFO, LOG_FIELDS("worker", w->name), "database connected");
-    w->backoff_ms = 100;
     w->state = W_LISTEN;
     /* Every statement of ours touches a handful of rows through an index. The saga tables
      * grow fast and their statistics lag (autovacuum's analyze comes much later), and with

@@ -190,3 +190,63 @@ Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
     PQfinish(conn);
     pgtest_db_drop(&db);
 }
+
+/* A SIGHUP that comes while a reload runs is not dropped: one more reload runs after it, so
+ * that a change made after the running reload read the directory is loaded. The first reload
+ * is held (the test locks saga.definitions) until the second SIGHUP was handled. */
+Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct proc p;
+    start_orchestrator(&p, &db, &b, dir);
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+
+    /* The first reload reads the directory (alpha only), then waits for the lock. */
+    PGconn *locker = pgtest_connect(db.url);
+    pgtest_exec(locker, "BEGIN; LOCK TABLE saga.definitions IN SHARE MODE");
+    proc_signal(&p, SIGHUP);
+    cr_assert(wait_count(conn,
+                         "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                         "current_database() AND wait_event_type = 'Lock'",
+                         1, 20000),
+              "the first reload did not wait for the lock on saga.definitions");
+
+    /* A new definition, and a SIGHUP for it while the first reload runs. */
+    write_def(dir, "b.json", "beta", 1, "DoB");
+    size_t from = 0;
+    proc_signal(&p, SIGHUP);
+    cr_assert(proc_wait_log(&p, "SIGHUP: a reload is", &from, 20000, NULL, 0),
+              "the second SIGHUP was not handled while the first reload ran");
+    pgtest_exec(locker, "COMMIT");
+    PQfinish(locker);
+
+    if (!wait_count(conn, "SELECT count(*) FROM saga.definitions WHERE name = 'beta'", 1, 20000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the SIGHUP that came during a reload was dropped");
+    }
+    cr_assert(proc_wait_log(&p, "2 definition version(s) loaded", NULL, 20000, NULL, 0));
+    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    cr_assert(
+        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000),
+        "a saga of the definition loaded by the queued reload did not run");
+    /* Two SIGHUPs, two reloads: no more. */
+    cr_assert_eq(proc_count_log(&p, "SIGHUP: 1 definition version(s) loaded"), 1);
+    cr_assert_eq(proc_count_log(&p, "definition version(s) loaded"), 2);
+
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}

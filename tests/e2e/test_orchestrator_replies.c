@@ -269,32 +269,38 @@ Test(orchestrator_replies, replies_postgresql_cannot_store)
     saga_e2e_check_all_commands(&w, &s);
 }
 
-/* Transactions that fail for a while (a constraint refuses the outbox rows, then the inbox
- * rows): both workers roll back and retry, nothing is lost or applied twice once the cause
- * is gone. */
+/* Transactions that fail for a while with a transient error (a trigger refuses the outbox
+ * rows, then the inbox rows, with a serialization failure): both workers roll back and run
+ * the same batch again after a pause, nothing is lost or applied twice once the cause is
+ * gone. (A deterministic failure, a constraint, dead-letters the reply instead:
+ * test_orchestrator_poison.c.) */
 Test(orchestrator_replies, failing_transactions_retried)
 {
     size_t from = 0;
-    pgtest_exec(w.conn,
-                "ALTER TABLE saga.outbox ADD CONSTRAINT e2e_refuse CHECK (false) NOT VALID");
+    pgtest_exec(w.conn, "CREATE FUNCTION e2e_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$BEGIN RAISE EXCEPTION 'e2e: refused for a while' USING ERRCODE = "
+                        "'40001'; END$$");
+    pgtest_exec(w.conn, "CREATE TRIGGER e2e_refuse BEFORE INSERT ON saga.outbox FOR EACH ROW "
+                        "EXECUTE FUNCTION e2e_refuse()");
     struct saga_ref s;
     saga_e2e_start(&w, "e2e_order", "o-refused", NULL, NULL, &s);
-    if (!proc_wait_log(&w.orch, "failed; rolling back", &from, 30000, NULL, 0)) {
+    if (!proc_wait_log(&w.orch, "transient: the batch runs again", &from, 30000, NULL, 0)) {
         saga_e2e_dump(&w);
         cr_assert_fail("the claim transaction did not fail");
     }
     assert_value("SELECT status FROM saga.instances WHERE id = $1", s.id, "pending");
-    pgtest_exec(w.conn, "ALTER TABLE saga.outbox DROP CONSTRAINT e2e_refuse");
+    pgtest_exec(w.conn, "DROP TRIGGER e2e_refuse ON saga.outbox");
     const struct kmsg *m = expect_step(&s, "reserve_inventory");
 
-    pgtest_exec(w.conn, "ALTER TABLE saga.inbox ADD CONSTRAINT e2e_refuse CHECK (false) NOT VALID");
+    pgtest_exec(w.conn, "CREATE TRIGGER e2e_refuse BEFORE INSERT ON saga.inbox FOR EACH ROW "
+                        "EXECUTE FUNCTION e2e_refuse()");
     saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-50\"}", NULL, NULL);
-    if (!proc_wait_log(&w.orch, "saga.apply_batch failed", &from, 30000, NULL, 0)) {
+    if (!proc_wait_log(&w.orch, "transient: the batch runs again", &from, 30000, NULL, 0)) {
         saga_e2e_dump(&w);
         cr_assert_fail("the reply transaction did not fail");
     }
     assert_history(&s, "reserve_inventory:action:1:sent");
-    pgtest_exec(w.conn, "ALTER TABLE saga.inbox DROP CONSTRAINT e2e_refuse");
+    pgtest_exec(w.conn, "DROP TRIGGER e2e_refuse ON saga.inbox");
     m = expect_step(&s, "authorize_payment");
     saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
     m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
@@ -307,5 +313,69 @@ Test(orchestrator_replies, failing_transactions_retried)
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
                  "FROM saga.inbox",
                  NULL, "3 3");
+    assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
+    saga_e2e_check_all_commands(&w, &s);
+}
+
+/* The log line of the orchestrator that holds needle (after *from), or fails the test. */
+static void expect_log(const char *needle, size_t *from, char *line, size_t len)
+{
+    if (!proc_wait_log(&w.orch, needle, from, 10000, line, len)) {
+        saga_e2e_dump(&w);
+        cr_assert_fail("no log line with \"%s\"", needle);
+    }
+}
+
+/* Replies that leave the saga's trace (a traceparent of another trace, none at all) are
+ * applied like any other, and counted and logged with both trace ids; a reply that keeps the
+ * trace is not counted. */
+Test(orchestrator_replies, replies_outside_the_sagas_trace_are_applied_and_counted)
+{
+    static const char foreign[] = "4bf92f3577b34da6a3ce929d0e0e4736";
+    struct saga_ref s;
+    saga_e2e_start(&w, "e2e_order", "o-trace", NULL, NULL, &s);
+    cr_assert_str_neq(s.trace_id, foreign);
+    const struct kmsg *m = expect_step(&s, "reserve_inventory");
+    const char *cmd_id = kmsg_header(m, "message-id", NULL);
+
+    /* Another trace: applied, counted, logged. */
+    char id1[37];
+    saga_e2e_uuid(id1);
+    saga_e2e_produce_raw(&w, s.id, "{\"reservationId\": \"r-60\"}", "message-id", id1,
+                         "in-reply-to", cmd_id, "saga-id", s.id, "outcome", "success",
+                         "traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                         NULL);
+    const struct kmsg *a = expect_step(&s, "authorize_payment");
+    saga_e2e_wait_metric(&w, "saga_replies_trace_mismatch_total", 1, 10000);
+    size_t from = 0;
+    char line[2048];
+    expect_log("a reply from another trace than its saga's", &from, line, sizeof(line));
+    cr_assert(strstr(line, "\"level\":\"warn\"") && strstr(line, s.id) && strstr(line, id1) &&
+                  strstr(line, s.trace_id) && strstr(line, foreign),
+              "the warning must name the saga, the reply and both trace ids: %s", line);
+    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", id1, "applied");
+
+    /* The saga's own trace (as the participant got it): not counted. */
+    saga_e2e_reply(&w, a, "success", "{\"authorizationId\": \"a-60\"}", NULL, NULL);
+    m = expect_step(&s, "approve_order");
+    saga_e2e_wait_metric(&w, "saga_replies_total{result=\"applied\"}", 2, 10000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_trace_mismatch_total"), 1);
+
+    /* No traceparent at all: applied, counted. */
+    char id3[37];
+    saga_e2e_uuid(id3);
+    saga_e2e_produce_raw(&w, s.id, "{}", "message-id", id3, "in-reply-to",
+                         kmsg_header(m, "message-id", NULL), "saga-id", s.id, "outcome", "success",
+                         NULL);
+    m = expect_step(&s, "schedule_shipping");
+    saga_e2e_wait_metric(&w, "saga_replies_trace_mismatch_total", 2, 10000);
+    expect_log("a reply without a traceparent", &from, line, sizeof(line));
+    cr_assert(strstr(line, s.id) && strstr(line, id3) && strstr(line, s.trace_id), "%s", line);
+
+    saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
+    saga_e2e_wait_status(&w, &s, "completed", 30000);
+    cr_assert_eq(saga_e2e_metric(&w, "saga_replies_trace_mismatch_total"), 2);
+    assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
+                       "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
     saga_e2e_check_all_commands(&w, &s);
 }
