@@ -187,7 +187,7 @@ static void *reload_main(void *arg)
     return arg;
 }
 
-/* Appends ", name" (or "name") to list; a list that no longer fits ends with "...". */
+/* Appends ",schema.table" (no comma first) to list; a list that no longer fits ends with "...". */
 static void list_add(char *list, size_t size, const struct outbox_source *src)
 {
     size_t len = strlen(list);
@@ -355,6 +355,10 @@ static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
             continue;
         }
         *link = r->next;
+        char label[300];
+        snprintf(label, sizeof(label), "%s.%s", r->src->schema, r->src->table);
+        log_at(LOG_DEBUG, LOG_FIELDS("table", label),
+               "removed table freed: the producer holds no message of it");
         outbox_table_destroy(r->table);
         source_free(r->src);
         free(r);
