@@ -1,11 +1,15 @@
 /* saga-orchestrator start-up and SIGHUP: definitions are validated and registered at start
  * (any error: exit 2 naming it); SIGHUP loads new ones without stopping, and a rejected set
- * changes nothing. Real binary, real PostgreSQL, the dev broker. */
+ * changes nothing. Also the database sessions' set-up, which every (re)connection runs.
+ * Real binary, real PostgreSQL, the dev broker. */
+#include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,19 +33,26 @@ static void write_def(const char *dir, const char *file, const char *name, int v
     fclose(f);
 }
 
-static void start_orchestrator(struct proc *p, const struct pgtest_db *db,
-                               const struct devbroker *b, const char *dir)
+/* extra: up to two more environment entries (may be NULL). */
+static void start_orchestrator_env(struct proc *p, const char *url, const struct devbroker *b,
+                                   const char *dir, const char *extra1, const char *extra2)
 {
     static char env[4][1200];
-    snprintf(env[0], sizeof(env[0]), "SAGA_DATABASE_URL=%s", db->url);
+    snprintf(env[0], sizeof(env[0]), "SAGA_DATABASE_URL=%s", url);
     snprintf(env[1], sizeof(env[1]), "SAGA_KAFKA_BROKERS=%s", b->bootstrap);
     snprintf(env[2], sizeof(env[2]), "SAGA_DEFINITIONS_DIR=%s", dir);
     snprintf(env[3], sizeof(env[3]), "SAGA_ADMIN_ADDR=");
-    const char *envp[] = {env[0], env[1], env[2], env[3], NULL};
+    const char *envp[] = {env[0], env[1], env[2], env[3], extra1, extra1 ? extra2 : NULL, NULL};
     const char *argv[] = {getenv("SAGA_ORCHESTRATOR_BIN"), NULL};
     cr_assert_not_null(argv[0], "SAGA_ORCHESTRATOR_BIN is not set");
     struct proc_options opts = {.name = "orchestrator"};
     proc_start(p, argv, envp, &opts);
+}
+
+static void start_orchestrator(struct proc *p, const struct pgtest_db *db,
+                               const struct devbroker *b, const char *dir)
+{
+    start_orchestrator_env(p, db->url, b, dir, NULL, NULL);
 }
 
 static bool wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
@@ -243,6 +254,130 @@ Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
     cr_assert(proc_wait_exit(&p, 20000));
     cr_assert_eq(proc_exit_code(&p), 0);
     proc_cleanup(&p);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+/* A free TCP port on loopback (the kernel's pick; a race with another process is unlikely and
+ * only fails the server's start). */
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* A PostgreSQL server in recovery (a fresh cluster with standby.signal and no primary): it
+ * accepts connections, SET works, LISTEN is refused ("cannot execute LISTEN during
+ * recovery"), as on a standby an orchestrator might reach after a failover. */
+static void standby_start(const char *dir, int port)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd),
+             "set -e; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1); "
+             "as=; if [ \"$(id -u)\" = 0 ]; then chown postgres: %s; as='runuser -u postgres --'; "
+             "fi; $as $pgbin/initdb -D %s/data -U postgres -A trust --no-sync >%s/initdb.log 2>&1; "
+             "touch %s/data/standby.signal; "
+             "$as $pgbin/pg_ctl -D %s/data -l %s/server.log -w -t 60 -o '-p %d -k %s "
+             "-c listen_addresses=127.0.0.1 -c fsync=off' start >/dev/null",
+             dir, dir, dir, dir, dir, dir, port, dir);
+    cr_assert_eq(system(cmd), 0, "cannot start a server in recovery in %s", dir);
+}
+
+static void standby_stop(const char *dir)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd),
+             "pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1); as=; "
+             "if [ \"$(id -u)\" = 0 ]; then as='runuser -u postgres --'; fi; "
+             "$as $pgbin/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1; rm -rf %s",
+             dir, dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* The libpq service "orch" (SAGA_DATABASE_URL=service=orch): libpq reads the file at every
+ * connection, so the test moves the orchestrator's next sessions from one server to another. */
+static void write_service(const char *path, const char *host, int port, const char *dbname)
+{
+    char tmp[600];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "[orch]\nhost=%s\nport=%d\ndbname=%s\nuser=postgres\n", host, port, dbname);
+    fclose(f);
+    cr_assert_eq(rename(tmp, path), 0);
+}
+
+/* A session whose set-up fails (LISTEN on a server in recovery) is closed and opened again,
+ * with backoff, until the set-up succeeds: once the database is a primary again, the claim
+ * worker LISTENs and claims. (Before, the worker rolled back and went on with that session
+ * for good: no LISTEN, and every claim refused by the server in recovery.) */
+Test(orchestrator_reload, a_failed_session_setup_reconnects)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    char standby[] = "/tmp/saga-standby-XXXXXX";
+    cr_assert_not_null(mkdtemp(standby));
+    int standby_port = free_port();
+    standby_start(standby, standby_port);
+
+    char services[600], env_services[700];
+    snprintf(services, sizeof(services), "%s/pg_service.conf", dir);
+    snprintf(env_services, sizeof(env_services), "PGSERVICEFILE=%s", services);
+    const char *host = PQhost(conn);
+    int port = atoi(PQport(conn));
+    write_service(services, host && *host ? host : "127.0.0.1", port, db.name);
+    struct proc p;
+    start_orchestrator_env(&p, "service=orch", &b, dir, env_services, "SAGA_RECONNECT_MAX=1s");
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+    size_t from = 0;
+    cr_assert(proc_wait_log(&p, "database connected", &from, 20000, NULL, 0));
+    cr_assert(proc_wait_log(&p, "database connected", &from, 20000, NULL, 0));
+
+    /* The next sessions reach the server in recovery. */
+    write_service(services, "127.0.0.1", standby_port, "postgres");
+    PQclear(pgtest_query(conn,
+                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                         "current_database() AND pid <> pg_backend_pid()",
+                         0, NULL));
+    char line[2048];
+    for (int i = 0; i < 2; i++)
+        if (!proc_wait_log(&p, "database session setup failed; reconnecting", &from, 20000, line,
+                           sizeof(line))) {
+            proc_dump(&p, "orchestrator", 16384);
+            cr_assert_fail("a failed session set-up did not close the session (try %d)", i + 1);
+        }
+    cr_assert(strstr(line, "\"worker\":\"claims\"") && strstr(line, "25006") &&
+                  strstr(line, "LISTEN"),
+              "%s", line);
+
+    /* The primary is back: a new session sets up in full, and sagas are claimed. */
+    write_service(services, host && *host ? host : "127.0.0.1", port, db.name);
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the claim worker did not come back after its session set-up failed");
+    }
+
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    standby_stop(standby);
     devbroker_stop(&b);
     char cmd[600];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
