@@ -155,6 +155,7 @@ static long live_index(const struct outbox_source *src)
 static struct {
     pthread_t thread;
     bool running;
+    bool again; /* a SIGHUP came while the thread ran */
     ev_async done;
     /* Written by the thread, read by the loop after the join. */
     int rc;
@@ -292,6 +293,42 @@ fail:
     return -1;
 }
 
+static void reload_start(void)
+{
+    reload.running = true;
+    /* The thread takes no signal: they are the loop's. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&reload.thread, NULL, reload_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        reload.running = false;
+        log_error("SIGHUP: cannot start the reload thread");
+        metrics_counter_add("relay_config_reloads_total", "result=\"error\"", 1);
+    }
+}
+
+static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    if (relay.stopping) {
+        log_info("SIGHUP: the relay is stopping; nothing reloaded");
+        return;
+    }
+    if (!relay.settings.config_file) {
+        log_info("SIGHUP: RELAY_CONFIG is not set, nothing to reload (settings from the "
+                 "environment need a restart)");
+        return;
+    }
+    if (reload.running) {
+        /* The file may have changed again since the thread read it: once more afterwards. */
+        log_info("SIGHUP: a reload is running; the file is read again when it ends");
+        reload.again = true;
+        return;
+    }
+    reload_start();
+}
+
 static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
     pthread_join(reload.thread, NULL);
@@ -313,6 +350,10 @@ static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
     reload.fresh = NULL;
     reload.fresh_count = 0;
     reload.added = NULL;
+    if (reload.again && !relay.stopping) {
+        reload.again = false;
+        reload_start();
+    }
 }
 
 /* Tables removed by SIGHUP, every 50 ms until none is left. A table is let go (released) once
@@ -365,35 +406,6 @@ static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
     }
     if (!retiring)
         ev_timer_stop(loop, w);
-}
-
-static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
-{
-    if (relay.stopping) {
-        log_info("SIGHUP: the relay is stopping; nothing reloaded");
-        return;
-    }
-    if (!relay.settings.config_file) {
-        log_info("SIGHUP: RELAY_CONFIG is not set, nothing to reload (settings from the "
-                 "environment need a restart)");
-        return;
-    }
-    if (reload.running) {
-        log_info("SIGHUP: a reload is already running");
-        return;
-    }
-    reload.running = true;
-    /* The thread takes no signal: they are the loop's. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&reload.thread, NULL, reload_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc) {
-        reload.running = false;
-        log_error("SIGHUP: cannot start the reload thread");
-        metrics_counter_add("relay_config_reloads_total", "result=\"error\"", 1);
-    }
 }
 
 static void describe_metrics(void)
