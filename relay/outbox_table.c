@@ -702,14 +702,30 @@ static void send_dead(struct outbox_table *t)
     }
 }
 
+/* Rows the next claim may take. RELAY_MAX_INFLIGHT bounds the rows in the producer (their
+ * copies are what costs memory); rows acknowledged and waiting for their DELETE cost a few
+ * dozen bytes each and are bounded apart, at ACKED_FACTOR times as many. Counting those too
+ * made every third claim wait for the previous batch's delete (a drain at 5,000 rows per
+ * claim and 10,000 in flight: 82,000-84,000 rows/s, against 96,000 with a window large
+ * enough not to wait). */
+#define ACKED_FACTOR 4
+static int64_t claim_room(const struct outbox_table *t)
+{
+    int64_t max = t->relay->settings.max_inflight;
+    if ((int64_t)t->inflight >= ACKED_FACTOR * max)
+        return 0;
+    int64_t room = max - (int64_t)t->in_producer;
+    if (room > t->relay->settings.batch_size)
+        room = t->relay->settings.batch_size;
+    return room > 0 ? room : 0;
+}
+
 static void send_claim(struct outbox_table *t)
 {
     char low[24], cursor[24], limit[24];
     snprintf(low, sizeof(low), "%" PRId64, low_watermark(t));
     snprintf(cursor, sizeof(cursor), "%" PRId64, t->cursor);
-    int64_t room = (int64_t)t->relay->settings.max_inflight - (int64_t)t->inflight;
-    if (room > t->relay->settings.batch_size)
-        room = t->relay->settings.batch_size;
+    int64_t room = claim_room(t);
     snprintf(limit, sizeof(limit), "%" PRId64, room);
     t->claim_limit = (int)room;
     const char *params[5] = {low, cursor, limit, t->leader_pid, t->leader_start};
@@ -768,8 +784,7 @@ static void step(struct outbox_table *t)
     }
     /* The lock connection: deletes first, then dead-letter moves, then (every few seconds,
      * when nothing else is to be done) the backlog gauges. */
-    bool claim_due = t->claiming && t->more && !t->relay->stopping &&
-                     t->inflight < (size_t)t->relay->settings.max_inflight;
+    bool claim_due = t->claiming && t->more && !t->relay->stopping && claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
             send_delete(t);

@@ -68,11 +68,11 @@
              0,                                                                                    \
              0},                                                                                   \
             {"batch-size", "RELAY_BATCH_SIZE", SETTING_INT, &(s)->batch_size,                      \
-             "5000",       "rows per claim",   false,       1,                                     \
+             "3000",       "rows per claim",   false,       1,                                     \
              100000},                                                                              \
             {"max-inflight", "RELAY_MAX_INFLIGHT",                                                 \
              SETTING_INT,    &(s)->max_inflight,                                                   \
-             "10000",        "claimed rows not yet deleted, per table",                            \
+             "6000",         "rows in the producer (not yet acknowledged), per table",             \
              false,          1,                                                                    \
              10000000},                                                                            \
             {"poll-interval",                                                                      \
