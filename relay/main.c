@@ -434,6 +434,9 @@ static void describe_metrics(void)
                      "Rows waiting in the table (upper bound from its seq range; every 5 s).");
     metrics_describe("relay_backlog_oldest_seconds", "gauge",
                      "Age of the oldest row waiting in the table (every 5 s).");
+    metrics_describe("relay_claim_holes", "gauge",
+                     "Ranges of seq values below the cursor that claims still look for (rows "
+                     "of transactions still running, or rolled back).");
     metrics_describe("relay_config_reloads_total", "counter",
                      "SIGHUP reloads of RELAY_CONFIG, by result (ok, error).");
 }

@@ -4,15 +4,18 @@
 #define SAGA_OUTBOX_SQL_H
 
 struct outbox_sql {
-    char lock_key[24];                 /* the leader lock: pg_try_advisory_lock(lock_key::bigint) */
-    unsigned lock_classid, lock_objid; /* the same key as pg_locks shows it */
-    /* Claim: $1 low watermark, $2 cursor, $3 limit, $4 the lock holder's pid, $5 its
-     * backend_start. Returns rows only while that backend holds the lock (the fence). */
+    char lock_key[24];       /* the leader lock, held by the lock session */
+    char claim_lock_key[24]; /* the claim lock, held by the claim session (the fence) */
+    /* Claim: rows in [$4, $1) (the holes below the low watermark, see holes.h) and above $2
+     * (the cursor), at most $3. */
     char *claim;
-    char *remove;        /* DELETE of acknowledged rows: $1 bigint[] of seq */
-    char *dead;          /* move to the dead-letter table: $1 seq, $2 error text */
-    char *session;       /* LISTEN and the lock connection's PREPAREs */
-    char *claim_session; /* the claim connection's PREPARE relay_claim */
+    char *remove;  /* DELETE of acknowledged rows: $1 bigint[] of seq */
+    char *dead;    /* move to the dead-letter table: $1 seq, $2 error text */
+    char *session; /* LISTEN and the lock connection's PREPAREs (relay_delete, relay_dead,
+                    * relay_writers: the transactions holding RowExclusiveLock on the table,
+                    * relay_backlog) */
+    /* The claim session's PREPARE relay_claim, then pg_try_advisory_lock(claim lock). */
+    char *claim_session;
 };
 
 /* schema and table must be validated identifiers ([A-Za-z_][A-Za-z0-9_]*, as

@@ -175,6 +175,57 @@ Test(relay_faults, standby_takes_over)
     e2e_teardown(&e);
 }
 
+/* The leader's lock session dies while the leader is frozen (SIGSTOP), so it cannot notice:
+ * its claim session lives on. A second relay then wins the leader lock but must not publish
+ * before the old claim session ends (the claim lock): it says it waits; once the old leader
+ * runs again, notices and closes its claim session, the new one publishes everything, in
+ * order per key. */
+Test(relay_faults, new_leader_waits_for_the_old_claim_session)
+{
+    struct e2e e;
+    e2e_setup(&e, "fence", 20);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    const char *env[] = {"RELAY_LEADER_RETRY=200ms", "RELAY_BATCH_SIZE=100", NULL};
+    struct proc old, next;
+    e2e_relay_start(&e, &old, env);
+    cr_assert(proc_wait_log(&old, "leading: publishing", NULL, 15000, NULL, 0));
+    e2e_insert(&e, 0, 200);
+    cr_assert(e2e_wait_all(c, 200, 30000, NULL));
+
+    proc_signal(&old, SIGSTOP);
+    const char *dbname[] = {e.db.name};
+    long n = pgtest_count(e.conn,
+                          "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                          "datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client "
+                          "backend' AND query NOT LIKE '%relay_claim%'",
+                          1, dbname);
+    cr_assert_eq(n, 1, "expected the old leader's lock session alone to be terminated");
+    e2e_relay_start(&e, &next, env);
+    cr_assert(proc_wait_log(&next, "leading: publishing", NULL, 15000, NULL, 0),
+              "the new relay did not win the free leader lock");
+    cr_assert(proc_wait_log(&next, "previous leader's claim session", NULL, 15000, NULL, 0),
+              "the new leader did not wait for the old claim session");
+    e2e_insert(&e, 200, 400);
+
+    proc_signal(&old, SIGCONT);
+    cr_assert(proc_wait_log(&old, "lost the database connection", NULL, 15000, NULL, 0),
+              "the old leader did not notice its lost lock session");
+    long distinct = 0;
+    if (!e2e_wait_all(c, 400, 60000, &distinct)) {
+        proc_dump(&next, "new leader", 6000);
+        cr_assert_fail("%ld of 400 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 400, false);
+    e2e_relay_stop(&next);
+    e2e_relay_stop(&old);
+    proc_cleanup(&next);
+    proc_cleanup(&old);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* The broker goes down while rows are inserted, then comes back; then it fails Produce
  * requests with retriable errors. Nothing is lost, the first deliveries keep the order per
  * key, and the backlog drains. */
@@ -388,9 +439,10 @@ Test(relay_faults, database_session_terminated)
     e2e_teardown(&e);
 }
 
-/* Only the relay's claim session (the one that does not hold the leader lock) is terminated,
- * again and again, while rows flow: the relay keeps its leadership (no new "leading" line, no
- * lost lock connection), reconnects the claim session, and nothing is lost or reordered. */
+/* Only the relay's claim session (the one that runs relay_claim) is terminated, again and
+ * again, while rows flow: the relay keeps its leadership (no new "leading" line, no lost lock
+ * connection), reconnects the claim session (which takes the claim lock again), and nothing
+ * is lost or reordered. */
 Test(relay_faults, claim_session_terminated)
 {
     struct e2e e;
@@ -413,16 +465,14 @@ Test(relay_faults, claim_session_terminated)
         inserted += total / terminations;
         cr_assert(kconsumer_wait_count(c, before + 50, 30000), "round %d: no flow", i);
         const char *dbname[] = {e.db.name};
-        /* The claim session: the relay's session without the lock, once it is back (bounded:
-         * 1,000 polls of 20 ms). */
+        /* The claim session, once it is back (bounded: 1,000 polls of 20 ms). */
         long n = 0;
         for (int k = 0; k < 1000 && n == 0; k++)
             n = pgtest_count(
                 e.conn,
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity, pg_sleep(0.02) "
-                "WHERE datname = $1 AND pid <> pg_backend_pid() AND state IS NOT NULL AND "
-                "backend_type = 'client backend' AND pid NOT IN (SELECT pid FROM pg_locks "
-                "WHERE locktype = 'advisory' AND granted)",
+                "WHERE datname = $1 AND pid <> pg_backend_pid() AND query LIKE "
+                "'%relay_claim%'",
                 1, dbname);
         cr_assert_eq(n, 1, "round %d: expected one claim session to terminate", i);
         cr_assert(e2e_wait_metric(port, "relay_db_reconnects_total{table=\"saga.outbox\"}",

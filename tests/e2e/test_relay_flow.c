@@ -216,6 +216,60 @@ Test(relay_flow, notify_wakes_each_of_two_tables)
     e2e_teardown(&e);
 }
 
+/* Waits (bounded) until the relay tracks no hole. */
+static bool wait_holes_zero(int port, int timeout_ms)
+{
+    int64_t deadline = proc_now_ms() + timeout_ms;
+    for (;;) {
+        char *body = NULL;
+        double v = e2e_http_get(port, "/metrics", &body) == 200
+                       ? e2e_metric(body, "relay_claim_holes{table=\"saga.outbox\"}")
+                       : -1;
+        free(body);
+        if (v == 0)
+            return true;
+        if (proc_now_ms() > deadline)
+            return false;
+        struct timespec ts = {0, 50 * 1000000L};
+        nanosleep(&ts, NULL); /* polling a metric: there is nothing to wait on */
+    }
+}
+
+/* Rolled-back inserts leave seq values that will never commit: the relay stops looking for
+ * them once the transactions that could have used them are gone (here at once: they rolled
+ * back), while the rows around them arrive. */
+Test(relay_flow, rolled_back_seq_forgotten)
+{
+    struct e2e e;
+    e2e_setup(&e, "rollback", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 100);
+    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    const char *params[] = {e.topic_a};
+    for (int i = 0; i < 3; i++) {
+        pgtest_exec(e.conn, "BEGIN");
+        PQclear(pgtest_query(e.conn,
+                             "INSERT INTO saga.outbox (id, topic, key, event_type, payload) "
+                             "SELECT gen_random_uuid(), $1, 'gone', 'Gone', '{}' "
+                             "FROM generate_series(1, 5)",
+                             1, params));
+        pgtest_exec(e.conn, "ROLLBACK");
+        e2e_insert(&e, 100 + i * 100, 200 + i * 100);
+    }
+    cr_assert(e2e_wait_all(c, 400, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 400, true);
+    cr_assert(wait_holes_zero(port, 10000), "rolled-back seq values are still searched");
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* A transaction that took its seq early and commits after later rows were published and
  * deleted: its row is still found (the claim also reads below the low watermark). */
 Test(relay_flow, late_commit_published)
@@ -237,6 +291,10 @@ Test(relay_flow, late_commit_published)
     e2e_insert(&e, 0, 300);
     cr_assert(e2e_wait_all(c, 300, 30000, NULL));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    /* The open transaction's seq is a hole the relay keeps looking for (sweeps see the
+     * transaction holding its lock on the table). */
+    int port = e2e_admin_port(&relay);
+    cr_assert(e2e_wait_metric(port, "relay_claim_holes{table=\"saga.outbox\"}", 1, 10000));
     pgtest_exec(late, "COMMIT");
     e2e_insert(&e, 300, 400);
     cr_assert(e2e_wait_all(c, 400, 30000, NULL));
@@ -264,6 +322,7 @@ Test(relay_flow, late_commit_published)
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left",
               e2e_table_count(&e, "saga.outbox"));
     e2e_verify(&e, c, 400, true);
+    cr_assert(wait_holes_zero(port, 10000), "the filled hole was not forgotten");
     PQfinish(late);
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);

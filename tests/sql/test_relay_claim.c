@@ -1,7 +1,6 @@
-/* The relay's claim statement (relay/outbox_sql.c), run exactly as the relay runs it: its rows
- * (below the low watermark and above the cursor, never in between), their binary columns, and
- * the fence: rows come back only while the session named by $4 (pid) and $5 (backend_start)
- * holds the table's leader lock. */
+/* The relay's claim statement and claim session (relay/outbox_sql.c), run exactly as the relay
+ * runs them: the rows a claim returns (in [floor, low) and above the cursor, never in between),
+ * their binary columns, and the claim lock that lets one claim session at a time claim. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,23 +39,6 @@ static void insert_rows(int n)
                           "(gen_random_uuid(), 't', 'k', 'e', '{\"a\": 1}')");
 }
 
-/* A session that takes the leader lock; its pid and backend_start go into *pid, *start. */
-static PGconn *leader(char pid[16], char start[64])
-{
-    PGconn *c = pgtest_connect(url);
-    const char *params[] = {sql.lock_key};
-    PGresult *r = pgtest_query(c,
-                               "SELECT pg_try_advisory_lock($1::bigint), pg_backend_pid(), "
-                               "(SELECT backend_start FROM pg_stat_activity WHERE pid = "
-                               "pg_backend_pid())",
-                               1, params);
-    cr_assert_str_eq(PQgetvalue(r, 0, 0), "t", "the leader lock is free");
-    snprintf(pid, 16, "%s", PQgetvalue(r, 0, 1));
-    snprintf(start, 64, "%s", PQgetvalue(r, 0, 2));
-    PQclear(r);
-    return c;
-}
-
 static int64_t be64(const char *p)
 {
     uint64_t v = 0;
@@ -67,11 +49,11 @@ static int64_t be64(const char *p)
 
 /* Runs the claim on the claimer's session (binary results, as the relay asks) and writes
  * the seqs it returned, comma-separated, into out. Returns the row count. */
-static int claim(PGconn *claimer, const char *low, const char *cursor, const char *pid,
-                 const char *start, char *out, size_t outlen)
+static int claim_from(PGconn *claimer, const char *floor, const char *low, const char *cursor,
+                      char *out, size_t outlen)
 {
-    const char *params[] = {low, cursor, "100", pid, start};
-    PGresult *r = PQexecPrepared(claimer, "relay_claim", 5, params, NULL, NULL, 1);
+    const char *params[] = {low, cursor, "100", floor};
+    PGresult *r = PQexecPrepared(claimer, "relay_claim", 4, params, NULL, NULL, 1);
     cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claim: %s", PQresultErrorMessage(r));
     size_t len = 0;
     out[0] = '\0';
@@ -89,63 +71,71 @@ static int claim(PGconn *claimer, const char *low, const char *cursor, const cha
     return n;
 }
 
-static PGconn *claimer_session(void)
+/* The claim with no hole below the watermark (its lower branch starts at low: empty). */
+static int claim(PGconn *claimer, const char *low, const char *cursor, char *out, size_t outlen)
+{
+    return claim_from(claimer, low, low, cursor, out, outlen);
+}
+
+/* A session set up as the relay sets up its claim session: the PREPARE, then the claim
+ * lock; *locked says whether it got the lock. */
+static PGconn *claimer_session(bool *locked)
 {
     PGconn *c = pgtest_connect(url);
-    PQclear(pgtest_query(c, sql.claim_session, 0, NULL));
+    PGresult *r = PQexec(c, sql.claim_session); /* two statements: the last one's result */
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+    *locked = !strcmp(PQgetvalue(r, 0, 0), "t");
+    PQclear(r);
     return c;
 }
 
 Test(relay_claim, rows_below_low_and_above_cursor_only)
 {
     insert_rows(6); /* seq 1..6 */
-    char pid[16], start[64], got[256];
-    PGconn *lead = leader(pid, start);
-    PGconn *claimer = claimer_session();
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 6);
+    char got[256];
+    bool locked;
+    PGconn *claimer = claimer_session(&locked);
+    cr_assert(locked);
+    cr_assert_eq(claim(claimer, "1", "0", got, sizeof(got)), 6);
     cr_assert_str_eq(got, "1,2,3,4,5,6");
-    /* Rows 3 and 4 in flight (low 3, cursor 4): 1 and 2 committed late, 5 and 6 are new. */
-    cr_assert_eq(claim(claimer, "3", "4", pid, start, got, sizeof(got)), 4);
+    /* Rows 3 and 4 in flight (low 3, cursor 4): 1 and 2 committed late (holes from 1), 5
+     * and 6 are new. */
+    cr_assert_eq(claim_from(claimer, "1", "3", "4", got, sizeof(got)), 4);
     cr_assert_str_eq(got, "1,2,5,6");
+    /* Only hole 2 still open: the lower branch reads from it, not from the head. */
+    cr_assert_eq(claim_from(claimer, "2", "3", "4", got, sizeof(got)), 3);
+    cr_assert_str_eq(got, "2,5,6");
+    /* No hole: nothing below the watermark is read. */
+    cr_assert_eq(claim(claimer, "3", "4", got, sizeof(got)), 2);
+    cr_assert_str_eq(got, "5,6");
     PQfinish(claimer);
-    PQfinish(lead);
 }
 
-Test(relay_claim, fenced_by_the_lock_holder)
+/* The claim lock (the fence between two relays' claims) is not the leader lock, and one
+ * claim session at a time holds it: a second one (a new leader's, while the old leader's
+ * claim session lives) does not get it until the first session ends. */
+Test(relay_claim, one_claim_session_at_a_time)
 {
-    insert_rows(3);
-    char pid[16], start[64], got[256];
-    PGconn *lead = leader(pid, start);
-    PGconn *claimer = claimer_session();
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 3, "the leader claims");
-
-    /* Another pid, or the same pid with another start time (a reused pid): nothing. */
-    cr_assert_eq(claim(claimer, "1", "0", "1", start, got, sizeof(got)), 0);
-    cr_assert_eq(claim(claimer, "1", "0", pid, "2000-01-01 00:00:00+00", got, sizeof(got)), 0);
-
-    /* The holder lets the lock go: nothing; takes it again: rows again. */
-    const char *params[] = {sql.lock_key};
-    PQclear(pgtest_query(lead, "SELECT pg_advisory_unlock($1::bigint)", 1, params));
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 0, "lock released");
-    PQclear(pgtest_query(lead, "SELECT pg_advisory_lock($1::bigint)", 1, params));
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 3);
-
-    /* The holder's session ends (a crashed relay, a terminated backend) and another session
-     * takes the lock: the old holder's claims get nothing, the new one's get the rows. */
-    PQfinish(lead);
-    const char *pidp[] = {pid};
+    cr_assert_str_neq(sql.lock_key, sql.claim_lock_key);
+    bool first, second;
+    PGconn *a = claimer_session(&first);
+    cr_assert(first, "the first claim session takes the claim lock");
+    PGconn *b = claimer_session(&second);
+    cr_assert_not(second, "a second claim session must not get it while the first lives");
+    PQfinish(b);
+    const char *pid[] = {NULL};
+    char *apid = pgtest_value(a, "SELECT pg_backend_pid()::text", 0, NULL);
+    pid[0] = apid;
+    PQfinish(a);
     long gone = 0;
     for (int i = 0; i < 500 && !gone; i++) /* the backend exits asynchronously */
         gone = pgtest_count(conn,
                             "SELECT count(*) FROM (SELECT pg_sleep(0.01)) s WHERE NOT EXISTS "
                             "(SELECT 1 FROM pg_stat_activity WHERE pid = $1::int)",
-                            1, pidp);
-    cr_assert(gone, "the leader's backend did not exit within 5 s");
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 0, "holder gone");
-    char pid2[16], start2[64];
-    PGconn *lead2 = leader(pid2, start2);
-    cr_assert_eq(claim(claimer, "1", "0", pid, start, got, sizeof(got)), 0, "another holder");
-    cr_assert_eq(claim(claimer, "1", "0", pid2, start2, got, sizeof(got)), 3);
-    PQfinish(claimer);
-    PQfinish(lead2);
+                            1, pid);
+    free(apid);
+    cr_assert(gone, "the first claim session's backend did not exit within 5 s");
+    PGconn *c = claimer_session(&second);
+    cr_assert(second, "the claim lock is free once the first claim session ended");
+    PQfinish(c);
 }
