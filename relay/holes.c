@@ -98,19 +98,24 @@ static size_t find(const struct holes *h, int64_t seq)
     return lo;
 }
 
+/* Too many ranges: one range over all. Its set is taken again from the next sweep, which
+ * is later than every hole's own and so still names whoever could fill any of them. */
+static void merge_if_too_many(struct holes *h)
+{
+    if (h->n <= HOLES_MAX)
+        return;
+    struct hole all = {.lo = h->v[0].lo, .hi = h->v[h->n - 1].hi, .seen = h->sweeps};
+    h->n = 0;
+    insert_at(h, 0, all);
+}
+
 void holes_open(struct holes *h, int64_t lo, int64_t hi)
 {
     if (lo > hi)
         return;
     struct hole x = {.lo = lo, .hi = hi, .seen = h->sweeps};
     insert_at(h, find(h, lo), x);
-    if (h->n > HOLES_MAX) {
-        /* One range over all: its set is taken again from the next sweep, which is later
-         * than every hole's own and so still names whoever could fill any of them. */
-        struct hole all = {.lo = h->v[0].lo, .hi = h->v[h->n - 1].hi, .seen = h->sweeps};
-        h->n = 0;
-        insert_at(h, 0, all);
-    }
+    merge_if_too_many(h);
 }
 
 void holes_fill(struct holes *h, int64_t seq)
@@ -131,6 +136,7 @@ void holes_fill(struct holes *h, int64_t seq)
         right.lo = seq + 1;
         x->hi = seq - 1;
         insert_at(h, i + 1, right);
+        merge_if_too_many(h);
     }
 }
 

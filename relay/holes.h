@@ -17,6 +17,12 @@
  * result sees the row if it exists. After such a claim has read below the hole (its low
  * watermark above it), the hole is forgotten. Until then it is searched by every claim.
  *
+ * This needs every seq value to come from nextval inside the INSERT, one at a time: the
+ * identity column of saga.create_outbox (CACHE 1, GENERATED ALWAYS). With a sequence CACHE
+ * above 1, or seq values taken beforehand and given with OVERRIDING SYSTEM VALUE, a hole can
+ * be filled by a transaction that held no lock when it was seen; the relay checks the CACHE
+ * on every sweep and then never forgets a hole (outbox_table.c).
+ *
  * Pure bookkeeping, no I/O: the caller runs the sweeps and claims. */
 #ifndef SAGA_HOLES_H
 #define SAGA_HOLES_H

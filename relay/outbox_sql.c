@@ -48,14 +48,19 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
                  "LISTEN saga_outbox; "
                  "PREPARE relay_delete(bigint[]) AS %s; "
                  "PREPARE relay_dead(bigint, text) AS %s; "
-                 "PREPARE relay_writers AS SELECT virtualtransaction FROM pg_locks WHERE "
-                 "locktype = 'relation' AND database = (SELECT oid FROM pg_database WHERE "
-                 "datname = current_database()) AND relation = '%s'::regclass AND mode = "
-                 "'RowExclusiveLock' AND pid IS DISTINCT FROM pg_backend_pid(); "
+                 /* one row at least: the seq sequence's CACHE (holes.h holds only with 1),
+                  * then each transaction holding RowExclusiveLock on the table */
+                 "PREPARE relay_writers AS SELECT c.seqcache, l.virtualtransaction FROM "
+                 "(SELECT (SELECT s.seqcache FROM pg_sequence s WHERE s.seqrelid = "
+                 "pg_get_serial_sequence('%s', 'seq')::regclass) AS seqcache) c LEFT JOIN "
+                 "(SELECT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND "
+                 "database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                 "AND relation = '%s'::regclass AND mode = 'RowExclusiveLock' AND pid IS "
+                 "DISTINCT FROM pg_backend_pid()) l ON true; "
                  "PREPARE relay_backlog AS SELECT (SELECT max(seq) FROM %s) - "
                  "(SELECT min(seq) FROM %s) + 1, extract(epoch FROM now() - "
                  "(SELECT created_at FROM %s ORDER BY seq LIMIT 1))",
-                 out->remove, out->dead, q, q, q, q) < 0 ||
+                 out->remove, out->dead, q, q, q, q, q) < 0 ||
         asprintf(&out->claim_session,
                  "PREPARE relay_claim(bigint, bigint, int, bigint) AS %s; "
                  "SELECT pg_try_advisory_lock(%s)",

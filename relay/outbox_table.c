@@ -118,7 +118,8 @@ struct outbox_table {
     struct holes *holes;
     uint64_t sweep_no;  /* the sweep in flight */
     unsigned sweep_gen; /* the generation that sent it */
-    int64_t sweep_ms;   /* when the last sweep was sent */
+    int64_t sweep_ms;   /* when the last sweep was sent (or a pause's end) */
+    bool cache_warned;  /* the seq sequence's CACHE is not 1 (logged once) */
     bool claiming;      /* false after SIGTERM */
     bool released;      /* outbox_table_release: no session, never reconnects */
     size_t in_producer; /* messages produced, not yet reported (any generation) */
@@ -681,19 +682,40 @@ static void sweep_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     struct outbox_table *t = arg;
     if (!result_ok(t, res, "writers sweep"))
         return; /* a statement error: the holes stay (safe), the next sweep tries again */
-    if (t->sweep_gen == t->gen) {
-        int n = PQntuples(res);
-        const char **vx = calloc((size_t)n + 1, sizeof(*vx));
-        if (!vx) {
-            log_error("out of memory reading a sweep");
-            abort();
-        }
-        for (int i = 0; i < n; i++)
-            vx[i] = PQgetvalue(res, i, 0);
-        holes_sweep_done(t->holes, t->sweep_no, vx, (size_t)n, t->claims_sent + 1);
-        free(vx);
-        note_holes(t);
+    if (t->sweep_gen != t->gen || PQntuples(res) < 1) {
+        kick(t);
+        return;
     }
+    /* The rule of holes.h needs every seq value to come from nextval inside the INSERT, one
+     * at a time: with a sequence CACHE above 1 a backend hands out values it took long
+     * before, so a hole can be filled by a transaction that held no lock when it was seen.
+     * Then holes are never forgotten (the claim reads from the first one, as before holes
+     * existed), and sweeps pause for a minute. */
+    const char *cache = PQgetvalue(res, 0, 0);
+    if (strcmp(cache, "1")) {
+        if (!t->cache_warned)
+            log_at(LOG_WARN, LOG_FIELDS("table", t->label, "cache", cache[0] ? cache : "unknown"),
+                   "the seq column's sequence does not have CACHE 1 (or is not an identity or "
+                   "serial sequence): seq values may commit far out of order, so skipped ones "
+                   "are searched for ever; set CACHE 1 on the outbox's seq");
+        t->cache_warned = true;
+        t->sweep_ms = now_ms() + 60000;
+        kick(t);
+        return;
+    }
+    int n = PQntuples(res);
+    const char **vx = calloc((size_t)n + 1, sizeof(*vx));
+    if (!vx) {
+        log_error("out of memory reading a sweep");
+        abort();
+    }
+    size_t m = 0;
+    for (int i = 0; i < n; i++)
+        if (!PQgetisnull(res, i, 1))
+            vx[m++] = PQgetvalue(res, i, 1);
+    holes_sweep_done(t->holes, t->sweep_no, vx, m, t->claims_sent + 1);
+    free(vx);
+    note_holes(t);
     kick(t);
 }
 
