@@ -1039,9 +1039,18 @@ void outbox_table_describe(const struct outbox_table *t, char *buf, size_t size,
 {
     static const char *const names[] = {"disconnected", "connecting", "locking",
                                         "standby",      "listening",  "leading"};
+    static const char *const claims[] = {"down", "connecting", "preparing", "ready"};
     size_t len = strlen(buf);
-    snprintf(buf + len, size - len, "%s %s inflight=%zu\n", t->label, names[t->phase], t->inflight);
-    if (t->phase != PHASE_LEADING && t->phase != PHASE_STANDBY)
+    if (t->phase == PHASE_LEADING)
+        snprintf(buf + len, size - len, "%s leading inflight=%zu claims=%s\n", t->label,
+                 t->inflight, claims[t->cphase]);
+    else
+        snprintf(buf + len, size - len, "%s %s inflight=%zu\n", t->label, names[t->phase],
+                 t->inflight);
+    /* A leader that cannot claim (its claim session is down, or waits for the claim lock an
+     * old leader's claim session still holds) publishes nothing: not ready. */
+    if ((t->phase != PHASE_LEADING && t->phase != PHASE_STANDBY) ||
+        (t->phase == PHASE_LEADING && t->cphase != CLAIM_READY))
         *ready = false;
 }
 

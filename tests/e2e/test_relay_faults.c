@@ -206,6 +206,24 @@ Test(relay_faults, new_leader_waits_for_the_old_claim_session)
               "the new relay did not win the free leader lock");
     cr_assert(proc_wait_log(&next, "previous leader's claim session", NULL, 15000, NULL, 0),
               "the new leader did not wait for the old claim session");
+    /* Meanwhile it publishes nothing, and says so (the status is refreshed every 0.5 s:
+     * bounded polling until it shows the leading table). */
+    int port = e2e_admin_port(&next);
+    bool shown = false;
+    for (int64_t end = proc_now_ms() + 10000; !shown && proc_now_ms() < end;) {
+        char *body = NULL;
+        int status = e2e_http_get(port, "/readyz", &body);
+        cr_assert_eq(status, 503, "/readyz while the claims wait: %d %s", status, body ? body : "");
+        shown = body && strstr(body, "saga.outbox leading");
+        if (shown)
+            cr_assert(!strstr(body, "claims=ready"), "%s", body);
+        free(body);
+        if (!shown) {
+            struct timespec ts = {0, 100 * 1000000L};
+            nanosleep(&ts, NULL); /* polling an HTTP status: nothing to wait on */
+        }
+    }
+    cr_assert(shown, "/readyz never showed the table as leading");
     e2e_insert(&e, 200, 400);
 
     proc_signal(&old, SIGCONT);
