@@ -116,14 +116,16 @@ struct outbox_table {
     uint64_t claims_sent, claim_no;
     int64_t claim_low, claim_cursor;
     struct holes *holes;
-    uint64_t sweep_no;  /* the sweep in flight */
-    unsigned sweep_gen; /* the generation that sent it */
-    int64_t sweep_ms;   /* when the last sweep was sent (or a pause's end) */
-    bool cache_warned;  /* the seq sequence's CACHE is not 1 (logged once) */
-    bool claiming;      /* false after SIGTERM */
-    bool released;      /* outbox_table_release: no session, never reconnects */
-    size_t in_producer; /* messages produced, not yet reported (any generation) */
-    bool more;          /* the last claim was full or a NOTIFY arrived */
+    uint64_t sweep_no;        /* the sweep in flight */
+    unsigned sweep_gen;       /* the generation that sent it */
+    int64_t sweep_ms;         /* when the last sweep was sent (or a pause's end) */
+    bool cache_warned;        /* the seq sequence's CACHE is not 1 (logged once) */
+    int64_t fail_backoff_ms;  /* pause after a delivery failure; doubles, 0 after a success */
+    int64_t claim_hold_until; /* no claim before this (monotonic ms) */
+    bool claiming;            /* false after SIGTERM */
+    bool released;            /* outbox_table_release: no session, never reconnects */
+    size_t in_producer;       /* messages produced, not yet reported (any generation) */
+    bool more;                /* the last claim was full or a NOTIFY arrived */
     int64_t cursor;
     size_t inflight; /* claimed rows not yet deleted (this generation) */
     struct batch *head, *tail;
@@ -814,6 +816,8 @@ static void send_dead(struct outbox_table *t)
 #define ACKED_FACTOR 4
 static int64_t claim_room(const struct outbox_table *t)
 {
+    if (t->claim_hold_until && now_ms() < t->claim_hold_until)
+        return 0;
     int64_t max = t->relay->settings.max_inflight;
     if ((int64_t)t->inflight >= ACKED_FACTOR * max)
         return 0;
@@ -945,6 +949,7 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
         double now_s = ev_now(t->relay->loop);
         metrics_series_observe(t->ack_latency, now_s - (double)r->created_ms / 1000.0);
         metrics_series_add(t->topics[r->topic].published, 1);
+        t->fail_backoff_ms = 0;
     } else if (relay_error_is_permanent(err)) {
         r->state = ROW_DEAD;
         r->dead_error = strdup(errstr ? errstr : rd_kafka_err2str(err));
@@ -952,11 +957,19 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     } else {
         /* A transient failure the producer gave up on: start over from the table so that
          * order per key holds (what was delivered meanwhile is published again, same
-         * message-id). */
+         * message-id), after a pause that doubles while the failures go on (an error that
+         * keeps coming back, a broker policy say, made this a hot loop of claims). */
+        t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
+        if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
+            t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
+        t->claim_hold_until = now_ms() + t->fail_backoff_ms;
         log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
-               "delivery failed; publishing the table again from its first row");
+               "delivery failed; publishing the table again from its first row, retrying in "
+               "%" PRId64 " ms",
+               t->fail_backoff_ms);
         metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
         reset_state(t); /* frees b too once nothing in the producer refers to it */
+        schedule(t, t->fail_backoff_ms + 1);
     }
     kick(t);
 }

@@ -592,6 +592,41 @@ Test(relay_faults, non_retriable_produce_error)
     e2e_teardown(&e);
 }
 
+/* A Produce error that keeps coming back (a broker policy rejecting every request, here four
+ * in a row) makes the relay start over each time, after a pause that doubles (100, 200, 400,
+ * 800 ms: it was a hot loop of claims), and back to 100 ms after a success. Nothing is lost. */
+Test(relay_faults, repeated_delivery_failures_back_off)
+{
+    struct e2e e;
+    e2e_setup(&e, "failpause", 4);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    e2e_insert(&e, 0, 10);
+    cr_assert(e2e_wait_all(c, 10, 30000, NULL));
+    devbroker_command(&e.broker, "errors Produce 4 POLICY_VIOLATION");
+    e2e_insert(&e, 10, 11); /* one row: one Produce request per attempt */
+    size_t at = 0;
+    const char *pauses[] = {"retrying in 100 ms", "retrying in 200 ms", "retrying in 400 ms",
+                            "retrying in 800 ms"};
+    for (int i = 0; i < 4; i++)
+        cr_assert(proc_wait_log(&relay, pauses[i], &at, 15000, NULL, 0), "attempt %d: no \"%s\"",
+                  i + 1, pauses[i]);
+    cr_assert(e2e_wait_all(c, 11, 30000, NULL), "the row did not arrive after the errors");
+    devbroker_command(&e.broker, "errors Produce 1 POLICY_VIOLATION");
+    e2e_insert(&e, 11, 12);
+    cr_assert(proc_wait_log(&relay, "retrying in 100 ms", &at, 15000, NULL, 0),
+              "the pause did not start again from 100 ms after a success");
+    cr_assert(e2e_wait_all(c, 12, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 12, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* First delivery of the message whose id is given, as an index into the consumer's arrival
  * order, or -1. */
 static long first_delivery(struct kconsumer *c, const char *id)
