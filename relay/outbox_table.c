@@ -650,16 +650,28 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             vec_push(&t->dead, r);
             continue;
         }
-        /* Transient (local queue full): leave this row and the rest of the batch in the
-         * table; they are claimed again (above the cursor, or still holes below it). */
+        /* Refused, not for good: leave this row and the rest of the batch in the table; they
+         * are claimed again (above the cursor, or still holes below it). A full local queue
+         * empties by itself: again in 100 ms. Anything else (the producer remembers that the
+         * broker refused the topic, TOPIC_AUTHORIZATION_FAILED say, until its next metadata
+         * refresh) waits the doubling pause of delivery failures, so that it is neither a
+         * claim every 100 ms nor a WARN line each time. */
         b->count--;
         if (r->seq < searched)
             searched = r->seq;
+        int64_t pause = 100;
+        if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+            t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
+            if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
+                t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
+            pause = t->fail_backoff_ms;
+            metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
+        }
         log_at(LOG_WARN,
                LOG_FIELDS("table", t->label, "topic", topic, "error", rd_kafka_err2str(err)),
-               "producer queue refused a message; claiming it again later");
+               "the producer refused a message; claiming it again in %" PRId64 " ms", pause);
         t->more = false;
-        schedule(t, 100);
+        schedule(t, pause);
         break;
     }
     if (b->count == 0) {

@@ -627,6 +627,42 @@ Test(relay_faults, repeated_delivery_failures_back_off)
     e2e_teardown(&e);
 }
 
+/* Kafka refuses the relay's writes to a topic (TOPIC_AUTHORIZATION_FAILED: an ACL missing,
+ * then fixed): the rows wait in the table (not dead-lettered: an operator's fix makes them
+ * publishable), the errors are counted and logged with their name, and once the writes are
+ * allowed again every row arrives. */
+Test(relay_faults, topic_authorization_failed_waits)
+{
+    struct e2e e;
+    e2e_setup(&e, "acl", 4);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    const char *env[] = {"RELAY_RECONNECT_MAX=2s", NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 10);
+    cr_assert(e2e_wait_all(c, 10, 30000, NULL));
+    devbroker_command(&e.broker, "errors Produce 3 TOPIC_AUTHORIZATION_FAILED");
+    e2e_insert(&e, 10, 11);
+    /* librdkafka reports the first refusal as a failed delivery and then refuses the topic
+     * at produce time until its next metadata refresh: both pause, doubling. */
+    size_t at = 0;
+    cr_assert(proc_wait_log(&relay, "Topic authorization failed", &at, 15000, NULL, 0),
+              "the refusal was not logged");
+    cr_assert(proc_wait_log(&relay, "again in 200 ms", &at, 15000, NULL, 0),
+              "the pause does not grow");
+    cr_assert(e2e_wait_all(c, 11, 30000, NULL), "the row did not arrive once allowed");
+    cr_assert(e2e_wait_metric(port, "relay_publish_errors_total{table=\"saga.outbox\"}", 1, 5000));
+    cr_assert_eq(e2e_table_count(&e, "saga.outbox_dead_letters"), 0, "nothing dead-lettered");
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 11, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* First delivery of the message whose id is given, as an index into the consumer's arrival
  * order, or -1. */
 static long first_delivery(struct kconsumer *c, const char *id)
