@@ -279,6 +279,29 @@ static int free_port(void)
 /* A PostgreSQL server in recovery (a fresh cluster with standby.signal and no primary): it
  * accepts connections, SET works, LISTEN is refused ("cannot execute LISTEN during
  * recovery"), as on a standby an orchestrator might reach after a failover. */
+/* The server in recovery that a test started and has not stopped yet: stopped by the
+ * test's .fini when an assertion ends the test early (nothing may be left running). */
+static char standby_running[64];
+
+static void standby_stop_quietly(const char *dir)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd),
+             "pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1); as=; "
+             "if [ \"$(id -u)\" = 0 ]; then as='runuser -u postgres --'; fi; "
+             "$as $pgbin/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1; rm -rf %s",
+             dir, dir);
+    int rc = system(cmd);
+    (void)rc; /* best effort: the directory is a throwaway */
+}
+
+static void standby_cleanup(void)
+{
+    if (standby_running[0])
+        standby_stop_quietly(standby_running);
+    standby_running[0] = '\0';
+}
+
 static void standby_start(const char *dir, int port)
 {
     char cmd[2048];
@@ -290,18 +313,14 @@ static void standby_start(const char *dir, int port)
              "$as $pgbin/pg_ctl -D %s/data -l %s/server.log -w -t 60 -o '-p %d -k %s "
              "-c listen_addresses=127.0.0.1 -c fsync=off' start >/dev/null",
              dir, dir, dir, dir, dir, dir, port, dir);
+    snprintf(standby_running, sizeof(standby_running), "%s", dir);
     cr_assert_eq(system(cmd), 0, "cannot start a server in recovery in %s", dir);
 }
 
 static void standby_stop(const char *dir)
 {
-    char cmd[1024];
-    snprintf(cmd, sizeof(cmd),
-             "pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1); as=; "
-             "if [ \"$(id -u)\" = 0 ]; then as='runuser -u postgres --'; fi; "
-             "$as $pgbin/pg_ctl -D %s/data -m immediate -w stop >/dev/null 2>&1; rm -rf %s",
-             dir, dir);
-    cr_assert_eq(system(cmd), 0);
+    standby_stop_quietly(dir);
+    standby_running[0] = '\0';
 }
 
 /* The libpq service "orch" (SAGA_DATABASE_URL=service=orch): libpq reads the file at every
@@ -321,7 +340,7 @@ static void write_service(const char *path, const char *host, int port, const ch
  * with backoff, until the set-up succeeds: once the database is a primary again, the claim
  * worker LISTENs and claims. (Before, the worker rolled back and went on with that session
  * for good: no LISTEN, and every claim refused by the server in recovery.) */
-Test(orchestrator_reload, a_failed_session_setup_reconnects)
+Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cleanup)
 {
     struct pgtest_db db;
     PGconn *conn = pgtest_fresh(&db, false);
