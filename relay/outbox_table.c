@@ -571,10 +571,9 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     int n = PQntuples(res);
     /* send_claim cleared `more`; if it is set now, a NOTIFY (or the poll) came while the claim
      * ran, whose snapshot may not have seen those rows: keep it, or they wait for the next
-     * poll. */
-    /* Full means as many rows as asked for: a claim limited by RELAY_MAX_INFLIGHT's room asks
-     * for fewer than RELAY_BATCH_SIZE (comparing with the batch size left the rest of the
-     * backlog to the fallback poll: a drain at 5,000 in flight ran at 12,000-15,000 rows/s). */
+     * poll. A full claim sets it too; full means as many rows as asked for, which is fewer
+     * than RELAY_BATCH_SIZE when RELAY_MAX_INFLIGHT's room limited it (comparing with the
+     * batch size left the rest of the backlog to the poll: 12,000-15,000 rows/s). */
     if (n >= t->claim_limit)
         t->more = true;
     if (n == 0) {
@@ -920,11 +919,9 @@ static void step(struct outbox_table *t)
             if (pgloop_query_prepared(t->pg, "relay_writers", 0, NULL, sweep_result_cb, t))
                 t->sweep_ms = 0;
         } else if (!claim_due) {
-            struct timespec now;
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-            if (now_ms - t->backlog_ms >= 5000) {
-                t->backlog_ms = now_ms;
+            int64_t now = now_ms();
+            if (now - t->backlog_ms >= 5000) {
+                t->backlog_ms = now;
                 if (pgloop_query_prepared(t->pg, "relay_backlog", 0, NULL, backlog_result_cb, t))
                     t->backlog_ms = 0;
             }
