@@ -876,7 +876,7 @@ static void lock_cb(struct pgloop *pg, PGresult *res, void *arg)
             w->limit = k;
             w->fail = F_PREFIX;
         } else {
-            orch_request_reload();
+            /* The reload is asked for by note_unknown_version (at most once a minute). */
             snprintf(w->fail_state, sizeof(w->fail_state), "%s", "");
             w->fail = F_PAUSE;
             log_at(LOG_WARN, LOG_FIELDS("saga_id", w->o->pending[0].saga_id),
@@ -1042,20 +1042,23 @@ static void start_claim_batch(struct worker *w)
         /* Three index range scans, one per kind of work (each on its partial index, so a
          * claim costs the work it finds, not the size of saga.instances: an OR of the three
          * let the planner pick a sequential scan, measured at 5 ms per claim with 3,000
-         * finished sagas). Without a partition of the replies, due reply timeouts are left
-         * alone (see assigned_partitions): claiming them would only lock them. */
+         * finished sagas). Each branch locks with SKIP LOCKED itself: with the lock only on
+         * the outer query, a second orchestrator's branches picked the same first rows as the
+         * first one's, skipped them all and claimed nothing. The outer FOR UPDATE (locks this
+         * transaction already holds: no wait) reads the rows' latest versions. Without a
+         * partition of the replies, due reply timeouts are left alone (see
+         * assigned_partitions): claiming them would only lock them. */
         sql_add(&b,
-                "BEGIN; SELECT %s FROM saga.instances WHERE id IN ("
-                "(SELECT id FROM saga.instances WHERE status = 'pending'%s ORDER BY created_at "
-                "LIMIT %d) UNION ALL "
-                "(SELECT id FROM saga.instances WHERE deadline <= now()%s%s ORDER BY deadline "
-                "LIMIT %d) UNION ALL "
-                "(SELECT id FROM saga.instances WHERE pending_request IS NOT NULL%s ORDER BY "
-                "updated_at LIMIT %d)) "
-                "LIMIT %d FOR UPDATE SKIP LOCKED",
-                store_instance_columns, filter.text, n,
-                w->o->assigned_partitions ? "" : " AND wait <> 'reply'", filter.text, n,
-                filter.text, n, n);
+                "BEGIN; WITH p AS (SELECT id FROM saga.instances WHERE status = 'pending'%s "
+                "ORDER BY created_at LIMIT %d FOR UPDATE SKIP LOCKED), "
+                "d AS (SELECT id FROM saga.instances WHERE deadline <= now()%s%s ORDER BY "
+                "deadline LIMIT %d FOR UPDATE SKIP LOCKED), "
+                "r AS (SELECT id FROM saga.instances WHERE pending_request IS NOT NULL%s ORDER BY "
+                "updated_at LIMIT %d FOR UPDATE SKIP LOCKED) "
+                "SELECT %s FROM saga.instances WHERE id IN (SELECT id FROM p UNION SELECT id "
+                "FROM d UNION SELECT id FROM r) LIMIT %d FOR UPDATE",
+                filter.text, n, w->o->assigned_partitions ? "" : " AND wait <> 'reply'",
+                filter.text, n, filter.text, n, store_instance_columns, n);
     }
     free(filter.text);
     w->more = false;

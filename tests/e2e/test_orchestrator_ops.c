@@ -501,7 +501,8 @@ Test(orchestrator_ops, broker_down_and_up)
     reserve_ok(&s, "r-40");
     const struct kmsg *m = expect_authorize(&s);
     size_t from = 0;
-    proc_wait_log(&w.orch, "partition(s) assigned", &from, 1000, NULL, 0);
+    /* Past the assignment (saga_e2e_setup waited for it): the next "kafka:" line is news. */
+    cr_assert(proc_wait_log(&w.orch, "partition(s) assigned", &from, 30000, NULL, 0));
     devbroker_command(&w.broker, "down all");
     if (!proc_wait_log(&w.orch, "\"kafka: ", &from, 30000, NULL, 0)) {
         saga_e2e_dump(&w);
@@ -524,4 +525,34 @@ Test(orchestrator_ops, broker_down_and_up)
     saga_e2e_check_all_commands(&w, &s);
     /* Ready again: Kafka is reachable. */
     saga_e2e_wait_ready(&w, 15000);
+}
+
+/* Another orchestrator holds the oldest pending sagas (here the test's own transaction holds
+ * as many as SAGA_BATCH_SIZE): this one still claims the others. (Each branch of the claim
+ * picked its rows before the lock was tried, so it picked the same held rows, skipped them
+ * all and claimed nothing, poll after poll: a second orchestrator was no help.) */
+Test(orchestrator_ops, claims_skip_sagas_locked_elsewhere)
+{
+    saga_e2e_orch_stop(&w);
+    setenv("SAGA_BATCH_SIZE", "2", 1); /* this test's process only: the next start */
+    struct saga_ref held1, held2, free1;
+    saga_e2e_start(&w, "e2e_timeout", "o-held-1", NULL, NULL, &held1);
+    saga_e2e_start(&w, "e2e_timeout", "o-held-2", NULL, NULL, &held2);
+    saga_e2e_start(&w, "e2e_timeout", "o-free-1", NULL, NULL, &free1);
+    PGconn *other = pgtest_connect(w.db.url);
+    pgtest_exec(other, "BEGIN");
+    const char *ids[] = {held1.id, held2.id};
+    PQclear(pgtest_query(other,
+                         "SELECT id FROM saga.instances WHERE id IN ($1::uuid, $2::uuid) "
+                         "FOR UPDATE",
+                         2, ids));
+    saga_e2e_orch_start(&w);
+    saga_e2e_wait_status(&w, &free1, "running", 20000);
+    char *st = saga_e2e_value(&w, "SELECT status FROM saga.instances WHERE id = $1", held1.id);
+    cr_assert_str_eq(st, "pending", "a saga held by another transaction was claimed");
+    free(st);
+    pgtest_exec(other, "COMMIT");
+    saga_e2e_wait_status(&w, &held1, "running", 20000);
+    saga_e2e_wait_status(&w, &held2, "running", 20000);
+    PQfinish(other);
 }
