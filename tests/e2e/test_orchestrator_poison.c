@@ -282,7 +282,7 @@ Test(orchestrator_poison, unknown_definition_version_does_not_block)
     cr_assert_eq(proc_count_log(&w.orch, "definition version this orchestrator has not loaded"), 1);
 
     /* The orchestrator tried a reload by itself, which skipped the version: wait for it to
-     * finish, or the SIGHUP below would meet it running and be ignored. */
+     * finish, so that the log counts below are those of the SIGHUP's own reload. */
     size_t from = 0;
     wait_log("cannot be read by this orchestrator", 30000);
     cr_assert(proc_wait_log(&w.orch, "definition version(s) loaded", &from, 30000, NULL, 0));
