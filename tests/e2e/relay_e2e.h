@@ -428,6 +428,30 @@ static inline bool e2e_wait_metric(int port, const char *series, double value, i
     }
 }
 
+/* For a failing test's log: the rows still in the table (seq, key) and the relay's metrics
+ * that say where the others are (claimed, in the producer, holes, errors). */
+static inline void e2e_dump_state(struct e2e *e, int port)
+{
+    char sql[512];
+    snprintf(sql, sizeof(sql),
+             "SELECT count(*), coalesce(string_agg(seq || ':' || key, ' ' ORDER BY seq), '') "
+             "FROM (SELECT seq, key FROM %s ORDER BY seq LIMIT 20) r",
+             e->table);
+    PGresult *res = pgtest_query(e->conn, sql, 0, NULL);
+    fprintf(stderr, "rows left in %s (first 20): %s [%s]\n", e->table, PQgetvalue(res, 0, 0),
+            PQgetvalue(res, 0, 1));
+    PQclear(res);
+    char *body = NULL;
+    if (e2e_http_get(port, "/metrics", &body) == 200) {
+        for (char *line = strtok(body, "\n"); line; line = strtok(NULL, "\n"))
+            if (line[0] != '#' && !strstr(line, "_bucket") &&
+                (strstr(line, "inflight") || strstr(line, "holes") || strstr(line, "claimed") ||
+                 strstr(line, "published") || strstr(line, "errors") || strstr(line, "backlog")))
+                fprintf(stderr, "  %s\n", line);
+    }
+    free(body);
+}
+
 /* Waits (bounded) until /readyz answers 200 and returns its body (caller frees); fails the
  * test otherwise. Kafka counts as reachable from the producer's first statistics (every
  * second), so a relay is not ready during its first second even when it publishes. */
