@@ -115,7 +115,7 @@
              "RELAY_LINGER",                                                                       \
              SETTING_DURATION,                                                                     \
              &(s)->linger_ms,                                                                      \
-             "1ms",                                                                                \
+             "0ms",                                                                                \
              "producer linger.ms (batching delay)",                                                \
              false,                                                                                \
              0,                                                                                    \
