@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "admin.h"
@@ -27,6 +28,9 @@ struct retiring {
     bool released;             /* its sessions are closed (lock released) */
 };
 static struct retiring *retiring;
+
+/* On exit, how long to wait for a reload thread that is still checking tables. */
+#define RELOAD_EXIT_WAIT_S 1
 static ev_timer retire_timer;
 
 int relay_producer_start(struct relay *r, char *err, size_t errlen);
@@ -107,11 +111,12 @@ static void early_stop_handler(int sig)
 /* ---- SIGHUP: the sources of RELAY_CONFIG, reloaded ------------------------------------------
  *
  * The file is read and validated, and the tables it adds are checked (outbox_table_check: a
- * blocking connection, up to its connect_timeout per table), off the loop in a thread; the
- * result comes back through an ev_async and is applied on the loop, so that the loop never
- * waits for a database. Only one reload runs at a time. The thread reads relay.settings and
- * relay.sources, which only the loop changes, and only in reload_done_cb (after the join) and
- * after the loop ends (after the join too).
+ * blocking connection, bounded per table: connect, statements, TCP), off the loop in a
+ * thread; the result comes back through an ev_async and is applied on the loop, so that the
+ * loop never waits for a database. Only one reload runs at a time. The thread reads relay.settings
+ * and relay.sources, which only the loop changes, and only in reload_done_cb (after the join) and
+ * after the loop ends (after the join, or never when the relay exits without the thread: see
+ * the end of main).
  *
  * Sources are keyed by (conninfo, schema, table). A table kept is not touched (no reconnect, no
  * lost leadership); a table added is created and started; a table removed stops claiming,
@@ -544,11 +549,35 @@ int main(int argc, char **argv)
     ev_run(relay.loop, 0);
     status = 0;
 
-out:
-    /* The reload thread reads the live sources: it ends (its connects are bounded) before
-     * they are freed. */
-    if (reload.running)
-        pthread_join(reload.thread, NULL);
+out:;
+    /* The reload thread reads relay.settings and the live sources, so they are freed only once
+     * it has ended. Its table checks are bounded (outbox_table_check), but by seconds per
+     * table: a stopping relay waits for it a little (RELOAD_EXIT_WAIT_S), then leaves without
+     * it. What it checked would not be applied anyway (the relay is stopping), so cutting it
+     * short changes nothing; the process ends with _exit (below), which no thread outlives and
+     * which runs no exit handler that the thread could still be inside (libpq, OpenSSL). */
+    bool reload_abandoned = false;
+    if (reload.running) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += RELOAD_EXIT_WAIT_S;
+        if (pthread_timedjoin_np(reload.thread, NULL, &until)) {
+            reload_abandoned = true;
+            log_at(LOG_WARN, LOG_FIELDS("file", relay.settings.config_file),
+                   "exiting while the SIGHUP reload still checks its tables (a database does "
+                   "not answer): the reload is abandoned and changes nothing");
+        }
+    }
+    if (reload_abandoned) {
+        if (relay.loop)
+            relay_producer_stop(&relay);
+        admin_stop(admin);
+        if (status == 0)
+            log_info("outbox-relay stopped");
+        fflush(stdout);
+        fflush(stderr);
+        _exit(status);
+    }
     relay_sources_free(reload.fresh, reload.fresh_count);
     free(reload.added);
     /* The producer first: its purged messages are dropped without reports, so no table is

@@ -1,9 +1,12 @@
 /* relay_config: the relay's settings table, its sources, and the start-up table check. */
 #include <ctype.h>
 #include <errno.h>
+#include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
@@ -484,18 +487,79 @@ static const struct {
     {"headers", "jsonb"},   {"created_at", "timestamp with time zone"},
 };
 
+/* The check's bounds. connect_timeout bounds the connection (libpq: per address, the whole
+ * start-up included); a statement has CHECK_STATEMENT_MS from its send to its result, waited
+ * for here (a server that accepted the connection and then never answers, or a network gone
+ * silent, would otherwise block the check forever: at start, and in the SIGHUP reload's
+ * thread), and the server cancels it at the same bound (statement_timeout). TCP keepalives and
+ * tcp_user_timeout make the kernel give up on a peer gone away. The user's own values of these
+ * parameters win. */
+#define CHECK_CONNECT_TIMEOUT "10"
+#define CHECK_STATEMENT_MS 10000
+
+static void trim_message(char *msg)
+{
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+        msg[--n] = '\0';
+}
+
+/* Runs one statement with parameters and waits at most CHECK_STATEMENT_MS for its result.
+ * Returns the result (caller PQclears) when it is PGRES_TUPLES_OK, or NULL with why. */
+static PGresult *exec_bounded(PGconn *conn, const char *sql, int nparams, const char *const *params,
+                              char *why, size_t whylen)
+{
+    if (!PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL, 0)) {
+        snprintf(why, whylen, "%s", PQerrorMessage(conn));
+        trim_message(why);
+        return NULL;
+    }
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    while (PQisBusy(conn)) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t spent =
+            (int64_t)(now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
+        int ready =
+            spent < CHECK_STATEMENT_MS ? poll(&pfd, 1, (int)(CHECK_STATEMENT_MS - spent)) : 0;
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready == 0) {
+            snprintf(why, whylen, "no answer from the database within %d s",
+                     CHECK_STATEMENT_MS / 1000);
+            return NULL;
+        }
+        if (ready < 0 || !PQconsumeInput(conn)) {
+            snprintf(why, whylen, "%s", ready < 0 ? strerror(errno) : PQerrorMessage(conn));
+            trim_message(why);
+            return NULL;
+        }
+    }
+    PGresult *res = PQgetResult(conn);
+    for (PGresult *more; (more = PQgetResult(conn));)
+        PQclear(more);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(why, whylen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
+        trim_message(why);
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
 static int check_columns(PGconn *conn, const char *schema, const char *table, bool dead,
                          const char *db, char *err, size_t errlen)
 {
     const char *params[2] = {schema, table};
-    PGresult *res = PQexecParams(conn,
+    char why[512];
+    PGresult *res = exec_bounded(conn,
                                  "SELECT column_name, data_type FROM information_schema.columns "
                                  "WHERE table_schema = $1 AND table_name = $2",
-                                 2, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+                                 2, params, why, sizeof(why));
+    if (!res) {
         snprintf(err, errlen, "table %s.%s (%s): cannot read its columns: %s", schema, table, db,
-                 PQresultErrorMessage(res));
-        PQclear(res);
+                 why);
         return -1;
     }
     int rows = PQntuples(res);
@@ -536,17 +600,46 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
 {
     char db[512];
     settings_redact_conninfo(src->conninfo, db, sizeof(db));
-    /* A bounded connect: an unreachable database at start is a configuration error. */
-    const char *keys[] = {"dbname", "connect_timeout", "application_name", NULL};
-    const char *vals[] = {src->conninfo, "10", "outbox-relay", NULL};
+    /* A bounded connect: an unreachable database at start is a configuration error. The
+     * keywords after dbname (expanded from the conninfo) override it, so those the user may
+     * have set are only added when the conninfo leaves them out; the statement timeout is
+     * appended to the user's options (or PGOPTIONS, which an explicit options replaces). */
+    const char *keys[16] = {"dbname", "connect_timeout", "application_name"};
+    const char *vals[16] = {src->conninfo, CHECK_CONNECT_TIMEOUT, "outbox-relay"};
+    int n = 3;
+    static const char *const bounds[][2] = {
+        {"keepalives", "1"},       {"keepalives_idle", "5"},      {"keepalives_interval", "2"},
+        {"keepalives_count", "3"}, {"tcp_user_timeout", "10000"},
+    };
+    PQconninfoOption *given = PQconninfoParse(src->conninfo, NULL);
+    const char *user_options = getenv("PGOPTIONS");
+    for (size_t b = 0; b < sizeof(bounds) / sizeof(bounds[0]); b++) {
+        bool set = false;
+        for (PQconninfoOption *o = given; o && o->keyword; o++)
+            if (!strcmp(o->keyword, bounds[b][0]) && o->val && *o->val)
+                set = true;
+        if (!set) {
+            keys[n] = bounds[b][0];
+            vals[n++] = bounds[b][1];
+        }
+    }
+    for (PQconninfoOption *o = given; o && o->keyword; o++)
+        if (!strcmp(o->keyword, "options") && o->val)
+            user_options = o->val;
+    char options[1024];
+    snprintf(options, sizeof(options), "%s%s-c statement_timeout=%d",
+             user_options ? user_options : "", user_options && *user_options ? " " : "",
+             CHECK_STATEMENT_MS);
+    keys[n] = "options";
+    vals[n++] = options;
+    keys[n] = vals[n] = NULL;
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    PQconninfoFree(given);
     int rc = -1;
     if (PQstatus(conn) != CONNECTION_OK) {
         char msg[512];
         snprintf(msg, sizeof(msg), "%s", PQerrorMessage(conn));
-        size_t n = strlen(msg);
-        while (n && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
-            msg[--n] = '\0';
+        trim_message(msg);
         snprintf(err, errlen, "cannot connect to database %s for table %s.%s: %s", db, src->schema,
                  src->table, msg);
         goto out;

@@ -664,3 +664,114 @@ Test(relay_config, sighup_rejects_a_broken_file)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* ---- a database that never answers -------------------------------------------------------- */
+
+/* A "database" on a listening socket of the test: it accepts one connection, completes the
+ * start-up (AuthenticationOk, ReadyForQuery: no password, no TLS) and then reads the first
+ * query and never answers it. Every wait is bounded; fails the test otherwise. */
+struct silent_db {
+    int lfd, cfd;
+    int port;
+};
+
+static void silent_db_listen(struct silent_db *s)
+{
+    s->cfd = -1;
+    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(sa);
+    cr_assert(s->lfd >= 0 && !bind(s->lfd, (struct sockaddr *)&sa, sizeof(sa)) &&
+              !listen(s->lfd, 4) && !getsockname(s->lfd, (struct sockaddr *)&sa, &len));
+    s->port = ntohs(sa.sin_port);
+}
+
+/* Reads exactly n bytes from fd, each wait bounded by timeout_ms. */
+static bool read_exact(int fd, void *buf, size_t n, int timeout_ms)
+{
+    size_t got = 0;
+    while (got < n) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        if (poll(&pfd, 1, timeout_ms) != 1)
+            return false;
+        ssize_t r = read(fd, (char *)buf + got, n - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return false;
+        got += (size_t)r;
+    }
+    return true;
+}
+
+/* Accepts the relay's connection, answers its start-up, and waits for its first query. */
+static void silent_db_serve(struct silent_db *s)
+{
+    struct pollfd pfd = {s->lfd, POLLIN, 0};
+    cr_assert_eq(poll(&pfd, 1, 15000), 1, "the relay did not connect to the silent database");
+    s->cfd = accept(s->lfd, NULL, NULL);
+    cr_assert(s->cfd >= 0);
+    unsigned char head[4];
+    cr_assert(read_exact(s->cfd, head, 4, 15000), "no start-up packet");
+    uint32_t len =
+        (uint32_t)head[0] << 24 | (uint32_t)head[1] << 16 | (uint32_t)head[2] << 8 | head[3];
+    cr_assert(len > 8 && len < 10000, "start-up packet of %u bytes", len);
+    char body[10000];
+    cr_assert(read_exact(s->cfd, body, len - 4, 15000), "short start-up packet");
+    cr_assert(body[0] == 0 && body[1] == 3, "not a protocol 3 start-up packet (TLS or GSS?)");
+    static const char ready[] = {'R', 0, 0, 0, 8, 0,  0, 0, 0, /* AuthenticationOk */
+                                 'Z', 0, 0, 0, 5, 'I'};        /* ReadyForQuery */
+    proc_write_all(s->cfd, ready, sizeof(ready));
+    /* The query's first bytes: from now on the relay waits for an answer. */
+    cr_assert(read_exact(s->cfd, head, 1, 15000), "no query after the start-up");
+}
+
+static void silent_db_close(struct silent_db *s)
+{
+    if (s->cfd >= 0)
+        close(s->cfd);
+    close(s->lfd);
+}
+
+/* SIGTERM while a SIGHUP reload checks a table of a database that accepted the connection and
+ * never answers the check's query: the relay exits 0 at once, leaving the check behind (its
+ * result would not be applied anyway), instead of waiting for it. */
+Test(relay_config, sigterm_during_a_stuck_reload_exits_0)
+{
+    struct e2e e;
+    e2e_setup(&e, "hupstuck", 10);
+    struct silent_db silent;
+    silent_db_listen(&silent);
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-stuck.json", (int)getpid());
+    write_config(path, &e, (const char *[]){"saga.outbox", NULL});
+    struct proc relay;
+    start_with_config(&e, &relay, path, NULL);
+    cr_assert(proc_wait_log(&relay, "leading: publishing", NULL, 15000, NULL, 0));
+
+    char text[2048];
+    snprintf(text, sizeof(text),
+             "{\"sources\": [{\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]},\n"
+             "  {\"database_url\": \"postgresql://postgres@127.0.0.1:%d/silent?sslmode=disable"
+             "&gssencmode=disable\", \"tables\": [\"saga.outbox\"]}]}\n",
+             e.db.url, silent.port);
+    write_text(path, text);
+    proc_signal(&relay, SIGHUP);
+    silent_db_serve(&silent);
+    proc_signal(&relay, SIGTERM);
+    bool exited = proc_wait_exit(&relay, 15000);
+    if (!exited) {
+        proc_kill(&relay);
+        proc_dump(&relay, "relay", 6000);
+    }
+    cr_assert(exited, "the relay did not exit within 15 s of SIGTERM during a stuck reload");
+    cr_assert_eq(proc_exit_code(&relay), 0, "exit %d", proc_exit_code(&relay));
+    cr_assert_eq(proc_count_log(&relay, "the reload is abandoned"), 1,
+                 "the relay did not leave the stuck reload behind");
+    cr_assert_eq(proc_count_log(&relay, "sources reloaded"), 0);
+    silent_db_close(&silent);
+    proc_cleanup(&relay);
+    unlink(path);
+    e2e_teardown(&e);
+}
