@@ -384,8 +384,16 @@ static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
             }
             char label[300];
             snprintf(label, sizeof(label), "%s.%s", r->src->schema, r->src->table);
-            if (drained)
-                log_at(LOG_INFO, LOG_FIELDS("table", label),
+            const char *role = outbox_table_role(r->table);
+            if (strcmp(role, "leading"))
+                /* A standby (or a table between sessions) claims nothing: it never had rows
+                 * to drain. */
+                log_at(LOG_INFO, LOG_FIELDS("table", label, "role", role),
+                       "removed from RELAY_CONFIG: not leading this table (%s), so nothing was "
+                       "claimed and nothing is to drain; letting the table go",
+                       role);
+            else if (drained)
+                log_at(LOG_INFO, LOG_FIELDS("table", label, "role", role),
                        "removed from RELAY_CONFIG: every claimed row is acknowledged and "
                        "deleted; letting the table go");
             else

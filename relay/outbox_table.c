@@ -1057,17 +1057,23 @@ bool outbox_table_drained(const struct outbox_table *t)
     return t->inflight == 0 && !pgloop_busy(t->pg) && !pgloop_busy(t->cpg);
 }
 
+static const char *const phase_names[] = {"disconnected", "connecting", "locking",
+                                          "standby",      "listening",  "leading"};
+
+const char *outbox_table_role(const struct outbox_table *t)
+{
+    return phase_names[t->phase];
+}
+
 void outbox_table_describe(const struct outbox_table *t, char *buf, size_t size, bool *ready)
 {
-    static const char *const names[] = {"disconnected", "connecting", "locking",
-                                        "standby",      "listening",  "leading"};
     static const char *const claims[] = {"down", "connecting", "preparing", "ready"};
     size_t len = strlen(buf);
     if (t->phase == PHASE_LEADING)
         snprintf(buf + len, size - len, "%s leading inflight=%zu claims=%s\n", t->label,
                  t->inflight, claims[t->cphase]);
     else
-        snprintf(buf + len, size - len, "%s %s inflight=%zu\n", t->label, names[t->phase],
+        snprintf(buf + len, size - len, "%s %s inflight=%zu\n", t->label, phase_names[t->phase],
                  t->inflight);
     /* A leader that cannot claim (its claim session is down, or waits for the claim lock an
      * old leader's claim session still holds) publishes nothing: not ready. */

@@ -86,6 +86,10 @@ void outbox_table_release(struct outbox_table *t);
  * producer may still call outbox_table_delivered() for it. */
 size_t outbox_table_in_producer(const struct outbox_table *t);
 
+/* What the table's session does now, for logs: "leading", "standby" (another relay leads),
+ * "disconnected", "connecting", "locking" or "listening". A static string. */
+const char *outbox_table_role(const struct outbox_table *t);
+
 /* True when nothing claimed is left unresolved (all acknowledged rows deleted). */
 bool outbox_table_drained(const struct outbox_table *t);
 

@@ -775,3 +775,49 @@ Test(relay_config, sigterm_during_a_stuck_reload_exits_0)
     unlink(path);
     e2e_teardown(&e);
 }
+
+/* A table removed from the file of a relay that stands by for it (another relay leads it):
+ * the line that lets it go says there was nothing to drain, not that claimed rows were
+ * acknowledged and deleted (it claimed none). The leader is not touched. */
+Test(relay_config, sighup_removes_a_standby_table)
+{
+    struct e2e e;
+    e2e_setup(&e, "hupstandby", 10);
+    pgtest_exec(e.conn, "SELECT saga.create_outbox('inventory')");
+    char path_a[256], path_b[256];
+    snprintf(path_a, sizeof(path_a), "/tmp/saga-e2e-%d-hup-standby-a.json", (int)getpid());
+    snprintf(path_b, sizeof(path_b), "/tmp/saga-e2e-%d-hup-standby-b.json", (int)getpid());
+    write_config(path_a, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
+    write_config(path_b, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
+    struct proc leader, standby;
+    start_with_config(&e, &leader, path_a, NULL);
+    size_t from = 0;
+    cr_assert(proc_wait_log(&leader, "leading: publishing", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&leader, "leading: publishing", &from, 15000, NULL, 0));
+    start_with_config(&e, &standby, path_b, NULL);
+    from = 0;
+    cr_assert(proc_wait_log(&standby, "standing by", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&standby, "standing by", &from, 15000, NULL, 0));
+
+    write_config(path_b, &e, (const char *[]){"saga.outbox", NULL});
+    proc_signal(&standby, SIGHUP);
+    char line[2048];
+    if (!proc_wait_log(&standby, "letting the table go", &from, 15000, line, sizeof(line))) {
+        proc_dump(&standby, "standby relay", 6000);
+        cr_assert_fail("the removed table was not let go within 15 s");
+    }
+    cr_assert(strstr(line, "inventory.outbox") && strstr(line, "\"level\":\"info\""), "%s", line);
+    cr_assert(strstr(line, "not leading this table (standby)") &&
+                  strstr(line, "nothing is to drain") && strstr(line, "\"role\":\"standby\""),
+              "%s", line);
+    cr_assert(!strstr(line, "acknowledged and deleted"), "%s", line);
+    cr_assert_eq(leading_lines(&standby, "inventory.outbox"), 0);
+    cr_assert_eq(lock_holders(&e, "inventory.outbox"), 1, "the leader lost its lock");
+    e2e_relay_stop(&standby);
+    e2e_relay_stop(&leader);
+    proc_cleanup(&standby);
+    proc_cleanup(&leader);
+    unlink(path_a);
+    unlink(path_b);
+    e2e_teardown(&e);
+}
