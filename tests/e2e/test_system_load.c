@@ -106,14 +106,6 @@ static bool all_replies_published(struct sys *s)
                0;
 }
 
-static long unfinished(struct sys *s)
-{
-    return pgtest_count(s->orch,
-                        "SELECT count(*) FROM saga.instances"
-                        " WHERE status NOT IN ('completed', 'compensated', 'failed')",
-                        0, NULL);
-}
-
 Test(system, load)
 {
     /* This test's default, unless SAGA_SYSTEM_SAGAS says otherwise (sys_setup prints it). */
@@ -158,7 +150,7 @@ Test(system, load)
         double q = sys_orchestrator_metric(&sys, 0, "saga_replies_queued");
         if (q > peak_queued)
             peak_queued = q;
-        if ((left = unfinished(&sys)) == 0 || proc_now_ms() >= end)
+        if ((left = sys_unfinished(&sys)) == 0 || proc_now_ms() >= end)
             break;
         sys_pause_ms(200);
     }

@@ -1,17 +1,15 @@
 #include "system.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
+
+#include "http.h"
 
 const char *const sys_service_names[SYS_SERVICES] = {"inventory", "payment", "orders", "shipping"};
 
@@ -374,50 +372,48 @@ void sys_dump(struct sys *s)
     }
 }
 
-void sys_start_sagas(struct sys *s, int from, int to)
+/* Starts sagas number from..to (inclusive) with saga.start() in one statement, saga i's input
+ * being the SQL expression input (over i). */
+static void start_range(struct sys *s, int from, int to, const char *input)
 {
-    char a[16], b[16];
+    char a[16], b[16], sql[2048];
     snprintf(a, sizeof(a), "%d", from);
     snprintf(b, sizeof(b), "%d", to);
+    snprintf(sql, sizeof(sql),
+             "SELECT count(*) FROM (SELECT saga.start('order_fulfillment', %s,"
+             " 'demo-order-' || i, 'corr-' || i)"
+             " FROM generate_series($1::int, $2::int) i) s",
+             input);
     const char *params[] = {a, b};
+    cr_assert_eq(pgtest_count(s->orch, sql, 2, params), to - from + 1);
+    s->sagas = to;
+}
+
+void sys_start_sagas(struct sys *s, int from, int to)
+{
     /* scripts/demo-run's mix: every 7th order is too expensive (declined), every 11th wants the
      * rare item (out of stock after three), every 13th comes from a blocked customer
      * (rejected at the pivot). */
-    long started = pgtest_count(
-        s->orch,
-        "SELECT count(*) FROM (SELECT saga.start('order_fulfillment', jsonb_build_object("
-        "  'orderId', 'order-' || i,"
-        "  'customerId', CASE WHEN i % 13 = 0 THEN 'blocked-customer'"
-        "                     ELSE 'customer-' || (i % 17) END,"
-        "  'items', jsonb_build_array(jsonb_build_object("
-        "     'sku', CASE WHEN i % 11 = 0 THEN 'rare-item' ELSE 'sku-' || (1 + i % 4) END,"
-        "     'qty', 1 + i % 3)),"
-        "  'amount', CASE WHEN i % 7 = 0 THEN 5000 ELSE 20 + i % 400 END),"
-        " 'demo-order-' || i, 'corr-' || i)"
-        " FROM generate_series($1::int, $2::int) i) s",
-        2, params);
-    cr_assert_eq(started, to - from + 1);
-    s->sagas = to;
+    start_range(s, from, to,
+                "jsonb_build_object("
+                "  'orderId', 'order-' || i,"
+                "  'customerId', CASE WHEN i % 13 = 0 THEN 'blocked-customer'"
+                "                     ELSE 'customer-' || (i % 17) END,"
+                "  'items', jsonb_build_array(jsonb_build_object("
+                "     'sku', CASE WHEN i % 11 = 0 THEN 'rare-item' ELSE 'sku-' || (1 + i % 4) END,"
+                "     'qty', 1 + i % 3)),"
+                "  'amount', CASE WHEN i % 7 = 0 THEN 5000 ELSE 20 + i % 400 END)");
 }
 
 void sys_start_completing_sagas(struct sys *s, int from, int to)
 {
-    char a[16], b[16];
-    snprintf(a, sizeof(a), "%d", from);
-    snprintf(b, sizeof(b), "%d", to);
-    const char *params[] = {a, b};
     /* Amounts below the payment limit (1000), never 'blocked-customer' nor 'rare-item'. */
-    long started = pgtest_count(
-        s->orch,
-        "SELECT count(*) FROM (SELECT saga.start('order_fulfillment', jsonb_build_object("
-        "  'orderId', 'order-' || i, 'customerId', 'customer-' || (i % 17),"
-        "  'items', jsonb_build_array(jsonb_build_object('sku', 'sku-' || (1 + i % 4), 'qty', 1)),"
-        "  'amount', 20 + i % 400),"
-        " 'demo-order-' || i, 'corr-' || i)"
-        " FROM generate_series($1::int, $2::int) i) s",
-        2, params);
-    cr_assert_eq(started, to - from + 1);
-    s->sagas = to;
+    start_range(s, from, to,
+                "jsonb_build_object("
+                "  'orderId', 'order-' || i, 'customerId', 'customer-' || (i % 17),"
+                "  'items', jsonb_build_array(jsonb_build_object('sku', 'sku-' || (1 + i % 4),"
+                "                                                'qty', 1)),"
+                "  'amount', 20 + i % 400)");
 }
 
 void sys_chaos(struct sys *s, int n, const char *what,
@@ -436,10 +432,7 @@ void sys_chaos(struct sys *s, int n, const char *what,
         }
         int ms = sys_rand(&state, 500, 2000);
         sys_pause_ms(ms);
-        long running = pgtest_count(s->orch,
-                                    "SELECT count(*) FROM saga.instances"
-                                    " WHERE status NOT IN ('completed', 'compensated', 'failed')",
-                                    0, NULL);
+        long running = sys_unfinished(s);
         fprintf(stderr, "%s: %s %d/%d after %d ms (t=%.1f s, %ld of %d sagas unfinished)\n",
                 s->test, what, k + 1, kills, ms, (double)(proc_now_ms() - t0) / 1000.0, running,
                 s->sagas);
@@ -449,7 +442,7 @@ void sys_chaos(struct sys *s, int n, const char *what,
         sys_start_sagas(s, from, last);
 }
 
-static long unfinished(struct sys *s)
+long sys_unfinished(struct sys *s)
 {
     return pgtest_count(s->orch,
                         "SELECT count(*) FROM saga.instances"
@@ -494,7 +487,7 @@ void sys_wait_finished(struct sys *s, int timeout_ms)
 {
     int64_t t0 = proc_now_ms(), end = t0 + timeout_ms;
     long left;
-    while ((left = unfinished(s)) > 0 && proc_now_ms() < end)
+    while ((left = sys_unfinished(s)) > 0 && proc_now_ms() < end)
         sys_pause_ms(200);
     if (left > 0) {
         print_query(s, "unfinished sagas",
@@ -660,53 +653,7 @@ void sys_check(struct sys *s, bool expect_mix)
     }
 }
 
-static int http_get(int port, const char *path, char *buf, size_t len)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa))) {
-        close(fd);
-        return -1;
-    }
-    char req[256];
-    int n = snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path);
-    if (write(fd, req, (size_t)n) != n) {
-        close(fd);
-        return -1;
-    }
-    size_t used = 0;
-    int64_t end = proc_now_ms() + 10000;
-    for (;;) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        int left = (int)(end - proc_now_ms());
-        if (left <= 0 || poll(&p, 1, left) <= 0)
-            break;
-        ssize_t r = read(fd, buf + used, len - 1 - used);
-        if (r <= 0)
-            break;
-        used += (size_t)r;
-        if (used == len - 1)
-            break;
-    }
-    buf[used] = '\0';
-    close(fd);
-    return 0;
-}
-
 double sys_orchestrator_metric(struct sys *s, int i, const char *series)
 {
-    static char body[1 << 16];
-    if (http_get(s->orchestrator[i].admin_port, "/metrics", body, sizeof(body)))
-        return -1;
-    size_t len = strlen(series);
-    for (const char *line = body; line && *line; line = strchr(line, '\n')) {
-        if (*line == '\n')
-            line++;
-        if (!strncmp(line, series, len) && line[len] == ' ')
-            return strtod(line + len + 1, NULL);
-    }
-    return -1;
+    return http_get_metric(s->orchestrator[i].admin_port, series);
 }

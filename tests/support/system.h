@@ -122,6 +122,9 @@ void sys_chaos(struct sys *s, int n, const char *what,
  * then until the five outboxes are empty; prints the time it took and the outcomes. */
 void sys_wait_finished(struct sys *s, int timeout_ms);
 
+/* The sagas not yet completed, compensated or failed. */
+long sys_unfinished(struct sys *s);
+
 /* Every invariant (with expect_mix, also that no step ran out of attempts and that both
  * completed and compensated sagas exist):
  * no saga failed or left running; each saga has at most one reservation,
