@@ -1043,6 +1043,12 @@ void outbox_table_release(struct outbox_table *t)
     pgloop_close(t->pg);
     reset_state(t);
     set_phase(t, PHASE_DISCONNECTED);
+    /* Its gauges would keep their last values in /metrics, as if the table were still
+     * published (the metrics library cannot remove a series): 0, as for a table with nothing
+     * waiting. No callback of this table sets them again (its sessions are closed). */
+    metrics_gauge_set("relay_backlog_rows", t->mlabels, 0);
+    metrics_gauge_set("relay_backlog_oldest_seconds", t->mlabels, 0);
+    metrics_gauge_set("relay_claim_holes", t->mlabels, 0);
 }
 
 size_t outbox_table_in_producer(const struct outbox_table *t)

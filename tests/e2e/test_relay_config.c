@@ -553,12 +553,34 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     cr_assert(e2e_wait_all(c, 100, 30000, NULL));
 
     devbroker_command(&e.broker, "down 1");
+    /* A transaction left open with a row of inventory.outbox: a hole below the rows after it. */
+    PGconn *open_tx = PQconnectdb(e.db.url);
+    cr_assert_eq(PQstatus(open_tx), CONNECTION_OK);
+    const char *hole_params[] = {e.topic_a};
+    PQclear(pgtest_query(open_tx, "BEGIN", 0, NULL));
+    PQclear(pgtest_query(open_tx,
+                         "INSERT INTO inventory.outbox (id, topic, key, event_type, payload) "
+                         "VALUES ('" E2E_EXTRA_ID_PREFIX "0000-4000-8000-000000000001', $1, "
+                         "'kx', 'Ev', '{}')",
+                         1, hole_params));
     insert_into(&e, "inventory.outbox", 100, 300);
     /* Claimed (so in the producer): wait (bounded) for the claim counter. */
     int port = e2e_admin_port(&relay);
     cr_assert(
         e2e_wait_metric(port, "relay_rows_claimed_total{table=\"inventory.outbox\"}", 200, 20000),
         "the rows of inventory.outbox were not claimed");
+    /* The gauges of the table, measured (the backlog every 5 s). */
+    static const char *const gauges[] = {
+        "relay_backlog_rows{table=\"inventory.outbox\"}",
+        "relay_backlog_oldest_seconds{table=\"inventory.outbox\"}",
+        "relay_claim_holes{table=\"inventory.outbox\"}",
+        "relay_table_leader{table=\"inventory.outbox\"}",
+    };
+    static const double measured[] = {200, 1, 1, 1};
+    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
+        cr_assert(e2e_wait_metric(port, gauges[i], measured[i], 20000),
+                  "%s never reached %g (now %g)", gauges[i], measured[i],
+                  metric_now(port, gauges[i]));
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
     proc_signal(&relay, SIGHUP);
     char line[2048];
@@ -567,6 +589,11 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
         cr_assert_fail("the removed table was not let go within 20 s");
     }
     cr_assert(strstr(line, "drain timeout") && strstr(line, "\"level\":\"warn\""), "%s", line);
+    /* /metrics no longer reports the removed table as having rows waiting or holes, nor as
+     * led (0 or absent). */
+    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
+        cr_assert(metric_now(port, gauges[i]) <= 0, "%s is %g after the table was let go",
+                  gauges[i], metric_now(port, gauges[i]));
     long holders = 1;
     for (int64_t deadline = proc_now_ms() + 10000;
          (holders = lock_holders(&e, "inventory.outbox")) && proc_now_ms() < deadline;) {
@@ -584,6 +611,8 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
         cr_assert_fail("the removed table was not freed within 60 s of the broker's return");
     }
     /* Its rows were delivered after it let go: none was deleted. */
+    PQclear(pgtest_query(open_tx, "ROLLBACK", 0, NULL));
+    PQfinish(open_tx);
     cr_assert_eq(e2e_table_count(&e, "inventory.outbox"), 200);
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 30000), "saga.outbox is not published");
     long distinct = 0;
