@@ -262,6 +262,80 @@ Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
     pgtest_db_drop(&db);
 }
 
+/* The claim is prepared once per session (its parse and plan cost more than running it when
+ * it finds nothing, every poll interval at rest): not on every claim, again when a reload
+ * changes the loaded versions, and again on a new session. (Before, every claim sent its
+ * whole text to be parsed and planned.) The log at debug level says when it is prepared. */
+Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_versions)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct proc p;
+    start_orchestrator_env(&p, db.url, &b, dir, "SAGA_LOG_LEVEL=debug", NULL);
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+    /* The reply partitions change the claim (reply timeouts wait without them): once they are
+     * assigned, the claim's text stays the same until the next reload. */
+    cr_assert(proc_wait_log(&p, "partition(s) assigned", NULL, 30000, NULL, 0));
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    cr_assert(
+        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000));
+    size_t prepared = proc_count_log(&p, "claim statement prepared");
+    cr_assert(prepared >= 1, "the claim was never prepared");
+    char line[2048];
+    cr_assert(proc_wait_log(&p, "claim statement prepared", NULL, 1000, line, sizeof(line)));
+    cr_assert(strstr(line, "\"definition_versions\":\"1\""), "%s", line);
+
+    /* More claims (a saga, each poll): the same statement. */
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    cr_assert(
+        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 2, 20000));
+    cr_assert_eq(proc_count_log(&p, "claim statement prepared"), prepared,
+                 "the claim was prepared again without a change");
+
+    /* A reload that loads another version: prepared again, with it. */
+    size_t from = 0;
+    write_def(dir, "b.json", "beta", 1, "DoB");
+    proc_signal(&p, SIGHUP);
+    cr_assert(proc_wait_log(&p, "2 definition version(s) loaded", &from, 20000, NULL, 0));
+    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    cr_assert(
+        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000));
+    cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, line, sizeof(line)),
+              "the claim was not prepared again after a reload");
+    cr_assert(strstr(line, "\"definition_versions\":\"2\""), "%s", line);
+    cr_assert_eq(proc_count_log(&p, "claim statement prepared"), prepared + 1);
+
+    /* A new session: prepared on it. */
+    PQclear(pgtest_query(conn,
+                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                         "current_database() AND pid <> pg_backend_pid()",
+                         0, NULL));
+    cr_assert(proc_wait_log(&p, "database connection lost", &from, 20000, NULL, 0));
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3, 20000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("no claim after the session was lost");
+    }
+    cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, NULL, 0),
+              "the claim was not prepared on the new session");
+
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
 /* A free TCP port on loopback (the kernel's pick; a race with another process is unlikely and
  * only fails the server's start). */
 static int free_port(void)
