@@ -131,7 +131,7 @@ static struct outbox_source *source_take(struct outbox_source *s)
     if (!own)
         return NULL;
     *own = *s;
-    s->conninfo = s->schema = s->table = NULL; /* moved */
+    s->conninfo = s->schema = s->table = s->where = NULL; /* moved */
     return own;
 }
 
@@ -142,6 +142,7 @@ static void source_free(struct outbox_source *s)
     free(s->conninfo);
     free(s->schema);
     free(s->table);
+    free(s->where);
     free(s);
 }
 
@@ -183,11 +184,9 @@ static void *reload_main(void *arg)
     }
     for (size_t i = 0; !reload.rc && i < reload.fresh_count; i++) {
         reload.added[i] = live_index(&reload.fresh[i]) < 0;
-        char err[1536];
-        if (reload.added[i] && outbox_table_check(&reload.fresh[i], err, sizeof(err))) {
-            snprintf(reload.err, sizeof(reload.err), "%s: %s", relay.settings.config_file, err);
+        /* The error names the file and the JSON path (outbox_source.where). */
+        if (reload.added[i] && outbox_table_check(&reload.fresh[i], reload.err, sizeof(reload.err)))
             reload.rc = -1;
-        }
     }
     ev_async_send(relay.loop, &reload.done);
     return arg;

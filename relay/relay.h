@@ -38,6 +38,8 @@ struct outbox_source {
     char *conninfo; /* owned */
     char *schema;   /* owned */
     char *table;    /* owned */
+    char *where;    /* owned: where it is configured, for errors ("FILE: $.sources[i].tables[j]"
+                       or "RELAY_OUTBOX_TABLES (--outbox-tables)") */
 };
 
 /* Parses the settings and the sources (RELAY_OUTBOX_TABLES against RELAY_DATABASE_URL, plus
@@ -60,9 +62,9 @@ __attribute__((warn_unused_result)) int relay_sources_load(const struct relay_se
                                                            size_t *count, char *err, size_t errlen);
 void relay_settings_free(struct relay_settings *settings);
 
-/* Checks, with a blocking connection before the loop starts, that the table and its dead-letter
- * table exist with the columns the relay needs. Returns 0, or -1 with err naming the
- * table and the column (the caller exits 2). */
+/* Checks, with a blocking connection (bounded: connect, statements, TCP), that the table and
+ * its dead-letter table exist with the columns the relay needs. Returns 0, or -1 with err
+ * naming where the table is configured (src->where), the table and the column. */
 __attribute__((warn_unused_result)) int outbox_table_check(const struct outbox_source *src,
                                                            char *err, size_t errlen);
 

@@ -172,8 +172,9 @@ static int add_table(struct outbox_source **srcs, size_t *count, const char *con
     s->conninfo = strdup(conninfo);
     s->schema = strndup(spec, (size_t)(dot - spec));
     s->table = strndup(dot + 1, n - (size_t)(dot - spec) - 1);
+    s->where = strdup(where);
     (*count)++;
-    if (!s->conninfo || !s->schema || !s->table) {
+    if (!s->conninfo || !s->schema || !s->table || !s->where) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -473,6 +474,7 @@ void relay_sources_free(struct outbox_source *sources, size_t count)
         free(sources[i].conninfo);
         free(sources[i].schema);
         free(sources[i].table);
+        free(sources[i].where);
     }
     free(sources);
 }
@@ -636,22 +638,25 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     PQconninfoFree(given);
     int rc = -1;
+    char why[1024];
     if (PQstatus(conn) != CONNECTION_OK) {
         char msg[512];
         snprintf(msg, sizeof(msg), "%s", PQerrorMessage(conn));
         trim_message(msg);
-        snprintf(err, errlen, "cannot connect to database %s for table %s.%s: %s", db, src->schema,
-                 src->table, msg);
+        snprintf(why, sizeof(why), "cannot connect to database %s for table %s.%s: %s", db,
+                 src->schema, src->table, msg);
         goto out;
     }
-    if (check_columns(conn, src->schema, src->table, false, db, err, errlen))
+    if (check_columns(conn, src->schema, src->table, false, db, why, sizeof(why)))
         goto out;
     char dead[128];
     snprintf(dead, sizeof(dead), "%s_dead_letters", src->table);
-    if (check_columns(conn, src->schema, dead, true, db, err, errlen))
+    if (check_columns(conn, src->schema, dead, true, db, why, sizeof(why)))
         goto out;
     rc = 0;
 out:
+    if (rc)
+        snprintf(err, errlen, "%s%s%s", src->where ? src->where : "", src->where ? ": " : "", why);
     PQfinish(conn);
     return rc;
 }

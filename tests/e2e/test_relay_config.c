@@ -673,6 +673,9 @@ Test(relay_config, sighup_rejects_a_broken_file)
         cr_assert_fail("no rejection of a missing table logged within 15 s of SIGHUP");
     cr_assert(strstr(line, path) && strstr(line, "nosuch.outbox") && strstr(line, "does not exist"),
               "%s", line);
+    char place[600];
+    snprintf(place, sizeof(place), "%s: $.sources[0].tables[1]: table nosuch.outbox", path);
+    cr_assert(strstr(line, place), "the error does not say \"%s\": %s", place, line);
 
     /* Still publishing, never reloaded, never led again. */
     insert_into(&e, "saga.outbox", 100, 300);
@@ -849,4 +852,50 @@ Test(relay_config, sighup_removes_a_standby_table)
     unlink(path_a);
     unlink(path_b);
     e2e_teardown(&e);
+}
+
+/* At start, a table of RELAY_CONFIG that fails its check: the error names the file and the
+ * table's JSON path (and the password of its URL never shows); one of RELAY_OUTBOX_TABLES
+ * names that setting. */
+Test(relay_config, table_check_errors_name_the_json_path)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, true);
+    pgtest_exec(conn, "CREATE SCHEMA nodl; CREATE TABLE nodl.outbox (LIKE saga.outbox)");
+    char url[1200];
+    url_with_secret(&db, url, sizeof(url));
+    char path[256], config[300];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-check-path.json", (int)getpid());
+    snprintf(config, sizeof(config), "RELAY_CONFIG=%s", path);
+    char text[3000];
+    snprintf(text, sizeof(text),
+             "{\"sources\": [{\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]},\n"
+             "  {\"database_url\": \"%s\", \"tables\": [\"saga.outbox\", \"nosuch.outbox\"]}]}\n",
+             db.url, url);
+    write_text(path, text);
+    const char *brokers = "RELAY_KAFKA_BROKERS=127.0.0.1:9";
+    char missing_at[400];
+    snprintf(missing_at, sizeof(missing_at),
+             "%s: $.sources[1].tables[1]: table nosuch.outbox does not exist", path);
+    const char *missing[] = {config, brokers, "RELAY_DATABASE_URL", "RELAY_OUTBOX_TABLES", NULL};
+    expect_exit_2(missing, NULL, (const char *[]){missing_at, NULL});
+
+    snprintf(text, sizeof(text),
+             "{\"sources\": [{\"database_url\": \"%s\", \"tables\": [\"nodl.outbox\"]}]}\n", url);
+    write_text(path, text);
+    char dead_at[400];
+    snprintf(dead_at, sizeof(dead_at),
+             "%s: $.sources[0].tables[0]: table nodl.outbox_dead_letters does not exist", path);
+    expect_exit_2(missing, NULL, (const char *[]){dead_at, NULL});
+
+    char env_url[1300];
+    snprintf(env_url, sizeof(env_url), "RELAY_DATABASE_URL=%s", url);
+    const char *from_env[] = {env_url, brokers, "RELAY_OUTBOX_TABLES=nosuch.outbox", NULL};
+    expect_exit_2(from_env, NULL,
+                  (const char *[]){"RELAY_OUTBOX_TABLES (--outbox-tables): table nosuch.outbox "
+                                   "does not exist",
+                                   NULL});
+    unlink(path);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
 }
