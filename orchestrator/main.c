@@ -149,6 +149,9 @@ static struct {
     pthread_t thread;
     bool running;
     bool queued; /* requested while running: one more reload after it */
+    /* What the logs call the running reload, and the queued one: "SIGHUP" when a signal
+     * asked for it, "reload" when the orchestrator did (sagas of a version not loaded here). */
+    const char *cause, *queued_cause;
     ev_async done;
     struct registry fresh;
     struct registry retired;
@@ -166,20 +169,20 @@ static void *reload_main(void *arg)
     return arg;
 }
 
-static void reload_start(const char *why);
+static void reload_start(const char *cause, const char *why);
 
 static void reload_swap(void)
 {
     if (reload.rc) {
         log_at(LOG_ERROR, LOG_FIELDS("errors", reload.err),
-               "SIGHUP: definitions rejected; still running the previous ones");
+               "%s: definitions rejected; still running the previous ones", reload.cause);
         registry_clear(&reload.fresh);
         return;
     }
     struct saga_definition **grown = realloc(
         reload.retired.defs, (reload.retired.count + orch.registry.count + 1) * sizeof(*grown));
     if (!grown) {
-        log_error("SIGHUP: out of memory; still running the previous definitions");
+        log_error("%s: out of memory; still running the previous definitions", reload.cause);
         registry_clear(&reload.fresh);
         return;
     }
@@ -190,8 +193,9 @@ static void reload_swap(void)
     orch.registry = reload.fresh;
     memset(&reload.fresh, 0, sizeof(reload.fresh));
     if (replies_resubscribe(&orch))
-        log_warn("SIGHUP: could not subscribe to the reply topics of the new definitions");
-    log_info("SIGHUP: %zu definition version(s) loaded", orch.registry.count);
+        log_warn("%s: could not subscribe to the reply topics of the new definitions",
+                 reload.cause);
+    log_info("%s: %zu definition version(s) loaded", reload.cause, orch.registry.count);
 }
 
 static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
@@ -201,35 +205,40 @@ static void reload_done_cb(struct ev_loop *loop, ev_async *w, int revents)
     reload_swap();
     if (reload.queued && !orch.stopping) {
         reload.queued = false;
-        reload_start("a reload requested while the previous one ran");
+        reload_start(reload.queued_cause, "a reload requested while the previous one ran");
     }
 }
 
-/* Starts a reload, or queues one when a reload is running (see above). Loop thread only. */
-static void reload_start(const char *why)
+/* Starts a reload, or queues one when a reload is running (see above). cause names it in
+ * the logs ("SIGHUP" or "reload", static); a queued reload is a SIGHUP's when any of the
+ * requests it stands for was. Loop thread only. */
+static void reload_start(const char *cause, const char *why)
 {
     if (reload.running) {
         if (!reload.queued)
             log_at(LOG_INFO, LOG_FIELDS("reason", why),
-                   "SIGHUP: a reload is running; another one follows it");
+                   "%s: a reload is running; another one follows it", cause);
+        if (!reload.queued || !strcmp(cause, "SIGHUP"))
+            reload.queued_cause = cause;
         reload.queued = true;
         return;
     }
     reload.running = true;
+    reload.cause = cause;
     if (pthread_create(&reload.thread, NULL, reload_main, NULL)) {
         reload.running = false;
-        log_error("SIGHUP: cannot start the definitions reload thread");
+        log_error("%s: cannot start the definitions reload thread", cause);
     }
 }
 
 void orch_request_reload(void)
 {
-    reload_start("sagas of a definition version not loaded here");
+    reload_start("reload", "sagas of a definition version not loaded here");
 }
 
 static void hup_cb(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    reload_start("SIGHUP");
+    reload_start("SIGHUP", "SIGHUP");
 }
 
 static void describe_metrics(void)

@@ -145,7 +145,6 @@ struct orchestrator {
      * arrive, so reply timeouts are not fired: a timeout measures the participant, not our own
      * deafness. */
     int assigned_partitions;
-    bool definitions_missing; /* sagas of a version not loaded here exist: reload requested */
 };
 
 /* Consumer (orchestrator/replies.c). */

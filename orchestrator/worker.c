@@ -550,7 +550,6 @@ static void note_unknown_version(struct worker *w, const char *name, int version
     }
     if (now - w->reload_ms >= UNKNOWN_VERSION_WARN_MS) {
         w->reload_ms = now;
-        w->o->definitions_missing = true;
         orch_request_reload();
     }
 }
@@ -1221,10 +1220,23 @@ static void count_cb(struct pgloop *pg, PGresult *res, void *arg)
             for (int k = 0; k < 3; k++)
                 if (!strcmp(PQgetvalue(res, i, 0), names[k]))
                     by_status[k] += strtod(PQgetvalue(res, i, 3), NULL);
+            /* A version not loaded here: warned about once, with its sagas of every status
+             * (the rows come by status; the first row of the version counts them all). */
+            const char *name = PQgetvalue(res, i, 1);
             int version = atoi(PQgetvalue(res, i, 2));
-            if (!registry_find(&w->o->registry, PQgetvalue(res, i, 1), version))
-                note_unknown_version(w, PQgetvalue(res, i, 1), version,
-                                     strtol(PQgetvalue(res, i, 3), NULL, 10));
+            if (registry_find(&w->o->registry, name, version))
+                continue;
+            bool seen = false;
+            for (int j = 0; j < i && !seen; j++)
+                seen =
+                    atoi(PQgetvalue(res, j, 2)) == version && !strcmp(PQgetvalue(res, j, 1), name);
+            if (seen)
+                continue;
+            long sagas = 0;
+            for (int j = i; j < PQntuples(res); j++)
+                if (atoi(PQgetvalue(res, j, 2)) == version && !strcmp(PQgetvalue(res, j, 1), name))
+                    sagas += strtol(PQgetvalue(res, j, 3), NULL, 10);
+            note_unknown_version(w, name, version, sagas);
         }
         for (int k = 0; k < 3; k++) {
             char labels[64];

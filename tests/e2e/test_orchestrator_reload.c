@@ -190,6 +190,11 @@ Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
     cr_assert(
         wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000),
         "the saga of a version registered elsewhere did not run");
+    /* The orchestrator reloaded by itself: no signal came, and its logs do not say one did. */
+    char line[2048];
+    cr_assert(proc_wait_log(&p, "definition version(s) loaded", NULL, 1000, line, sizeof(line)));
+    cr_assert(strstr(line, "\"reload: 2 definition version(s) loaded\""), "%s", line);
+    cr_assert_eq(proc_count_log(&p, "SIGHUP:"), 0);
     proc_signal(&p, SIGTERM);
     cr_assert(proc_wait_exit(&p, 20000));
     cr_assert_eq(proc_exit_code(&p), 0);
