@@ -381,6 +381,22 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
         rd_kafka_conf_destroy(conf);
         return -1;
     }
+    /* /readyz learns that Kafka is reachable again after an outage from the statistics only
+     * (stats_cb): with them off it would say "kafka down" for good after the first outage.
+     * Refused at start rather than a readiness that cannot recover. */
+    char interval[32];
+    size_t interval_size = sizeof(interval);
+    if (rd_kafka_conf_get(conf, "statistics.interval.ms", interval, &interval_size) ==
+            RD_KAFKA_CONF_OK &&
+        atol(interval) <= 0) {
+        snprintf(err, errlen,
+                 "KAFKA_STATISTICS_INTERVAL_MS (statistics.interval.ms) is %s: the statistics "
+                 "must stay on (/readyz reads from them that Kafka is reachable again after an "
+                 "outage); leave it unset (1000) or give a positive value",
+                 interval);
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
     rd_kafka_conf_set_stats_cb(conf, stats_cb);

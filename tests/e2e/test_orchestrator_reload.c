@@ -166,6 +166,46 @@ Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
     pgtest_db_drop(&db);
 }
 
+/* KAFKA_STATISTICS_INTERVAL_MS=0 turns librdkafka's statistics off, and /readyz reads from
+ * them that Kafka is reachable again after an outage: refused at start, exit 2 naming the
+ * setting. (Before, the orchestrator ran, and after the first Kafka outage its /readyz said
+ * "kafka down" for good.) */
+Test(orchestrator_reload, kafka_statistics_off_exit_2)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct proc p;
+    start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=0", NULL);
+    if (!proc_wait_exit(&p, 30000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the orchestrator runs with KAFKA_STATISTICS_INTERVAL_MS=0");
+    }
+    cr_assert_eq(proc_exit_code(&p), 2);
+    char *err = proc_read_stderr(&p);
+    cr_assert(strstr(err, "KAFKA_STATISTICS_INTERVAL_MS"), "%s", err);
+    free(err);
+    proc_cleanup(&p);
+
+    /* A positive interval is fine. */
+    start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=2000", NULL);
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
 /* Another orchestrator registered a version this one has not loaded: it loads it when a saga
  * needs it, instead of skipping the saga forever. */
 Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
