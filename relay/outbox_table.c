@@ -28,10 +28,12 @@
  * the same message-id (the row's id). After a lost connection the in-memory state is
  * dropped (a new generation) and the table is read again from its head. */
 #include <inttypes.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
@@ -48,7 +50,7 @@ struct batch;
 
 struct topic_label {
     char *name;
-    char labels[600];
+    char labels[1000];
     struct metrics_series *published; /* relay_rows_published_total of this table and topic */
 };
 
@@ -92,7 +94,7 @@ struct outbox_table {
     struct relay *relay;
     const struct outbox_source *src;
     char label[256];                    /* schema.table, for logs */
-    char mlabels[300];                  /* table="schema.table", for metrics */
+    char mlabels[600];                  /* table="schema.table",database="db", for metrics */
     struct metrics_series *ack_latency; /* relay_commit_to_ack_seconds: per row, looked up once */
     struct topic_label *topics;         /* every topic seen, for per-topic metrics */
     size_t topic_count;
@@ -983,6 +985,32 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     kick(t);
 }
 
+/* The name of the database a conninfo connects to, as libpq picks it: its dbname, else
+ * PGDATABASE, else the user name (its user, PGUSER, or the system user's). Never the rest of
+ * the conninfo (a password). Two services often have the same schema.table in their own
+ * databases: this label tells their series apart. */
+static void database_name(const char *conninfo, char *out, size_t len)
+{
+    const char *dbname = NULL, *user = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++) {
+        if (!strcmp(o->keyword, "dbname") && o->val && *o->val)
+            dbname = o->val;
+        if (!strcmp(o->keyword, "user") && o->val && *o->val)
+            user = o->val;
+    }
+    if (!dbname && getenv("PGDATABASE") && *getenv("PGDATABASE"))
+        dbname = getenv("PGDATABASE");
+    if (!dbname && !user && getenv("PGUSER") && *getenv("PGUSER"))
+        user = getenv("PGUSER");
+    if (!dbname && !user) {
+        struct passwd *pw = getpwuid(geteuid());
+        user = pw ? pw->pw_name : NULL;
+    }
+    snprintf(out, len, "%s", dbname ? dbname : user ? user : "");
+    PQconninfoFree(opts);
+}
+
 struct outbox_table *outbox_table_create(struct relay *relay, const struct outbox_source *src)
 {
     struct outbox_table *t = calloc(1, sizeof(*t));
@@ -991,7 +1019,11 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     t->relay = relay;
     t->src = src;
     snprintf(t->label, sizeof(t->label), "%s.%s", src->schema, src->table);
-    metrics_label(t->mlabels, sizeof(t->mlabels), "table", t->label);
+    char table_label[300], database[128], database_label[300];
+    metrics_label(table_label, sizeof(table_label), "table", t->label);
+    database_name(src->conninfo, database, sizeof(database));
+    metrics_label(database_label, sizeof(database_label), "database", database);
+    snprintf(t->mlabels, sizeof(t->mlabels), "%s,%s", table_label, database_label);
     t->ack_latency = metrics_series("relay_commit_to_ack_seconds", t->mlabels, "histogram");
     settings_redact_conninfo(src->conninfo, t->redacted, sizeof(t->redacted));
     t->holes = holes_new();

@@ -492,4 +492,24 @@ static inline void e2e_relay_stop(struct proc *p)
     }
 }
 
+/* A per-table series of the relay as it is named in /metrics: series written with its table
+ * label alone ("relay_backlog_rows{table=\"saga.outbox\"}", maybe more labels after it) gets
+ * the label of e's database after the table label. The string returned lives until the 16th
+ * call after this one (so a few may be used in one expression). */
+static inline const char *e2e_series(const struct e2e *e, const char *series)
+{
+    static char bufs[16][1024];
+    static unsigned next;
+    char *out = bufs[next++ % 16];
+    const char *table = strstr(series, "table=\"");
+    const char *end = table ? strchr(table + 7, '"') : NULL;
+    if (!end) {
+        snprintf(out, sizeof(bufs[0]), "%s", series);
+        return out;
+    }
+    snprintf(out, sizeof(bufs[0]), "%.*s,database=\"%s\"%s", (int)(end + 1 - series), series,
+             e->db.name, end + 1);
+    return out;
+}
+
 #endif

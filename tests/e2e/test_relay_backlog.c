@@ -21,21 +21,24 @@ Test(relay_backlog, gauges_show_rows_waiting_and_their_age)
     struct proc relay;
     e2e_relay_start(&e, &relay, NULL);
     int port = e2e_admin_port(&relay);
-    cr_assert(e2e_wait_metric(port, "relay_backlog_rows{table=\"saga.outbox\"}", 300, 20000),
+    cr_assert(e2e_wait_metric(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}"),
+                              300, 20000),
               "relay_backlog_rows did not reach the 300 rows waiting");
-    cr_assert(
-        e2e_wait_metric(port, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}", 1, 20000),
-        "relay_backlog_oldest_seconds did not report the waiting rows' age");
+    cr_assert(e2e_wait_metric(port,
+                              e2e_series(&e, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}"),
+                              1, 20000),
+              "relay_backlog_oldest_seconds did not report the waiting rows' age");
 
     devbroker_command(&e.broker, "up 1");
     cr_assert(e2e_wait_all(c, 300, 60000, NULL), "the backlog did not drain");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     int64_t end = proc_now_ms() + 20000;
     while (proc_now_ms() < end &&
-           metric_now(port, "relay_backlog_rows{table=\"saga.outbox\"}") != 0)
+           metric_now(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")) != 0)
         usleep(100 * 1000);
-    cr_assert_eq(metric_now(port, "relay_backlog_rows{table=\"saga.outbox\"}"), 0);
-    cr_assert_eq(metric_now(port, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}"), 0);
+    cr_assert_eq(metric_now(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")), 0);
+    cr_assert_eq(
+        metric_now(port, e2e_series(&e, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}")), 0);
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);

@@ -385,7 +385,8 @@ Test(relay_config, sighup_adds_a_table)
     cr_assert_eq(leading_lines(&relay, "inventory.outbox"), 1);
     cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
     cr_assert_eq(proc_count_log(&relay, "lost the"), 0, "a session was lost");
-    cr_assert(metric_now(port, "relay_db_reconnects_total{table=\"saga.outbox\"}") <= 0);
+    cr_assert(
+        metric_now(port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}")) <= 0);
     cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
     char *body = e2e_wait_ready(port, 15000);
     cr_assert(strstr(body, "saga.outbox leading") && strstr(body, "inventory.outbox leading"), "%s",
@@ -566,9 +567,10 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     insert_into(&e, "inventory.outbox", 100, 300);
     /* Claimed (so in the producer): wait (bounded) for the claim counter. */
     int port = e2e_admin_port(&relay);
-    cr_assert(
-        e2e_wait_metric(port, "relay_rows_claimed_total{table=\"inventory.outbox\"}", 200, 20000),
-        "the rows of inventory.outbox were not claimed");
+    cr_assert(e2e_wait_metric(
+                  port, e2e_series(&e, "relay_rows_claimed_total{table=\"inventory.outbox\"}"), 200,
+                  20000),
+              "the rows of inventory.outbox were not claimed");
     /* The gauges of the table, measured (the backlog every 5 s). */
     static const char *const gauges[] = {
         "relay_backlog_rows{table=\"inventory.outbox\"}",
@@ -577,10 +579,11 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
         "relay_table_leader{table=\"inventory.outbox\"}",
     };
     static const double measured[] = {200, 1, 1, 1};
-    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
-        cr_assert(e2e_wait_metric(port, gauges[i], measured[i], 20000),
-                  "%s never reached %g (now %g)", gauges[i], measured[i],
-                  metric_now(port, gauges[i]));
+    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++) {
+        const char *series = e2e_series(&e, gauges[i]);
+        cr_assert(e2e_wait_metric(port, series, measured[i], 20000), "%s never reached %g (now %g)",
+                  series, measured[i], metric_now(port, series));
+    }
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
     proc_signal(&relay, SIGHUP);
     char line[2048];
@@ -591,9 +594,11 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     cr_assert(strstr(line, "drain timeout") && strstr(line, "\"level\":\"warn\""), "%s", line);
     /* /metrics no longer reports the removed table as having rows waiting or holes, nor as
      * led (0 or absent). */
-    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
-        cr_assert(metric_now(port, gauges[i]) <= 0, "%s is %g after the table was let go",
-                  gauges[i], metric_now(port, gauges[i]));
+    for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++) {
+        const char *series = e2e_series(&e, gauges[i]);
+        cr_assert(metric_now(port, series) == 0, "%s is %g after the table was let go", series,
+                  metric_now(port, series));
+    }
     long holders = 1;
     for (int64_t deadline = proc_now_ms() + 10000;
          (holders = lock_holders(&e, "inventory.outbox")) && proc_now_ms() < deadline;) {
@@ -898,4 +903,85 @@ Test(relay_config, table_check_errors_name_the_json_path)
     unlink(path);
     PQfinish(conn);
     pgtest_db_drop(&db);
+}
+
+/* The same schema.table in two databases (two services, each with its saga.outbox): every
+ * per-table series carries the database's name (never the rest of its URL), so each table
+ * has its own series. */
+Test(relay_config, same_table_in_two_databases_has_two_series)
+{
+    struct e2e e;
+    e2e_setup(&e, "twodb", 10);
+    struct pgtest_db other;
+    PGconn *other_conn = pgtest_fresh(&other, true);
+    char other_url[1200];
+    url_with_secret(&other, other_url, sizeof(other_url));
+    char path[256];
+    snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-two-db.json", (int)getpid());
+    char text[3000];
+    snprintf(text, sizeof(text),
+             "{\"sources\": [{\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]},\n"
+             "  {\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]}]}\n",
+             e.db.url, other_url);
+    write_text(path, text);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    start_with_config(&e, &relay, path, NULL);
+    int port = e2e_admin_port(&relay);
+    size_t from = 0;
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    insert_into(&e, "saga.outbox", 0, 100);
+    const char *params[] = {e.topic_a};
+    PQclear(pgtest_query(other_conn,
+                         "INSERT INTO saga.outbox (id, topic, key, event_type, payload) "
+                         "SELECT ('" E2E_EXTRA_ID_PREFIX "0000-4000-8000-' || lpad(g::text, 12, "
+                         "'0'))::uuid, $1, 'kx', 'Ev', '{}' FROM generate_series(1, 40) g",
+                         1, params));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 30000));
+    for (int64_t deadline = proc_now_ms() + 30000;
+         pgtest_count(other_conn, "SELECT count(*) FROM saga.outbox", 0, NULL) &&
+         proc_now_ms() < deadline;) {
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    cr_assert_eq(pgtest_count(other_conn, "SELECT count(*) FROM saga.outbox", 0, NULL), 0);
+
+    char series[3][600];
+    snprintf(series[0], sizeof(series[0]),
+             "relay_rows_deleted_total{table=\"saga.outbox\",database=\"%s\"}", e.db.name);
+    snprintf(series[1], sizeof(series[1]),
+             "relay_rows_deleted_total{table=\"saga.outbox\",database=\"%s\"}", other.name);
+    snprintf(series[2], sizeof(series[2]),
+             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\",topic=\"%s\"}",
+             other.name, e.topic_a);
+    cr_assert(e2e_wait_metric(port, series[0], 100, 20000), "%s: %g", series[0],
+              metric_now(port, series[0]));
+    cr_assert(e2e_wait_metric(port, series[1], 40, 20000), "%s: %g", series[1],
+              metric_now(port, series[1]));
+    cr_assert_eq(metric_now(port, series[0]), 100);
+    cr_assert_eq(metric_now(port, series[1]), 40);
+    cr_assert_eq(metric_now(port, series[2]), 40);
+    char *body;
+    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert(!strstr(body, "{table=\"saga.outbox\"}"), "a series without its database: %s", body);
+    cr_assert(!strstr(body, SECRET), "the password is in /metrics");
+    /* Every series with a table label has a database label. */
+    size_t per_table = 0;
+    for (char *line = strtok(body, "\n"); line; line = strtok(NULL, "\n")) {
+        if (line[0] == '#' || !strstr(line, "table=\""))
+            continue;
+        per_table++;
+        cr_assert(strstr(line, "database=\""), "a per-table series without its database: %s", line);
+    }
+    cr_assert(per_table > 10, "%zu per-table series", per_table);
+    free(body);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    unlink(path);
+    kconsumer_stop(c);
+    PQfinish(other_conn);
+    pgtest_db_drop(&other);
+    e2e_teardown(&e);
 }

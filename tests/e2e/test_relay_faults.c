@@ -112,11 +112,13 @@ static int first_to_log(struct proc *p, const char *needle, int timeout_ms)
     }
 }
 
-static double leader_gauge(int port)
+static double leader_gauge(const struct e2e *e, int port)
 {
     char *body;
     int status = e2e_http_get(port, "/metrics", &body);
-    double v = status == 200 ? e2e_metric(body, "relay_table_leader{table=\"saga.outbox\"}") : -2;
+    double v = status == 200
+                   ? e2e_metric(body, e2e_series(e, "relay_table_leader{table=\"saga.outbox\"}"))
+                   : -2;
     free(body);
     return v;
 }
@@ -140,8 +142,8 @@ Test(relay_faults, standby_takes_over)
     cr_assert(proc_wait_log(&relays[standby], "standing by", NULL, 15000, NULL, 0),
               "the second relay does not stand by");
     cr_assert_eq(proc_count_log(&relays[standby], "leading: publishing"), 0, "both relays lead");
-    cr_assert_eq(leader_gauge(ports[leader]), 1.0);
-    cr_assert_eq(leader_gauge(ports[standby]), 0.0);
+    cr_assert_eq(leader_gauge(&e, ports[leader]), 1.0);
+    cr_assert_eq(leader_gauge(&e, ports[standby]), 0.0);
 
     const long total = 6000;
     for (long from = 0; from < 3000; from += 500)
@@ -167,7 +169,7 @@ Test(relay_faults, standby_takes_over)
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     e2e_verify(&e, c, total, false);
-    cr_assert_eq(leader_gauge(ports[standby]), 1.0);
+    cr_assert_eq(leader_gauge(&e, ports[standby]), 1.0);
     e2e_relay_stop(&relays[standby]);
     proc_cleanup(&relays[0]);
     proc_cleanup(&relays[1]);
@@ -272,7 +274,9 @@ Test(relay_faults, broker_down_and_request_errors)
     devbroker_command(&e.broker, "down 1");
     for (long from = 500; from < 1500; from += 100)
         e2e_insert(&e, from, from + 100);
-    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 1500, 20000),
+    cr_assert(e2e_wait_metric(port,
+                              e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"),
+                              1500, 20000),
               "the relay did not claim the rows inserted while the broker was down");
     cr_assert_gt(e2e_table_count(&e, "saga.outbox"), 0, "rows deleted while the broker was down");
     devbroker_command(&e.broker, "up 1");
@@ -346,7 +350,8 @@ Test(relay_faults, poison_row_dead_lettered)
     cr_assert(strstr(PQgetvalue(res, 0, 5), "too large"), "error text: %s", PQgetvalue(res, 0, 5));
     PQclear(res);
     cr_assert(proc_wait_log(&relay, "moved to the dead-letter table", NULL, 5000, NULL, 0));
-    cr_assert(e2e_wait_metric(port, "relay_dead_letters_total{table=\"saga.outbox\"}", 1, 10000));
+    cr_assert(e2e_wait_metric(
+        port, e2e_series(&e, "relay_dead_letters_total{table=\"saga.outbox\"}"), 1, 10000));
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);
@@ -404,8 +409,9 @@ Test(relay_faults, rejected_topic_dead_lettered)
                              0, NULL);
     char *body;
     cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
-    double published =
-        e2e_metric(body, "relay_rows_published_total{table=\"saga.outbox\",topic=\"bad topic!\"}");
+    double published = e2e_metric(
+        body,
+        e2e_series(&e, "relay_rows_published_total{table=\"saga.outbox\",topic=\"bad topic!\"}"));
     free(body);
     cr_assert(dead == 1 || published == 1, "the 'bad topic!' row: dead %ld, published %g", dead,
               published);
@@ -458,7 +464,8 @@ Test(relay_faults, database_session_terminated)
     size_t dups = e2e_verify(&e, c, total, false);
     fprintf(stderr, "database_session_terminated: %zu duplicates\n", dups);
     cr_assert_geq(proc_count_log(&relay, "lost the database connection"), 1);
-    cr_assert(e2e_wait_metric(port, "relay_db_reconnects_total{table=\"saga.outbox\"}", 1, 5000));
+    cr_assert(e2e_wait_metric(
+        port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"), 1, 5000));
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);
@@ -501,8 +508,9 @@ Test(relay_faults, claim_session_terminated)
                 "'%relay_claim%'",
                 1, dbname);
         cr_assert_eq(n, 1, "round %d: expected one claim session to terminate", i);
-        cr_assert(e2e_wait_metric(port, "relay_db_reconnects_total{table=\"saga.outbox\"}",
-                                  (double)(i + 1), 20000),
+        cr_assert(e2e_wait_metric(
+                      port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"),
+                      (double)(i + 1), 20000),
                   "round %d: the loss was not counted", i);
     }
     long distinct = 0;
@@ -539,7 +547,8 @@ Test(relay_faults, sigterm_with_broker_down)
     cr_assert(e2e_wait_all(c, 100, 30000, NULL));
     devbroker_command(&e.broker, "down 1");
     e2e_insert(&e, 100, 300);
-    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 300, 20000));
+    cr_assert(e2e_wait_metric(
+        port, e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"), 300, 20000));
     e2e_relay_stop(&relay);
     cr_assert(proc_wait_log(&relay, "drain timeout", NULL, 1000, NULL, 0));
     long left = e2e_table_count(&e, "saga.outbox");
@@ -661,7 +670,8 @@ Test(relay_faults, topic_authorization_failed_waits)
     cr_assert(proc_wait_log(&relay, "again in 200 ms", &at, 15000, NULL, 0),
               "the pause does not grow");
     cr_assert(e2e_wait_all(c, 11, 30000, NULL), "the row did not arrive once allowed");
-    cr_assert(e2e_wait_metric(port, "relay_publish_errors_total{table=\"saga.outbox\"}", 1, 5000));
+    cr_assert(e2e_wait_metric(
+        port, e2e_series(&e, "relay_publish_errors_total{table=\"saga.outbox\"}"), 1, 5000));
     cr_assert_eq(e2e_table_count(&e, "saga.outbox_dead_letters"), 0, "nothing dead-lettered");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     e2e_verify(&e, c, 11, false);
@@ -714,7 +724,9 @@ Test(relay_faults, claim_in_flight_during_reset)
                          "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
                          "('ffffffff-0000-4000-8000-00000000000a', $1, 'same', 'A', '{}')",
                          1, params));
-    cr_assert(e2e_wait_metric(port, "relay_rows_claimed_total{table=\"saga.outbox\"}", 2, 15000),
+    cr_assert(e2e_wait_metric(port,
+                              e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"), 2,
+                              15000),
               "row A was not claimed");
     /* Row B, same key, committed while the table is locked: the relay's next claim (its
      * fallback poll) waits for the lock. */

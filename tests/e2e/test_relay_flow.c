@@ -35,19 +35,24 @@ Test(relay_flow, every_row_exactly_once_in_order)
     /* /metrics: published rows per table and topic (rows of even keys go to topic a). */
     char series[256];
     snprintf(series, sizeof(series),
-             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
+             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\",topic=\"%s\"}",
+             e.db.name, e.topic_a);
     cr_assert(e2e_wait_metric(port, series, (double)(total / 2), 10000), "%s never reached %ld",
               series, total / 2);
     char *body;
     cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
     cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
     snprintf(series, sizeof(series),
-             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_b);
+             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\",topic=\"%s\"}",
+             e.db.name, e.topic_b);
     cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
-    cr_assert_eq(e2e_metric(body, "relay_table_leader{table=\"saga.outbox\"}"), 1.0, "%s", body);
+    cr_assert_eq(e2e_metric(body, e2e_series(&e, "relay_table_leader{table=\"saga.outbox\"}")), 1.0,
+                 "%s", body);
     /* One commit-to-ack observation per acknowledged row (no duplicates in this run). */
-    cr_assert_eq(e2e_metric(body, "relay_commit_to_ack_seconds_count{table=\"saga.outbox\"}"),
-                 (double)total, "%s", body);
+    cr_assert_eq(
+        e2e_metric(body,
+                   e2e_series(&e, "relay_commit_to_ack_seconds_count{table=\"saga.outbox\"}")),
+        (double)total, "%s", body);
     free(body);
 
     e2e_relay_stop(&relay);
@@ -78,7 +83,8 @@ Test(relay_flow, admin_endpoint)
     cr_assert(e2e_wait_all(c, 10, 20000, NULL));
     char series[256];
     snprintf(series, sizeof(series),
-             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
+             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\",topic=\"%s\"}",
+             e.db.name, e.topic_a);
     cr_assert(e2e_wait_metric(port, series, 5, 10000), "%s never reached 5", series);
     cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
     cr_assert(strstr(body, "# TYPE relay_rows_published_total counter"), "%s", body);
@@ -217,13 +223,13 @@ Test(relay_flow, notify_wakes_each_of_two_tables)
 }
 
 /* Waits (bounded) until the relay tracks no hole. */
-static bool wait_holes_zero(int port, int timeout_ms)
+static bool wait_holes_zero(const struct e2e *e, int port, int timeout_ms)
 {
     int64_t deadline = proc_now_ms() + timeout_ms;
     for (;;) {
         char *body = NULL;
         double v = e2e_http_get(port, "/metrics", &body) == 200
-                       ? e2e_metric(body, "relay_claim_holes{table=\"saga.outbox\"}")
+                       ? e2e_metric(body, e2e_series(e, "relay_claim_holes{table=\"saga.outbox\"}"))
                        : -1;
         free(body);
         if (v == 0)
@@ -263,7 +269,7 @@ Test(relay_flow, rolled_back_seq_forgotten)
     cr_assert(e2e_wait_all(c, 400, 30000, NULL));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     e2e_verify(&e, c, 400, true);
-    cr_assert(wait_holes_zero(port, 10000), "rolled-back seq values are still searched");
+    cr_assert(wait_holes_zero(&e, port, 10000), "rolled-back seq values are still searched");
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);
@@ -362,7 +368,8 @@ Test(relay_flow, late_commit_published)
     /* The open transaction's seq is a hole the relay keeps looking for (sweeps see the
      * transaction holding its lock on the table). */
     int port = e2e_admin_port(&relay);
-    cr_assert(e2e_wait_metric(port, "relay_claim_holes{table=\"saga.outbox\"}", 1, 10000));
+    cr_assert(e2e_wait_metric(port, e2e_series(&e, "relay_claim_holes{table=\"saga.outbox\"}"), 1,
+                              10000));
     pgtest_exec(late, "COMMIT");
     e2e_insert(&e, 300, 400);
     cr_assert(e2e_wait_all(c, 400, 30000, NULL));
@@ -390,7 +397,7 @@ Test(relay_flow, late_commit_published)
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left",
               e2e_table_count(&e, "saga.outbox"));
     e2e_verify(&e, c, 400, true);
-    cr_assert(wait_holes_zero(port, 10000), "the filled hole was not forgotten");
+    cr_assert(wait_holes_zero(&e, port, 10000), "the filled hole was not forgotten");
     PQfinish(late);
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);

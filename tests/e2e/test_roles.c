@@ -108,10 +108,12 @@ Test(roles, daemons_work_under_least_privilege_and_never_print_passwords)
         usleep(50 * 1000);
     cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 1,
                  "the orchestrator did not send the first command");
-    cr_assert(e2e_wait_metric(relay_port,
-                              "relay_rows_published_total{table=\"saga.outbox\","
-                              "topic=\"inventory.commands\"}",
-                              1, 30000),
+    char published[300];
+    snprintf(published, sizeof(published),
+             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\","
+             "topic=\"inventory.commands\"}",
+             db.name);
+    cr_assert(e2e_wait_metric(relay_port, published, 1, 30000),
               "the relay did not publish under saga_relay");
 
     /* The relay role sees nothing but outboxes; the operator role only reads. */
