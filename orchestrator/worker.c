@@ -59,6 +59,8 @@ enum wfail { F_NONE, F_PAUSE, F_BISECT, F_PREFIX };
 #define QUARANTINE_FIRST_MS 10000
 #define QUARANTINE_MAX_MS 300000
 #define UNKNOWN_VERSION_WARN_MS 60000
+/* Batches in a row refused with SQLSTATE 25006 before the session is closed and opened again. */
+#define READ_ONLY_RECONNECT 3
 
 /* A saga whose transaction failed on its own: not claimed before until_ms. */
 struct quarantined {
@@ -98,6 +100,7 @@ struct worker {
     char fail_state[6];
     char *fail_error; /* owned */
     int64_t retry_ms; /* the next pause after a transient failure; 0 after a success */
+    int read_only;    /* batches in a row refused as read-only (25006) on this session */
     /* Bisection. Replies: the first `suspect` of o->pending hold one that fails (0: none
      * known), and the next batch takes at most `limit` of them (0: SAGA_BATCH_SIZE). Claims:
      * the ids of the failed batch, of which the first try_count are claimed next. */
@@ -165,6 +168,7 @@ static void batch_reset(struct worker *w)
 static void reconnect_later(struct worker *w)
 {
     pgloop_close(w->pg);
+    w->read_only = 0;
     forget_claim(w); /* prepared statements go with the session */
     batch_reset(w);  /* the server rolled the transaction back */
     w->fail = F_NONE;
@@ -321,6 +325,25 @@ static void failed(struct worker *w, PGresult *res, const char *what)
              primary ? primary : "no message");
     w->fail_items = items;
     w->fail = transient ? F_PAUSE : F_BISECT;
+    /* A session on a server that refuses writes (a standby in recovery, reached after a
+     * failover; a primary fenced with default_transaction_read_only) refuses every batch,
+     * and nothing changes for as long as the connection lasts. After a few refusals in a
+     * row the session is closed and opened again, with the reconnection's backoff: a
+     * connection string with several hosts and target_session_attrs=read-write (or a name
+     * that moved) then reaches the primary. The pauses between the refusals keep growing
+     * across sessions (retry_ms is reset only by a commit). */
+    w->read_only = state && !strcmp(state, "25006") ? w->read_only + 1 : 0;
+    if (w->read_only >= READ_ONLY_RECONNECT) {
+        char count[16];
+        snprintf(count, sizeof(count), "%d", w->read_only);
+        log_at(LOG_WARN,
+               LOG_FIELDS("worker", w->name, "sqlstate", w->fail_state, "error",
+                          PQresultErrorMessage(res), "refusals", count),
+               "the database refuses writes (a server in recovery or read-only); reconnecting "
+               "to find a primary");
+        reconnect_later(w); /* the server rolls the transaction back with the session */
+        return;
+    }
     if (!transient && !w->replies) {
         /* The ids of the failed claim: the suspects bisection claims by halves. */
         free(w->suspects);
@@ -419,6 +442,7 @@ static void commit_cb(struct pgloop *pg, PGresult *res, void *arg)
     w->state = W_IDLE;
     w->backoff_ms = 100;
     w->retry_ms = 0;
+    w->read_only = 0;
     if (w->replies) {
         /* Bisecting: what failed is among the rest of the suspects; try its first half. */
         w->suspect = w->suspect > replies ? w->suspect - replies : 0;

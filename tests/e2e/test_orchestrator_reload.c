@@ -13,6 +13,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <librdkafka/rdkafka.h>
+
 #include "devbroker.h"
 #include "pgtest.h"
 #include "proc.h"
@@ -509,6 +511,151 @@ Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cle
     if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the claim worker did not come back after its session set-up failed");
+    }
+
+    proc_signal(&p, SIGTERM);
+    cr_assert(proc_wait_exit(&p, 20000));
+    cr_assert_eq(proc_exit_code(&p), 0);
+    proc_cleanup(&p);
+    standby_stop(standby);
+    devbroker_stop(&b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(&db);
+}
+
+/* A server in recovery that holds the saga schema in database dbname (as a standby of the
+ * primary would): a cluster migrated by `saga-orchestrator migrate` while it was a primary,
+ * then restarted in recovery (standby.signal, no primary to follow). Stopped by
+ * standby_cleanup when the test ends early. */
+static void standby_start_migrated(const char *dir, int port, const char *dbname)
+{
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd),
+             "set -e; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1); "
+             "as=; if [ \"$(id -u)\" = 0 ]; then chown postgres: %s; as='runuser -u postgres --'; "
+             "fi; $as $pgbin/initdb -D %s/data -U postgres -A trust --no-sync >%s/initdb.log 2>&1; "
+             "opts='-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off'; "
+             "$as $pgbin/pg_ctl -D %s/data -l %s/server.log -w -t 60 -o \"$opts\" start "
+             ">/dev/null; "
+             "$pgbin/psql -X -q -h 127.0.0.1 -p %d -U postgres -d postgres -c 'CREATE DATABASE "
+             "\"%s\"'; "
+             "SAGA_DATABASE_URL='host=127.0.0.1 port=%d user=postgres dbname=%s' %s migrate "
+             ">%s/migrate.log 2>&1; "
+             "$as $pgbin/pg_ctl -D %s/data -m fast -w stop >/dev/null; "
+             "touch %s/data/standby.signal; "
+             "$as $pgbin/pg_ctl -D %s/data -l %s/server.log -w -t 60 -o \"$opts\" start "
+             ">/dev/null",
+             dir, dir, dir, port, dir, dir, dir, port, dbname, port, dbname,
+             getenv("SAGA_ORCHESTRATOR_BIN"), dir, dir, dir, dir, dir);
+    snprintf(standby_running, sizeof(standby_running), "%s", dir);
+    cr_assert_eq(system(cmd), 0, "cannot start a migrated server in recovery in %s", dir);
+}
+
+/* The service "orch" over two servers, tried in this order (libpq's multiple hosts). */
+static void write_service_hosts(const char *path, const char *host1, int port1, const char *host2,
+                                int port2, const char *dbname, const char *target)
+{
+    char tmp[600];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    cr_assert_not_null(f);
+    fprintf(f,
+            "[orch]\nhost=%s,%s\nport=%d,%d\ndbname=%s\nuser=postgres\n"
+            "target_session_attrs=%s\n",
+            host1, host2, port1, port2, dbname, target);
+    fclose(f);
+    cr_assert_eq(rename(tmp, path), 0);
+}
+
+/* A well-formed reply (for a saga no database knows) on reload.replies; waits for the ack. */
+static void produce_reply(const char *bootstrap)
+{
+    char errstr[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    cr_assert_eq(rd_kafka_conf_set(conf, "bootstrap.servers", bootstrap, errstr, sizeof(errstr)),
+                 RD_KAFKA_CONF_OK, "%s", errstr);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    cr_assert_not_null(rk, "%s", errstr);
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        rk, RD_KAFKA_V_TOPIC("reload.replies"), RD_KAFKA_V_VALUE("{}", 2),
+        RD_KAFKA_V_HEADER("message-id", "6c1f2a4e-0d7b-4c55-9a43-5b0e8f1d2c01", -1),
+        RD_KAFKA_V_HEADER("in-reply-to", "6c1f2a4e-0d7b-4c55-9a43-5b0e8f1d2c02", -1),
+        RD_KAFKA_V_HEADER("saga-id", "6c1f2a4e-0d7b-4c55-9a43-5b0e8f1d2c03", -1),
+        RD_KAFKA_V_HEADER("outcome", "success", -1), RD_KAFKA_V_END);
+    cr_assert_eq(err, RD_KAFKA_RESP_ERR_NO_ERROR, "%s", rd_kafka_err2str(err));
+    cr_assert_eq(rd_kafka_flush(rk, 15000), RD_KAFKA_RESP_ERR_NO_ERROR, "the reply was not acked");
+    rd_kafka_destroy(rk);
+}
+
+/* A reply worker whose session reached a server in recovery (after a failover, a connection
+ * string whose first host is now a standby) sets up (its set-up only SETs), then every batch
+ * is refused (SQLSTATE 25006). After a few refusals in a row it closes the session and opens
+ * a new one, with backoff, so that target_session_attrs=read-write finds the primary. (Before,
+ * it retried the batch on the same session for good: the reply was never applied.) */
+Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanup)
+{
+    struct pgtest_db db;
+    PGconn *conn = pgtest_fresh(&db, false);
+    struct devbroker b;
+    devbroker_start(&b, NULL);
+    char dir[] = "/tmp/saga-reload-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    write_def(dir, "a.json", "alpha", 1, "DoA");
+    char standby[] = "/tmp/saga-standby-XXXXXX";
+    cr_assert_not_null(mkdtemp(standby));
+    int standby_port = free_port();
+    standby_start_migrated(standby, standby_port, db.name);
+
+    char services[600], env_services[700];
+    snprintf(services, sizeof(services), "%s/pg_service.conf", dir);
+    snprintf(env_services, sizeof(env_services), "PGSERVICEFILE=%s", services);
+    const char *h = PQhost(conn);
+    char host[256];
+    snprintf(host, sizeof(host), "%s", h && *h ? h : "127.0.0.1");
+    int port = atoi(PQport(conn));
+    write_service(services, host, port, db.name);
+    struct proc p;
+    start_orchestrator_env(&p, "service=orch", &b, dir, env_services, "SAGA_RECONNECT_MAX=1s");
+    cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
+    cr_assert(proc_wait_log(&p, "partition(s) assigned", NULL, 30000, NULL, 0));
+
+    /* A failover: the first host of the connection string is now a server in recovery. */
+    write_service_hosts(services, "127.0.0.1", standby_port, host, port, db.name, "any");
+    size_t from = 0;
+    char line[2048];
+    proc_wait_log(&p, "saga-orchestrator started", &from, 1000, NULL, 0);
+    PQclear(pgtest_query(conn,
+                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                         "current_database() AND pid <> pg_backend_pid()",
+                         0, NULL));
+    bool replies_connected = false;
+    while (!replies_connected &&
+           proc_wait_log(&p, "database connected", &from, 20000, line, sizeof(line)))
+        replies_connected = strstr(line, "\"worker\":\"replies\"") != NULL;
+    cr_assert(replies_connected, "the reply worker did not connect again");
+    /* (The terminated sessions may linger a moment.) */
+    cr_assert(wait_count(conn,
+                         "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                         "current_database() AND pid <> pg_backend_pid() AND backend_type = "
+                         "'client backend'",
+                         0, 10000),
+              "a session reached the primary: the test cannot tell anything");
+
+    produce_reply(b.bootstrap);
+    if (!proc_wait_log(&p, "the database refuses writes", &from, 30000, line, sizeof(line))) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the reply worker stayed on the server in recovery");
+    }
+    cr_assert(strstr(line, "\"worker\":\"replies\"") && strstr(line, "25006"), "%s", line);
+
+    /* Sessions that must write: the next connection skips the server in recovery. */
+    write_service_hosts(services, "127.0.0.1", standby_port, host, port, db.name, "read-write");
+    if (!wait_count(conn, "SELECT count(*) FROM saga.inbox", 1, 30000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the reply was not applied on the primary");
     }
 
     proc_signal(&p, SIGTERM);
