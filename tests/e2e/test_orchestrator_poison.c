@@ -102,19 +102,27 @@ Test(orchestrator_poison, poison_reply_is_dead_lettered)
     const struct kmsg *gm[4];
     for (int i = 0; i < 4; i++)
         gm[i] = expect_step(&g[i], "reserve_inventory");
-    /* Refused twice as a transient error first: the pauses (500 ms, 1 s) let the good
-     * replies queue up behind it, so that it fails within one batch with them, which is then
-     * bisected. */
-    pgtest_exec(w.conn, "CREATE SEQUENCE public.poison_tries");
-    inbox_trigger(p.id, "IF nextval('public.poison_tries') <= 2 THEN "
+    /* Refused as a transient error while public.poison_hold has a row: the reply worker
+     * retries the batch at the head of its queue after pauses, and the good replies queue up
+     * behind it. Once they are all queued the hold is lifted: the poison fails, for good,
+     * within one batch with the four, which is then bisected. */
+    pgtest_exec(w.conn, "CREATE SEQUENCE public.poison_tries; "
+                        "CREATE TABLE public.poison_hold (x int); "
+                        "INSERT INTO public.poison_hold VALUES (1)");
+    inbox_trigger(p.id, "PERFORM nextval('public.poison_tries'); "
+                        "IF EXISTS (SELECT 1 FROM public.poison_hold) THEN "
                         "RAISE EXCEPTION 'not now' USING ERRCODE = '40001'; END IF; "
                         "RAISE EXCEPTION 'poisoned reply for saga %', NEW.saga_id;");
 
-    /* The poison first: before the fix everything behind it waited forever. */
+    /* The poison first: before the fix everything behind it waited forever. It is at the head
+     * of the queue (tried once) before the good ones are produced. */
     char poison_id[37];
     saga_e2e_reply(&w, pm, "success", "{\"reservationId\": \"r-poison\"}", NULL, poison_id);
+    saga_e2e_wait_value(&w, "SELECT is_called::text FROM public.poison_tries", NULL, "true", 30000);
     for (int i = 0; i < 4; i++)
         saga_e2e_reply(&w, gm[i], "success", "{\"reservationId\": \"r-good\"}", NULL, NULL);
+    saga_e2e_wait_metric(&w, "saga_replies_queued", 5, 30000);
+    pgtest_exec(w.conn, "DELETE FROM public.poison_hold");
     const struct kmsg *ga[4];
     for (int i = 0; i < 4; i++)
         ga[i] = expect_step(&g[i], "authorize_payment");
@@ -137,6 +145,11 @@ Test(orchestrator_poison, poison_reply_is_dead_lettered)
                             10000, line, sizeof(line)));
     cr_assert(strstr(line, "\"level\":\"error\"") && strstr(line, p.id) && strstr(line, poison_id),
               "%s", line);
+    /* It failed for good in one batch with the four good replies: bisected from 5. */
+    cr_assert(proc_wait_log(&w.orch, "the batch is bisected to find what fails", NULL, 1000, line,
+                            sizeof(line)));
+    cr_assert(strstr(line, "\"batch\":\"5\"") && strstr(line, "P0001"),
+              "the first deterministic failure was not of the batch of five: %s", line);
 
     /* The poison saga did not move and its reply is not in the inbox; the good ones did. */
     assert_history(&p, "reserve_inventory:action:1:sent");
