@@ -383,7 +383,11 @@ static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
             }
             char label[300];
             snprintf(label, sizeof(label), "%s.%s", r->src->schema, r->src->table);
+            /* Released before the line is written, so that whoever reads the line sees the
+             * table let go (its lock freed, its gauges at 0). */
             const char *role = outbox_table_role(r->table);
+            outbox_table_release(r->table);
+            r->released = true;
             if (strcmp(role, "leading"))
                 /* A standby (or a table between sessions) claims nothing: it never had rows
                  * to drain. */
@@ -400,8 +404,6 @@ static void retire_cb(struct ev_loop *loop, ev_timer *w, int revents)
                        "removed from RELAY_CONFIG: drain timeout; letting the table go with rows "
                        "not yet acknowledged (they stay in the table and are published again, "
                        "same message-id)");
-            outbox_table_release(r->table);
-            r->released = true;
         }
         if (outbox_table_in_producer(r->table)) {
             link = &r->next;
