@@ -493,9 +493,10 @@ static const struct {
  * start-up included); a statement has CHECK_STATEMENT_MS from its send to its result, waited
  * for here (a server that accepted the connection and then never answers, or a network gone
  * silent, would otherwise block the check forever: at start, and in the SIGHUP reload's
- * thread), and the server cancels it at the same bound (statement_timeout). TCP keepalives and
- * tcp_user_timeout make the kernel give up on a peer gone away. The user's own values of these
- * parameters win. */
+ * thread), and the server cancels it at the same bound (statement_timeout, set by a statement
+ * rather than the startup packet's options, which poolers such as PgBouncer refuse). TCP
+ * keepalives and tcp_user_timeout make the kernel give up on a peer gone away; the user's own
+ * values of these win. */
 #define CHECK_CONNECT_TIMEOUT "10"
 #define CHECK_STATEMENT_MS 10000
 
@@ -604,8 +605,7 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
     settings_redact_conninfo(src->conninfo, db, sizeof(db));
     /* A bounded connect: an unreachable database at start is a configuration error. The
      * keywords after dbname (expanded from the conninfo) override it, so those the user may
-     * have set are only added when the conninfo leaves them out; the statement timeout is
-     * appended to the user's options (or PGOPTIONS, which an explicit options replaces). */
+     * have set are only added when the conninfo leaves them out. */
     const char *keys[16] = {"dbname", "connect_timeout", "application_name"};
     const char *vals[16] = {src->conninfo, CHECK_CONNECT_TIMEOUT, "outbox-relay"};
     int n = 3;
@@ -614,7 +614,6 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
         {"keepalives_count", "3"}, {"tcp_user_timeout", "10000"},
     };
     PQconninfoOption *given = PQconninfoParse(src->conninfo, NULL);
-    const char *user_options = getenv("PGOPTIONS");
     for (size_t b = 0; b < sizeof(bounds) / sizeof(bounds[0]); b++) {
         bool set = false;
         for (PQconninfoOption *o = given; o && o->keyword; o++)
@@ -625,20 +624,11 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
             vals[n++] = bounds[b][1];
         }
     }
-    for (PQconninfoOption *o = given; o && o->keyword; o++)
-        if (!strcmp(o->keyword, "options") && o->val)
-            user_options = o->val;
-    char options[1024];
-    snprintf(options, sizeof(options), "%s%s-c statement_timeout=%d",
-             user_options ? user_options : "", user_options && *user_options ? " " : "",
-             CHECK_STATEMENT_MS);
-    keys[n] = "options";
-    vals[n++] = options;
     keys[n] = vals[n] = NULL;
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     PQconninfoFree(given);
     int rc = -1;
-    char why[1024];
+    char why[2048];
     if (PQstatus(conn) != CONNECTION_OK) {
         char msg[512];
         snprintf(msg, sizeof(msg), "%s", PQerrorMessage(conn));
@@ -647,6 +637,16 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
                  src->schema, src->table, msg);
         goto out;
     }
+    char timeout[24], failed[512];
+    snprintf(timeout, sizeof(timeout), "%d", CHECK_STATEMENT_MS);
+    PGresult *res = exec_bounded(conn, "SELECT set_config('statement_timeout', $1, false)", 1,
+                                 (const char *[]){timeout}, failed, sizeof(failed));
+    if (!res) {
+        snprintf(why, sizeof(why), "table %s.%s (%s): cannot set statement_timeout: %s",
+                 src->schema, src->table, db, failed);
+        goto out;
+    }
+    PQclear(res);
     if (check_columns(conn, src->schema, src->table, false, db, why, sizeof(why)))
         goto out;
     char dead[128];
