@@ -291,11 +291,17 @@ BEGIN
                     WHERE (w ->> 'qty') IS NULL OR (w ->> 'qty')::int <= 0) THEN
             RAISE EXCEPTION 'payload.items: every item needs a positive qty' USING ERRCODE = '22023';
         END IF;
-        -- Lock the rows in sku order (no deadlock between concurrent batches), then all or
-        -- nothing: the first sku short of stock fails the whole reservation. One primary-key
-        -- lookup per line: a join of the lines with inventory.stock is planned as a hash join
-        -- over the whole table (the planner guesses 100 lines), measured at ~0.7 ms a command
-        -- with 1,000 products.
+        -- Lock the rows in sku order, then all or nothing: the first sku short of stock fails
+        -- the whole reservation. One primary-key lookup per line: a join of the lines with
+        -- inventory.stock is planned as a hash join over the whole table (the planner guesses
+        -- 100 lines), measured at ~0.7 ms a command with 1,000 products.
+        -- The sku order keeps two commands that lock the same skus from deadlocking each
+        -- other, not two batches: a batch holds its earlier commands' locks until it commits,
+        -- so two replicas' batches can deadlock (one reserves sku-1 then, in a later command,
+        -- sku-2; the other sku-2 then sku-1). PostgreSQL aborts one of them (SQLSTATE 40P01),
+        -- nothing of that batch is applied, and the participant retries it whole as after any
+        -- database error (tests/e2e/test_participant.c,
+        -- a_deadlocked_batch_is_retried_and_applied_once).
         FOR line IN SELECT w.sku, w.qty FROM jsonb_to_recordset(wanted) AS w(sku text, qty int)
                      ORDER BY w.sku LOOP
             SELECT s.available INTO have FROM inventory.stock s WHERE s.sku = line.sku FOR UPDATE;

@@ -107,15 +107,23 @@ static void flush(rd_kafka_t *rk)
 
 static const char items[] = "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"a\", \"qty\": 2}]}";
 
-static void produce_reserve(rd_kafka_t *rk, const char *saga, const char *msgid)
+/* Produces a ReserveStock command of saga (key o-1: every command of a test on one partition,
+ * in order) with the given payload. */
+static void produce_reserve_of(rd_kafka_t *rk, const char *saga, const char *msgid,
+                               const char *payload)
 {
     char ikey[128];
     snprintf(ikey, sizeof(ikey), "%s/reserve_inventory/action", saga);
-    produce(rk, "o-1", items, "message-id", msgid, "event-type", "ReserveStock", "saga-id", saga,
+    produce(rk, "o-1", payload, "message-id", msgid, "event-type", "ReserveStock", "saga-id", saga,
             "saga-name", "order_fulfillment", "saga-step", "reserve_inventory", "saga-phase",
             "action", "idempotency-key", ikey, "reply-to", "saga.replies", "correlation-id",
             "corr-1", "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             NULL);
+}
+
+static void produce_reserve(rd_kafka_t *rk, const char *saga, const char *msgid)
+{
+    produce_reserve_of(rk, saga, msgid, items);
 }
 
 static long outbox_rows(void)
@@ -291,5 +299,148 @@ Test(participant, sigterm_finishes_the_batch_in_hand_and_commits_it)
     cr_assert_eq(outbox_rows(), 2);
     cr_assert_eq(pgtest_count(conn, "SELECT available FROM inventory.stock", 0, NULL), 6);
     proc_cleanup(&p2);
+    rd_kafka_destroy(rk);
+}
+
+/* handle_commands' argument for one ReserveStock of qty 1 of sku, as the participant builds it
+ * (the test's own session plays a second replica). */
+static void reserve_json(char *out, size_t len, const char *saga, const char *sku)
+{
+    snprintf(out, len,
+             "[{\"message_id\": \"%s-m\", \"headers\": {\"message-id\": \"%s-m\", "
+             "\"event-type\": \"ReserveStock\", \"saga-id\": \"%s\", \"saga-step\": "
+             "\"reserve_inventory\", \"saga-phase\": \"action\", \"idempotency-key\": "
+             "\"%s/reserve_inventory/action\", \"reply-to\": \"saga.replies\"}, "
+             "\"payload\": {\"orderId\": \"o-%s\", \"items\": [{\"sku\": \"%s\", \"qty\": 1}]}}]",
+             saga, saga, saga, saga, saga, sku);
+}
+
+/* The reply to msgid: "<outcome> <reservationId>" (the reservation must be saga's). */
+static void assert_one_reply(const char *msgid, const char *saga)
+{
+    const char *params[] = {msgid, saga};
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.outbox o"
+                              " WHERE o.headers->>'in-reply-to' = $1",
+                              1, params),
+                 1, "one reply to %s", msgid);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.outbox o"
+                              "  JOIN inventory.reservations r"
+                              "    ON r.id::text = o.payload->>'reservationId'"
+                              " WHERE o.headers->>'in-reply-to' = $1 AND o.key = $2"
+                              "   AND o.headers->>'outcome' = 'success' AND r.saga_id = $2"
+                              "   AND r.status = 'reserved'",
+                              2, params),
+                 1, "the reply to %s is a success naming saga %s's reservation", msgid, saga);
+}
+
+/* Two replicas' batches that lock the same two stock rows in opposite orders deadlock (the
+ * comment above inventory.execute's row locks). The test's own session plays the other
+ * replica: one transaction, [t1: b], then [t2: a]. The participant gets m0 (c) and then m1
+ * (a and b, which it locks in sku order: a, then b, where it waits for the replica). When the
+ * replica asks for a, PostgreSQL aborts the participant's batch (40P01); its retry must apply
+ * each command once and reply to each once, whether m0 came in m1's batch or before it.
+ *
+ * Who is aborted: the backend whose deadlock_timeout expires while the cycle exists looks for
+ * it and aborts its own transaction, and it looks once per wait. The participant waits first
+ * (for b), so its look must come after the replica closed the cycle: the participant's
+ * sessions get 5 s (ALTER DATABASE), the replica 10 min. The test closes the cycle as soon as
+ * it sees the participant wait, so 5 s is a margin, not a measurement: on a machine stalled
+ * for longer, the wait for the participant's 40P01 fails the test, with its log. */
+Test(participant, a_deadlocked_batch_is_retried_and_applied_once)
+{
+    char sql[256];
+    snprintf(sql, sizeof(sql), "ALTER DATABASE %s SET deadlock_timeout = '5s'", db.name);
+    pgtest_exec(conn, sql);
+    struct proc p;
+    participant_start(&p);
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10), ('b', 10), ('c', 10)");
+
+    /* The other replica: holds b's row until it commits. */
+    PGconn *replica = pgtest_connect(db.url);
+    pgtest_exec(replica, "SET deadlock_timeout = '10min'");
+    pgtest_exec(replica, "BEGIN");
+    char batch[1024];
+    reserve_json(batch, sizeof(batch), "t1", "b");
+    const char *params[] = {batch};
+    PQclear(pgtest_query(replica, "SELECT inventory.handle_commands($1::jsonb)", 1, params));
+
+    rd_kafka_t *rk = producer_new();
+    produce_reserve_of(rk, "s0", "m0",
+                       "{\"orderId\": \"o-0\", \"items\": [{\"sku\": \"c\", "
+                       "\"qty\": 2}]}");
+    produce_reserve_of(rk, "s1", "m1",
+                       "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"b\", "
+                       "\"qty\": 2}, {\"sku\": \"a\", \"qty\": 2}]}");
+    flush(rk);
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", PQbackendPID(replica));
+    const char *pid_param[] = {pid};
+    int64_t deadline = proc_now_ms() + 30000;
+    /* Bounded poll (each round waits 20 ms in the server) until m1 waits for b, holding a. */
+    while (pgtest_count(conn,
+                        "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02)"
+                        " WHERE wait_event_type = 'Lock' AND pid <> $1::int"
+                        "   AND query LIKE '%handle_commands%'",
+                        1, pid_param) == 0) {
+        if (proc_now_ms() > deadline) {
+            proc_dump(&p, "example-participant", 8192);
+            cr_assert_fail("the participant's batch never waited for b's row");
+        }
+    }
+
+    /* The replica now wants a: the cycle. */
+    reserve_json(batch, sizeof(batch), "t2", "a");
+    cr_assert(PQsendQueryParams(replica, "SELECT inventory.handle_commands($1::jsonb)", 1, NULL,
+                                params, NULL, NULL, 0),
+              "%s", PQerrorMessage(replica));
+    if (!proc_wait_log(&p, "\"sqlstate\":\"40P01\"", NULL, 30000, NULL, 0)) {
+        proc_dump(&p, "example-participant", 8192);
+        cr_assert_fail("the participant's batch was not the one aborted by the deadlock");
+    }
+    PGresult *res = PQgetResult(replica); /* its wait for a ended with the abort */
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "the replica's batch: %s",
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    while ((res = PQgetResult(replica)) != NULL)
+        PQclear(res);
+    pgtest_exec(conn, "LISTEN saga_outbox");
+    pgtest_exec(replica, "COMMIT");
+    PQfinish(replica);
+
+    /* The retry (it waited for the replica's commit) applies m1 once, and m0 once. */
+    wait_outbox_rows(&p, 4);
+    participant_stop(&p);
+    cr_assert_eq(outbox_rows(), 4, "t1, t2, m0, m1: one reply each");
+    assert_one_reply("m0", "s0");
+    assert_one_reply("m1", "s1");
+    assert_one_reply("t1-m", "t1");
+    assert_one_reply("t2-m", "t2");
+    char *stock = pgtest_value(
+        conn, "SELECT string_agg(sku || '=' || available, ' ' ORDER BY sku) FROM inventory.stock",
+        0, NULL);
+    /* a: 10 - 1 (t2) - 2 (s1); b: 10 - 1 (t1) - 2 (s1); c: 10 - 2 (s0). */
+    cr_assert_str_eq(stock, "a=7 b=7 c=8", "stock %s", stock);
+    free(stock);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.reservations"
+                              " WHERE status = 'reserved'",
+                              0, NULL),
+                 4, "t1, t2, s0, s1 reserved once each");
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(DISTINCT saga_id) FROM inventory.reservations", 0, NULL),
+        4, "one reservation per saga");
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM inventory.inbox WHERE replies = 1"
+                              " AND idempotency_key IN ('s0/reserve_inventory/action',"
+                              "                         's1/reserve_inventory/action')",
+                              0, NULL),
+                 2, "each command recorded once, answered once");
+    /* One database error (the deadlock); m0 and m1 handled once each in the end. */
+    cr_assert_eq(proc_count_log(&p, "\"sqlstate\":\"40P01\""), 1);
+    cr_assert(proc_count_log(&p, "\\\"handled\\\":2,"), "exit counts: two commands handled");
+    cr_assert(proc_count_log(&p, "\\\"db_errors\\\":1}"), "exit counts: one database error");
+    proc_cleanup(&p);
     rd_kafka_destroy(rk);
 }
