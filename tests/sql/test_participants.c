@@ -587,3 +587,127 @@ Test(participants, shipping_drop_next_sends_no_reply_and_records_nothing)
     assert_reply("shipping", "s1-m2", "headers->>'outcome'", "success");
     cr_assert_eq(count("SELECT count(*) FROM shipping.shipments"), 1);
 }
+
+/* ---------------------------------------------------------------------------------------
+ * The contract part of handle_commands, the same in every service
+ * ------------------------------------------------------------------------------------- */
+
+/* Each service with an action that succeeds (inventory once its stock is in). */
+static const struct {
+    const char *service, *step, *action, *payload;
+} services[] = {
+    {"inventory", "reserve_inventory", "ReserveStock", reserve_ab},
+    {"payment", "authorize_payment", "AuthorizePayment", pay_42},
+    {"orders", "approve_order", "ApproveOrder",
+     "{\"orderId\": \"o-1\", \"customerId\": \"c-1\", \"authorizationId\": \"x\"}"},
+    {"shipping", "schedule_shipping", "ScheduleShipment", ship},
+};
+
+static void install_with_stock(const char *service)
+{
+    install(service);
+    if (!strcmp(service, "inventory"))
+        pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10), ('b', 10)");
+}
+
+/* "<in-reply-to>:<outcome> ..." of the service's outbox rows, in seq order (the relay's publish
+ * order). Caller frees. */
+static char *replies_in_seq_order(const char *service)
+{
+    char sql[256];
+    snprintf(sql, sizeof(sql),
+             "SELECT string_agg((headers->>'in-reply-to') || ':' || (headers->>'outcome'), ' '"
+             " ORDER BY seq) FROM %s.outbox",
+             service);
+    return pgtest_value(conn, sql, 0, NULL);
+}
+
+/* One batch whose replies come from every path of handle_commands (a new command, a recorded
+ * failure, a compensation before its action, a replay, an invalid command, an action refused
+ * by its tombstone): the outbox rows' seq order is the commands' order in the batch, which is
+ * what the relay publishes in, whatever path produced each reply. The message ids are in no
+ * order of their own (neither sorted nor by saga), so that another order shows. */
+Test(participants, replies_keep_the_order_of_the_batch_in_every_service)
+{
+    for (size_t i = 0; i < sizeof(services) / sizeof(services[0]); i++) {
+        const char *svc = services[i].service, *step = services[i].step;
+        install_with_stock(svc);
+        char *counts =
+            handle(svc, cmd_("p1", step, "action", services[i].action, "k7", services[i].payload),
+                   cmd_("p2", step, "action", "NoSuchCommand", "k3", "{\"orderId\": \"o-2\"}"),
+                   cmd_("p3", step, "compensation", "Undo", "k9", "{\"orderId\": \"o-3\"}"),
+                   cmd_("p1", step, "action", services[i].action, "k2", services[i].payload),
+                   cmd_("p5", step, "action", services[i].action, "k5", "{}"),
+                   cmd_("p3", step, "action", services[i].action, "k1", services[i].payload), NULL);
+        char *order = replies_in_seq_order(svc);
+        cr_assert_str_eq(order, "k7:success k3:failure k9:success k2:success k5:failure k1:failure",
+                         "%s: the replies in seq order: %s (counts %s)", svc, order, counts);
+        free(order);
+        free(counts);
+    }
+}
+
+/* A batch with nothing to answer inserts no outbox row, and so sends no NOTIFY (the outbox's
+ * trigger fires per statement, even for no rows, and wakes the relay for nothing): here
+ * duplicates of an answered command and a new one that drop_next drops, a command without
+ * reply-to (skipped), and an empty batch. The answered command's reply is the positive
+ * control: it is inserted and notified. */
+Test(participants, a_batch_with_nothing_to_answer_inserts_no_row_in_every_service)
+{
+    pgtest_exec(conn, "LISTEN saga_outbox");
+    for (size_t i = 0; i < sizeof(services) / sizeof(services[0]); i++) {
+        const char *svc = services[i].service, *step = services[i].step;
+        install_with_stock(svc);
+        PGnotify *note;
+        while ((note = pgtest_poll_notify(conn)) != NULL) /* the earlier services' */
+            PQfreemem(note);
+
+        handle1(svc,
+                command("q1", step, "action", services[i].action, "q1-m1", services[i].payload));
+        note = pgtest_poll_notify(conn);
+        cr_assert(note, "%s: a reply is notified", svc);
+        PQfreemem(note);
+        char sql[256];
+        snprintf(sql, sizeof(sql), "DELETE FROM %s.outbox", svc); /* published by the relay */
+        pgtest_exec(conn, sql);
+        snprintf(sql, sizeof(sql), "UPDATE %s.behavior SET drop_next = 3", svc);
+        pgtest_exec(conn, sql);
+
+        /* No reply-to: skipped, and not counted against drop_next. */
+        char *no_reply_to = cmd_("q3", step, "action", services[i].action, "q3-m1", "{}");
+        char *at = strstr(no_reply_to, "\"reply-to\"");
+        cr_assert(at);
+        memcpy(at, "\"reply-xx\"", strlen("\"reply-xx\""));
+        char *counts = handle(
+            svc, cmd_("q1", step, "action", services[i].action, "q1-m2", services[i].payload),
+            no_reply_to,
+            cmd_("q1", step, "action", services[i].action, "q1-m3", services[i].payload),
+            cmd_("q2", step, "action", services[i].action, "q2-m1", services[i].payload), NULL);
+        char *empty = handle(svc, NULL);
+        const char *params[] = {counts, empty};
+        cr_assert_eq(
+            pgtest_count(conn,
+                         "SELECT count(*) FROM (VALUES ($1::jsonb, 3, 1), ($2::jsonb, 0, 0))"
+                         "  AS c(counts, dropped, skipped)"
+                         " WHERE (counts->>'dropped')::int = dropped"
+                         "   AND (counts->>'skipped')::int = skipped"
+                         "   AND (counts->>'handled')::int = 0"
+                         "   AND (counts->>'replayed')::int = 0",
+                         2, params),
+            2, "%s: counts %s, then %s", svc, counts, empty);
+        free(counts);
+        free(empty);
+
+        snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s.outbox", svc);
+        cr_assert_eq(count(sql), 0, "%s: no reply", svc);
+        note = pgtest_poll_notify(conn);
+        cr_assert_null(note, "%s: a NOTIFY on %s for no row", svc, note ? note->relname : "");
+        snprintf(sql, sizeof(sql),
+                 "SELECT string_agg(idempotency_key || '=' || replies, ' ') FROM %s.inbox", svc);
+        char *inbox = pgtest_value(conn, sql, 0, NULL);
+        char want[128];
+        snprintf(want, sizeof(want), "q1/%s/action=1", step);
+        cr_assert_str_eq(inbox, want, "%s: the inbox (dropped commands leave no row)", svc);
+        free(inbox);
+    }
+}
