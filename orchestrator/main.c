@@ -313,6 +313,10 @@ int main(int argc, char **argv)
         snprintf(err, sizeof(err), "SAGA_KAFKA_BROKERS (--kafka-brokers) is required");
         rc = -1;
     }
+    /* The consumer's configuration is checked before the migrations: a bad one changes
+     * nothing. */
+    if (!rc && !migrate_only && replies_check_config(s, err, sizeof(err)))
+        rc = -1;
     if (rc) {
         log_error("configuration: %s", err);
         fprintf(stderr, "saga-orchestrator: %s\n", err);

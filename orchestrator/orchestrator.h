@@ -148,6 +148,10 @@ struct orchestrator {
 };
 
 /* Consumer (orchestrator/replies.c). */
+/* Checks the consumer's configuration (KAFKA_* variables included) without creating it, so
+ * that a bad one is refused before the database is touched. */
+__attribute__((warn_unused_result)) int replies_check_config(const struct orch_settings *st,
+                                                             char *err, size_t errlen);
 __attribute__((warn_unused_result)) int replies_start(struct orchestrator *o, char *err,
                                                       size_t errlen);
 /* Subscribes to the reply topics of every loaded definition (after a reload). */

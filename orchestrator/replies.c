@@ -356,12 +356,14 @@ int replies_resubscribe(struct orchestrator *o)
     return e ? -1 : 0;
 }
 
-int replies_start(struct orchestrator *o, char *err, size_t errlen)
+/* The consumer's configuration from the settings and KAFKA_* variables, checked; NULL with
+ * why. The caller owns the result. */
+static rd_kafka_conf_t *consumer_conf_new(const struct orch_settings *st, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     const char *props[][2] = {
-        {"bootstrap.servers", o->settings.kafka_brokers},
-        {"group.id", o->settings.group_id},
+        {"bootstrap.servers", st->kafka_brokers},
+        {"group.id", st->group_id},
         {"enable.auto.commit", "false"},
         {"enable.auto.offset.store", "false"},
         {"auto.offset.reset", "earliest"},
@@ -374,12 +376,12 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
         snprintf(what, sizeof(what), "consumer property %s", props[i][0]);
         if (kafka_conf_set(conf, props[i][0], props[i][1], what, err, errlen)) {
             rd_kafka_conf_destroy(conf);
-            return -1;
+            return NULL;
         }
     }
     if (kafka_conf_apply_env(conf, err, errlen)) {
         rd_kafka_conf_destroy(conf);
-        return -1;
+        return NULL;
     }
     /* /readyz learns that Kafka is reachable again after an outage from the statistics only
      * (stats_cb): with them off it would say "kafka down" for good after the first outage.
@@ -395,8 +397,25 @@ int replies_start(struct orchestrator *o, char *err, size_t errlen)
                  "outage); leave it unset (1000) or give a positive value",
                  interval);
         rd_kafka_conf_destroy(conf);
-        return -1;
+        return NULL;
     }
+    return conf;
+}
+
+int replies_check_config(const struct orch_settings *st, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = consumer_conf_new(st, err, errlen);
+    if (!conf)
+        return -1;
+    rd_kafka_conf_destroy(conf);
+    return 0;
+}
+
+int replies_start(struct orchestrator *o, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = consumer_conf_new(&o->settings, err, errlen);
+    if (!conf)
+        return -1;
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
     rd_kafka_conf_set_stats_cb(conf, stats_cb);

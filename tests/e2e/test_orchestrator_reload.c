@@ -192,6 +192,10 @@ Test(orchestrator_reload, kafka_statistics_off_exit_2)
     cr_assert(strstr(err, "KAFKA_STATISTICS_INTERVAL_MS"), "%s", err);
     free(err);
     proc_cleanup(&p);
+    /* Refused before the database was touched: no migration applied. */
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'saga'", 0, NULL), 0,
+        "a refused configuration applied the migrations");
 
     /* A positive interval is fine. */
     start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=2000", NULL);
