@@ -20,9 +20,8 @@
  * So the test shapes the load, nothing else: inventory is stopped (SIGSTOP) while the
  * orchestrator claims every saga and sends its first command, then the orchestrator is
  * stopped while inventory answers them all, and resumed: it meets 6,000 replies at once, as a
- * consumer does after any stall (a slow host, a long pause). Both pauses are far shorter than
- * the consumers' session (60 s here), and every step waits 120 s for its reply, so neither
- * pause makes anything time out or rebalance.
+ * consumer does after any stall (a slow host, a long pause). Neither pause may make anything
+ * time out or rebalance: the bounds below say why they cannot.
  *
  * SAGA_SYSTEM_ORCHESTRATOR_BIN runs it against another build's orchestrator (for instance that
  * of c2ec691^, which it must catch: see the commit that added this test). */
@@ -34,6 +33,29 @@
 #include "system.h"
 
 #define LOAD_SAGAS "6000"
+
+/* The pauses' bounds and the timeouts they must stay below. Measured with 6,000 sagas (two
+ * runs): 2.9-3.6 s of paused inventory, 2.6-8.7 s of paused orchestrator, every saga completed
+ * 13-27 s after the start. A pause that reaches its bound fails the test (the machine is too
+ * slow for it).
+ * - A stopped process sends no heartbeat, and its last one may be a heartbeat interval old
+ *   (sys_setup sets KAFKA_HEARTBEAT_INTERVAL_MS to a third of the session): a pause plus that
+ *   stays below the session, or the group would rebalance.
+ * - Every step waits STEP_TIMEOUT_S for its reply. The first step's commands are sent during
+ *   the first pause, and their replies applied only after the second: both pauses together
+ *   leave at least half the step timeout (60 s, against the 8-15 s the resumed orchestrator
+ *   took to finish every saga) for that, or sagas would time out and be compensated, and
+ *   "every saga completed" would fail for a reason that is not the one under test. (Two 60 s
+ *   bounds used to add up to the whole 120 s.) */
+#define SESSION_MS 60000
+#define STEP_TIMEOUT_S 120
+#define PAUSE_MAX_MS 30000 /* each of the two pauses */
+_Static_assert(PAUSE_MAX_MS + SESSION_MS / 3 < SESSION_MS,
+               "a paused consumer would be dropped from its group");
+_Static_assert(2 * PAUSE_MAX_MS <= STEP_TIMEOUT_S * 1000 / 2,
+               "the pauses leave too little of the step timeout");
+#define STR(x) #x
+#define SECONDS(x) STR(x) "s"
 
 static struct sys sys;
 
@@ -73,16 +95,17 @@ static void assert_orchestrator_alive(struct sys *s, const char *when)
     cr_assert_eq(s->orchestrator[0].count, 1, "the orchestrator was restarted");
 }
 
-/* Polls cond (every 200 ms, at most timeout_ms) until it holds; fails the test otherwise, and
- * at once when the orchestrator exits (a stopped one has not). */
-static void wait_for(struct sys *s, bool (*cond)(struct sys *s), int timeout_ms, const char *what)
+/* Polls cond (every 200 ms) until it holds; fails the test when it does not by PAUSE_MAX_MS
+ * after since (when the pause began), and at once when the orchestrator exits (a stopped one
+ * has not). */
+static void wait_for(struct sys *s, bool (*cond)(struct sys *s), int64_t since, const char *what)
 {
-    int64_t end = proc_now_ms() + timeout_ms;
     while (!cond(s)) {
         assert_orchestrator_alive(s, what);
-        if (proc_now_ms() >= end) {
+        if (proc_now_ms() >= since + PAUSE_MAX_MS) {
             sys_dump(s);
-            cr_assert_fail("not done within %d s %s", timeout_ms / 1000, what);
+            cr_assert_fail("not done within %d s %s (PAUSE_MAX_MS: see above)", PAUSE_MAX_MS / 1000,
+                           what);
         }
         sys_pause_ms(200);
     }
@@ -111,8 +134,9 @@ Test(system, load)
     /* This test's default, unless SAGA_SYSTEM_SAGAS says otherwise (sys_setup prints it). */
     cr_assert_eq(setenv("SAGA_SYSTEM_SAGAS", LOAD_SAGAS, 0), 0);
     int n = sys_saga_count();
-    struct sys_options opts = {
-        .step_timeout = "120s", .session_timeout_ms = 60000, .stock = (n + 3) / 4};
+    struct sys_options opts = {.step_timeout = SECONDS(STEP_TIMEOUT_S),
+                               .session_timeout_ms = SESSION_MS,
+                               .stock = (n + 3) / 4};
     sys_setup(&sys, "load", &opts);
     /* No failure injected: no lost commands, no shipping failures (sys_setup seeds the
      * demo's). */
@@ -122,14 +146,15 @@ Test(system, load)
     struct proc *orchestrator = current_proc(&sys.orchestrator[0]);
     struct proc *inventory = current_proc(&sys.participant[SYS_INVENTORY]);
 
+    /* Each pause is bounded from the SIGSTOP that begins it. */
     int64_t t0 = proc_now_ms();
     proc_signal(inventory, SIGSTOP);
     sys_start_completing_sagas(&sys, 1, n);
-    wait_for(&sys, all_commands_published, 60000, "while it claimed the sagas");
+    wait_for(&sys, all_commands_published, t0, "while it claimed the sagas");
+    int64_t t1 = proc_now_ms();
     proc_signal(orchestrator, SIGSTOP);
     proc_signal(inventory, SIGCONT);
-    int64_t t1 = proc_now_ms();
-    wait_for(&sys, all_replies_published, 60000, "while inventory answered");
+    wait_for(&sys, all_replies_published, t1, "while inventory answered");
     fprintf(stderr,
             "load: %d sagas started; inventory paused %.1f s, then the orchestrator %.1f s: %d "
             "replies wait for it\n",
