@@ -635,6 +635,10 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
         }
     }
     if (!ok(res)) {
+        /* Prepared again next time: some failures stick to the prepared statement itself
+         * (another version's migration changed a column it returns: "cached plan must not
+         * change result type" at every EXECUTE). */
+        forget_claim(w);
         failed(w, res, "claim");
         return;
     }

@@ -361,6 +361,20 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     cr_assert(strstr(line, "\"definition_versions\":\"2\""), "%s", line);
     cr_assert_eq(proc_count_log(&p, "claim statement prepared"), prepared + 1);
 
+    /* Another version's migration changes the type of a column the claim returns: every
+     * EXECUTE of the statement prepared before fails ("cached plan must not change result
+     * type"); the claim is prepared again after the failure and goes on. */
+    PQclear(pgtest_query(
+        conn, "ALTER TABLE saga.instances ALTER COLUMN request_reason TYPE varchar(2000)", 0,
+        NULL));
+    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3, 20000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("no claim after a column the claim returns changed its type");
+    }
+    cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, NULL, 0),
+              "the claim was not prepared again after it failed");
+
     /* A new session: prepared on it. */
     PQclear(pgtest_query(conn,
                          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
@@ -368,7 +382,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
                          0, NULL));
     cr_assert(proc_wait_log(&p, "database connection lost", &from, 20000, NULL, 0));
     PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3, 20000)) {
+    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 4, 20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("no claim after the session was lost");
     }
