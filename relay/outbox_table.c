@@ -551,8 +551,23 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct outbox_table *t = arg;
     if (!result_ok(t, res, "claim")) {
-        if (res)
-            schedule(t, 1000);
+        if (!res)
+            return;
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (state && (!strcmp(state, "0A000") || !strcmp(state, "26000"))) {
+            /* The prepared claim itself is broken: a column it returns changed its type
+             * ("cached plan must not change result type", at every EXECUTE) or the statement
+             * is gone. A new claim session prepares it again (the claim lock goes and comes
+             * back with it; nothing claimed is lost: the cursor moves only with rows). */
+            log_at(LOG_WARN, LOG_FIELDS("table", t->label, "sqlstate", state),
+                   "the prepared claim no longer runs; preparing it again on a new claim "
+                   "session");
+            claim_close(t);
+            ev_timer_set(&t->ctimer, (double)t->cbackoff_ms / 1000.0, 0.0);
+            ev_timer_start(t->relay->loop, &t->ctimer);
+            return;
+        }
+        schedule(t, 1000);
         return;
     }
     if (t->claim_gen != t->gen) {

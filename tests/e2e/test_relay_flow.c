@@ -617,3 +617,33 @@ Test(relay_flow, values_exactly_as_stored)
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
+
+/* A column the prepared claim returns changes its type under the running relay (typmod only,
+ * so the rows keep their binary shape): every EXECUTE of the statement prepared before fails
+ * ("cached plan must not change result type"); the relay prepares it again on a new claim
+ * session and the rows behind keep coming. */
+Test(relay_flow, claim_prepared_again_after_a_column_type_change)
+{
+    struct e2e e;
+    e2e_setup(&e, "retype", 20);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    e2e_insert(&e, 0, 200);
+    cr_assert(e2e_wait_all(c, 200, 30000, NULL), "the first rows did not arrive");
+    PQclear(pgtest_query(
+        e.conn, "ALTER TABLE saga.outbox ALTER COLUMN created_at TYPE timestamptz(3)", 0, NULL));
+    e2e_insert(&e, 200, 400);
+    long distinct = 0;
+    if (!e2e_wait_all(c, 400, 30000, &distinct)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("after the column type change, %ld of 400 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 400, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
