@@ -147,6 +147,28 @@ static void wait_outbox_rows(struct proc *p, long n)
     }
 }
 
+/* Waits (a bounded poll, each round waiting 20 ms in the server) until a handle_commands call
+ * other than other's (NULL: any) waits for a lock (of type wait_event, e.g. "advisory"; NULL:
+ * any); fails the test with the participant's log and message otherwise. */
+static void wait_batch_waits(struct proc *p, const char *wait_event, PGconn *other,
+                             const char *message)
+{
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", other ? PQbackendPID(other) : 0);
+    const char *params[] = {wait_event, pid};
+    int64_t deadline = proc_now_ms() + 30000;
+    while (pgtest_count(conn,
+                        "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02)"
+                        " WHERE wait_event_type = 'Lock' AND wait_event = coalesce($1, wait_event)"
+                        "   AND pid <> $2::int AND query LIKE '%handle_commands%'",
+                        2, params) == 0) {
+        if (proc_now_ms() > deadline) {
+            proc_dump(p, "example-participant", 8192);
+            cr_assert_fail("%s", message);
+        }
+    }
+}
+
 Test(participant, handles_commands_skips_malformed_ones_and_commits_offsets)
 {
     struct proc p;
@@ -269,18 +291,7 @@ Test(participant, sigterm_finishes_the_batch_in_hand_and_commits_it)
     produce_reserve(rk, "s1", "m1");
     flush(rk);
 
-    /* Bounded poll (each round waits 20 ms in the server) until the batch waits on the lock. */
-    int64_t deadline = proc_now_ms() + 30000;
-    while (pgtest_count(conn,
-                        "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02) "
-                        "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' "
-                        "AND query LIKE '%handle_commands%'",
-                        0, NULL) == 0) {
-        if (proc_now_ms() > deadline) {
-            proc_dump(&p, "example-participant", 8192);
-            cr_assert_fail("the batch never reached the database");
-        }
-    }
+    wait_batch_waits(&p, "advisory", NULL, "the batch never reached the database");
     proc_signal(&p, SIGTERM);
     cr_assert(proc_wait_log(&p, "stopping: finishing the batch in hand", NULL, 10000, NULL, 0));
     pgtest_exec(conn, "SELECT pg_advisory_unlock(4242)");
@@ -374,21 +385,8 @@ Test(participant, a_deadlocked_batch_is_retried_and_applied_once)
                        "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"b\", "
                        "\"qty\": 2}, {\"sku\": \"a\", \"qty\": 2}]}");
     flush(rk);
-    char pid[16];
-    snprintf(pid, sizeof(pid), "%d", PQbackendPID(replica));
-    const char *pid_param[] = {pid};
-    int64_t deadline = proc_now_ms() + 30000;
-    /* Bounded poll (each round waits 20 ms in the server) until m1 waits for b, holding a. */
-    while (pgtest_count(conn,
-                        "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02)"
-                        " WHERE wait_event_type = 'Lock' AND pid <> $1::int"
-                        "   AND query LIKE '%handle_commands%'",
-                        1, pid_param) == 0) {
-        if (proc_now_ms() > deadline) {
-            proc_dump(&p, "example-participant", 8192);
-            cr_assert_fail("the participant's batch never waited for b's row");
-        }
-    }
+    /* Until m1 waits for b, holding a. */
+    wait_batch_waits(&p, NULL, replica, "the participant's batch never waited for b's row");
 
     /* The replica now wants a: the cycle. */
     reserve_json(batch, sizeof(batch), "t2", "a");
