@@ -564,13 +564,16 @@ out:;
      * table: a stopping relay waits for it a little (RELOAD_EXIT_WAIT_S), then leaves without
      * it. What it checked would not be applied anyway (the relay is stopping), so cutting it
      * short changes nothing; the process ends with _exit (below), which no thread outlives and
-     * which runs no exit handler that the thread could still be inside (libpq, OpenSSL). */
+     * which runs no exit handler that the thread could still be inside (libpq, OpenSSL). The
+     * tables' sessions are not closed politely there: the server logs an unexpected EOF for
+     * each, which is harmless (their work is done or republished). The wait is on the monotonic
+     * clock: a wall-clock step does not stretch it. */
     bool reload_abandoned = false;
     if (reload.running) {
         struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
+        clock_gettime(CLOCK_MONOTONIC, &until);
         until.tv_sec += RELOAD_EXIT_WAIT_S;
-        if (pthread_timedjoin_np(reload.thread, NULL, &until)) {
+        if (pthread_clockjoin_np(reload.thread, NULL, CLOCK_MONOTONIC, &until)) {
             reload_abandoned = true;
             log_at(LOG_WARN, LOG_FIELDS("file", relay.settings.config_file),
                    "exiting while the SIGHUP reload still checks its tables (a database does "

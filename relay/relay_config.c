@@ -507,22 +507,20 @@ static void trim_message(char *msg)
         msg[--n] = '\0';
 }
 
-/* Runs one statement with parameters and waits at most CHECK_STATEMENT_MS for its result.
- * Returns the result (caller PQclears) when it is PGRES_TUPLES_OK, or NULL with why. */
-static PGresult *exec_bounded(PGconn *conn, const char *sql, int nparams, const char *const *params,
-                              char *why, size_t whylen)
+/* Waits until conn has a whole result to give (!PQisBusy), at most until CHECK_STATEMENT_MS
+ * after start; 0, or -1 with why. */
+static int wait_result(PGconn *conn, const struct timespec *start, char *why, size_t whylen)
 {
-    if (!PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL, 0)) {
-        snprintf(why, whylen, "%s", PQerrorMessage(conn));
-        trim_message(why);
-        return NULL;
-    }
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
     while (PQisBusy(conn)) {
+        struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
         int64_t spent =
-            (int64_t)(now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+            (int64_t)(now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
+        if (PQsocket(conn) < 0) {
+            snprintf(why, whylen, "%s", PQerrorMessage(conn));
+            trim_message(why);
+            return -1;
+        }
         struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
         int ready =
             spent < CHECK_STATEMENT_MS ? poll(&pfd, 1, (int)(CHECK_STATEMENT_MS - spent)) : 0;
@@ -531,18 +529,46 @@ static PGresult *exec_bounded(PGconn *conn, const char *sql, int nparams, const 
         if (ready == 0) {
             snprintf(why, whylen, "no answer from the database within %d s",
                      CHECK_STATEMENT_MS / 1000);
-            return NULL;
+            return -1;
         }
         if (ready < 0 || !PQconsumeInput(conn)) {
             snprintf(why, whylen, "%s", ready < 0 ? strerror(errno) : PQerrorMessage(conn));
             trim_message(why);
-            return NULL;
+            return -1;
         }
     }
+    return 0;
+}
+
+/* Runs one statement with parameters and waits at most CHECK_STATEMENT_MS for all of its
+ * results (the end of the statement included: a server gone silent between a result and
+ * the next message would otherwise block PQgetResult). Returns the result (caller PQclears)
+ * when it is PGRES_TUPLES_OK or PGRES_COMMAND_OK, or NULL with why. */
+static PGresult *exec_bounded(PGconn *conn, const char *sql, int nparams, const char *const *params,
+                              char *why, size_t whylen)
+{
+    if (!PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL, 0)) {
+        snprintf(why, whylen, "%s", PQerrorMessage(conn));
+        trim_message(why);
+        return NULL;
+    }
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (wait_result(conn, &start, why, whylen))
+        return NULL;
     PGresult *res = PQgetResult(conn);
-    for (PGresult *more; (more = PQgetResult(conn));)
+    for (;;) {
+        if (wait_result(conn, &start, why, whylen)) {
+            PQclear(res);
+            return NULL;
+        }
+        PGresult *more = PQgetResult(conn);
+        if (!more)
+            break;
         PQclear(more);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    }
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
         snprintf(why, whylen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
         trim_message(why);
         PQclear(res);
@@ -637,13 +663,20 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
                  src->schema, src->table, msg);
         goto out;
     }
+    /* One read-only transaction, its statement_timeout local to it: behind a pooler in
+     * transaction mode the statements stay on one server session and leave nothing set on
+     * it. The transaction ends with the connection (PQfinish). */
     char timeout[24], failed[512];
     snprintf(timeout, sizeof(timeout), "%d", CHECK_STATEMENT_MS);
-    PGresult *res = exec_bounded(conn, "SELECT set_config('statement_timeout', $1, false)", 1,
-                                 (const char *[]){timeout}, failed, sizeof(failed));
+    PGresult *res = exec_bounded(conn, "BEGIN READ ONLY", 0, NULL, failed, sizeof(failed));
+    if (res) {
+        PQclear(res);
+        res = exec_bounded(conn, "SELECT set_config('statement_timeout', $1, true)", 1,
+                           (const char *[]){timeout}, failed, sizeof(failed));
+    }
     if (!res) {
-        snprintf(why, sizeof(why), "table %s.%s (%s): cannot set statement_timeout: %s",
-                 src->schema, src->table, db, failed);
+        snprintf(why, sizeof(why), "table %s.%s (%s): cannot start the check: %s", src->schema,
+                 src->table, db, failed);
         goto out;
     }
     PQclear(res);
