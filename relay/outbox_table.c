@@ -50,7 +50,7 @@ struct batch;
 
 struct topic_label {
     char *name;
-    char labels[1000];
+    char labels[1400];
     struct metrics_series *published; /* relay_rows_published_total of this table and topic */
 };
 
@@ -93,8 +93,8 @@ struct row_vec {
 struct outbox_table {
     struct relay *relay;
     const struct outbox_source *src;
-    char label[256];                    /* schema.table, for logs */
-    char mlabels[600];                  /* table="schema.table",database="db", for metrics */
+    char label[256];    /* schema.table, for logs */
+    char mlabels[1100]; /* table="schema.table",database="db",server="host:port", for metrics */
     struct metrics_series *ack_latency; /* relay_commit_to_ack_seconds: per row, looked up once */
     struct topic_label *topics;         /* every topic seen, for per-topic metrics */
     size_t topic_count;
@@ -1026,6 +1026,29 @@ static void database_name(const char *conninfo, char *out, size_t len)
     PQconninfoFree(opts);
 }
 
+/* The server of a conninfo for the metrics' server label: host:port as libpq would pick them
+ * from the conninfo or PGHOST/PGPORT ("local" for the default Unix socket, 5432 for the
+ * default port); a multi-host list is kept whole. Never anything else of the conninfo. */
+static void server_name(const char *conninfo, char *out, size_t len)
+{
+    const char *host = NULL, *port = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++) {
+        if (!strcmp(o->keyword, "host") && o->val && *o->val)
+            host = o->val;
+        if (!strcmp(o->keyword, "hostaddr") && o->val && *o->val && !host)
+            host = o->val;
+        if (!strcmp(o->keyword, "port") && o->val && *o->val)
+            port = o->val;
+    }
+    if (!host && getenv("PGHOST") && *getenv("PGHOST"))
+        host = getenv("PGHOST");
+    if (!port && getenv("PGPORT") && *getenv("PGPORT"))
+        port = getenv("PGPORT");
+    snprintf(out, len, "%s:%s", host ? host : "local", port ? port : "5432");
+    PQconninfoFree(opts);
+}
+
 struct outbox_table *outbox_table_create(struct relay *relay, const struct outbox_source *src)
 {
     struct outbox_table *t = calloc(1, sizeof(*t));
@@ -1034,11 +1057,13 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     t->relay = relay;
     t->src = src;
     snprintf(t->label, sizeof(t->label), "%s.%s", src->schema, src->table);
-    char table_label[300], database[128], database_label[300];
+    char table_label[300], database[128], database_label[300], server[300], server_label[400];
     metrics_label(table_label, sizeof(table_label), "table", t->label);
     database_name(src->conninfo, database, sizeof(database));
     metrics_label(database_label, sizeof(database_label), "database", database);
-    snprintf(t->mlabels, sizeof(t->mlabels), "%s,%s", table_label, database_label);
+    server_name(src->conninfo, server, sizeof(server));
+    metrics_label(server_label, sizeof(server_label), "server", server);
+    snprintf(t->mlabels, sizeof(t->mlabels), "%s,%s,%s", table_label, database_label, server_label);
     t->ack_latency = metrics_series("relay_commit_to_ack_seconds", t->mlabels, "histogram");
     settings_redact_conninfo(src->conninfo, t->redacted, sizeof(t->redacted));
     t->holes = holes_new();

@@ -492,11 +492,25 @@ static inline void e2e_relay_stop(struct proc *p)
     }
 }
 
-/* A per-table series of the relay as it is named in /metrics: series written with its table
- * label alone ("relay_backlog_rows{table=\"saga.outbox\"}", maybe more labels after it) gets
- * the label of e's database after the table label. The string returned lives until the 16th
- * call after this one (so a few may be used in one expression). */
-static inline const char *e2e_series(const struct e2e *e, const char *series)
+/* The server label the relay gives the tables of a database URL: host:port. */
+static inline void e2e_server_of(const char *url, char *out, size_t len)
+{
+    const char *host = "local", *port = "5432";
+    PQconninfoOption *opts = PQconninfoParse(url, NULL);
+    for (PQconninfoOption *o = opts; o && o->keyword; o++) {
+        if (!strcmp(o->keyword, "host") && o->val && *o->val)
+            host = o->val;
+        if (!strcmp(o->keyword, "port") && o->val && *o->val)
+            port = o->val;
+    }
+    snprintf(out, len, "%s:%s", host, port);
+    PQconninfoFree(opts);
+}
+
+/* series with the labels the relay adds after table="...": database="<db's name>" and
+ * server="<host:port>". A series without a table label is returned as it is. The result
+ * lives in one of 16 rotating buffers. */
+static inline const char *e2e_series_db(const struct pgtest_db *db, const char *series)
 {
     static char bufs[16][1024];
     static unsigned next;
@@ -507,9 +521,16 @@ static inline const char *e2e_series(const struct e2e *e, const char *series)
         snprintf(out, sizeof(bufs[0]), "%s", series);
         return out;
     }
-    snprintf(out, sizeof(bufs[0]), "%.*s,database=\"%s\"%s", (int)(end + 1 - series), series,
-             e->db.name, end + 1);
+    char server[300];
+    e2e_server_of(db->url, server, sizeof(server));
+    snprintf(out, sizeof(bufs[0]), "%.*s,database=\"%s\",server=\"%s\"%s", (int)(end + 1 - series),
+             series, db->name, server, end + 1);
     return out;
+}
+
+static inline const char *e2e_series(const struct e2e *e, const char *series)
+{
+    return e2e_series_db(&e->db, series);
 }
 
 #endif

@@ -951,13 +951,14 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
     cr_assert_eq(pgtest_count(other_conn, "SELECT count(*) FROM saga.outbox", 0, NULL), 0);
 
     char series[3][600];
-    snprintf(series[0], sizeof(series[0]),
-             "relay_rows_deleted_total{table=\"saga.outbox\",database=\"%s\"}", e.db.name);
-    snprintf(series[1], sizeof(series[1]),
-             "relay_rows_deleted_total{table=\"saga.outbox\",database=\"%s\"}", other.name);
-    snprintf(series[2], sizeof(series[2]),
-             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\",topic=\"%s\"}",
-             other.name, e.topic_a);
+    snprintf(series[0], sizeof(series[0]), "%s",
+             e2e_series(&e, "relay_rows_deleted_total{table=\"saga.outbox\"}"));
+    snprintf(series[1], sizeof(series[1]), "%s",
+             e2e_series_db(&other, "relay_rows_deleted_total{table=\"saga.outbox\"}"));
+    char published[300];
+    snprintf(published, sizeof(published),
+             "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
+    snprintf(series[2], sizeof(series[2]), "%s", e2e_series_db(&other, published));
     cr_assert(e2e_wait_metric(port, series[0], 100, 20000), "%s: %g", series[0],
               metric_now(port, series[0]));
     cr_assert(e2e_wait_metric(port, series[1], 40, 20000), "%s: %g", series[1],
@@ -975,7 +976,8 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
         if (line[0] == '#' || !strstr(line, "table=\""))
             continue;
         per_table++;
-        cr_assert(strstr(line, "database=\""), "a per-table series without its database: %s", line);
+        cr_assert(strstr(line, "database=\"") && strstr(line, "server=\""),
+                  "a per-table series without its database and server: %s", line);
     }
     cr_assert(per_table > 10, "%zu per-table series", per_table);
     free(body);

@@ -108,11 +108,10 @@ Test(roles, daemons_work_under_least_privilege_and_never_print_passwords)
         usleep(50 * 1000);
     cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 1,
                  "the orchestrator did not send the first command");
-    char published[300];
-    snprintf(published, sizeof(published),
-             "relay_rows_published_total{table=\"saga.outbox\",database=\"%s\","
-             "topic=\"inventory.commands\"}",
-             db.name);
+    char published[600];
+    snprintf(published, sizeof(published), "%s",
+             e2e_series_db(&db, "relay_rows_published_total{table=\"saga.outbox\","
+                                "topic=\"inventory.commands\"}"));
     cr_assert(e2e_wait_metric(relay_port, published, 1, 30000),
               "the relay did not publish under saga_relay");
 
