@@ -28,6 +28,7 @@
 #include "devbroker.h"
 #include "kafka_consume.h"
 #include "pgtest.h"
+#include "http.h"
 #include "proc.h"
 
 /* Rows a test inserts outside the model have ids starting with this; e2e_verify skips them. */
@@ -341,73 +342,17 @@ static inline int e2e_admin_port(struct proc *p)
     return atoi(at + 8);
 }
 
-/* GET path on 127.0.0.1:port (HTTP/1.0); returns the status code and the body (caller frees),
- * or 0 when the endpoint does not answer within the bound. */
+/* GET path on 127.0.0.1:port (tests/support/http.c); returns the status code and the body
+ * (caller frees), or 0 with no body when the endpoint does not answer within the bound. */
 static inline int e2e_http_get(int port, const char *path, char **body)
 {
-    *body = NULL;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        cr_assert_fail("socket: %s", strerror(errno));
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa))) {
-        close(fd);
-        return 0;
-    }
-    char req[512];
-    int len = snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", path);
-    proc_write_all(fd, req, (size_t)len);
-    size_t cap = 65536, used = 0;
-    char *buf = malloc(cap);
-    if (!buf)
-        cr_assert_fail("out of memory");
-    int64_t deadline = proc_now_ms() + 5000;
-    for (;;) {
-        int64_t left = deadline - proc_now_ms();
-        struct pollfd pfd = {fd, POLLIN, 0};
-        if (left <= 0 || poll(&pfd, 1, (int)left) <= 0) {
-            free(buf);
-            close(fd);
-            return 0;
-        }
-        if (cap - used < 4096) {
-            cap *= 2;
-            char *grown = realloc(buf, cap);
-            if (!grown)
-                cr_assert_fail("out of memory");
-            buf = grown;
-        }
-        ssize_t got = read(fd, buf + used, cap - used - 1);
-        if (got < 0 && errno == EINTR)
-            continue;
-        if (got <= 0)
-            break;
-        used += (size_t)got;
-    }
-    close(fd);
-    buf[used] = '\0';
-    int status = 0;
-    if (sscanf(buf, "HTTP/1.%*d %d", &status) != 1)
-        status = -1;
-    char *sep = strstr(buf, "\r\n\r\n");
-    *body = strdup(sep ? sep + 4 : "");
-    free(buf);
-    return status;
+    return http_get(port, path, body);
 }
 
 /* The value of one metrics line "name{labels} value", or -1 when absent. */
 static inline double e2e_metric(const char *metrics, const char *series)
 {
-    size_t len = strlen(series);
-    for (const char *s = metrics; s && *s;) {
-        if (!strncmp(s, series, len) && s[len] == ' ')
-            return strtod(s + len + 1, NULL);
-        s = strchr(s, '\n');
-        if (s)
-            s++;
-    }
-    return -1;
+    return http_metric(metrics, series);
 }
 
 /* Waits (bounded) until the relay's metric series reaches at least value. */
