@@ -455,7 +455,10 @@ static void commit_cb(struct pgloop *pg, PGresult *res, void *arg)
         w->try_count = w->suspect_count > 1 ? w->suspect_count / 2 : w->suspect_count;
         w->more = true;
     } else {
-        w->more = full;
+        /* A notification read while the claim ran stays: its saga committed after the claim's
+         * snapshot (it comes with the COMMIT's answer, since a backend forwards notifications
+         * only between transactions). Overwriting it left that saga to the next poll. */
+        w->more = w->more || full;
     }
     worker_kick(w);
 }

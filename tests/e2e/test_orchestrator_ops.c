@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <criterion/criterion.h>
 
@@ -554,5 +555,36 @@ Test(orchestrator_ops, claims_skip_sagas_locked_elsewhere)
     pgtest_exec(other, "COMMIT");
     saga_e2e_wait_status(&w, &held1, "running", 20000);
     saga_e2e_wait_status(&w, &held2, "running", 20000);
+    PQfinish(other);
+}
+
+/* A saga started while the claim worker's transaction runs (its snapshot cannot see it) is
+ * claimed right after that transaction, not at the next poll: its notification comes with the
+ * COMMIT's answer and must not be forgotten there. The poll is set to a minute so that only
+ * the notification can claim it in time. */
+Test(orchestrator_ops, saga_started_during_a_claim_is_not_left_to_the_poll)
+{
+    saga_e2e_orch_stop(&w);
+    setenv("SAGA_POLL_INTERVAL", "60s", 1); /* this test's process only: the next start */
+    saga_e2e_orch_start(&w);
+    PGconn *other = pgtest_connect(w.db.url);
+    pgtest_exec(other, "BEGIN");
+    pgtest_exec(other, "LOCK TABLE saga.outbox IN EXCLUSIVE MODE");
+    struct saga_ref first, second;
+    saga_e2e_start(&w, "e2e_timeout", "o-during-1", NULL, NULL, &first);
+    /* The claim of the first saga waits for the lock, inside its transaction. */
+    int64_t deadline = proc_now_ms() + 20000;
+    while (pgtest_count(w.conn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%apply_batch%'",
+                        0, NULL) == 0) {
+        cr_assert(proc_now_ms() < deadline, "the claim never waited for the outbox lock");
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    saga_e2e_start(&w, "e2e_timeout", "o-during-2", NULL, NULL, &second);
+    pgtest_exec(other, "COMMIT");
+    saga_e2e_wait_status(&w, &first, "running", 20000);
+    saga_e2e_wait_status(&w, &second, "running", 10000);
     PQfinish(other);
 }

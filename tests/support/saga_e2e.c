@@ -135,10 +135,15 @@ void saga_e2e_orch_start(struct saga_e2e *w)
             proc_kill(&w->orch);
         cleanup_logs(&w->orch);
     }
-    static char url[1100], brokers[300], dir[160];
+    static char url[1100], brokers[300], dir[160], poll[80];
     snprintf(url, sizeof(url), "SAGA_DATABASE_URL=%s", w->db.url);
     snprintf(brokers, sizeof(brokers), "SAGA_KAFKA_BROKERS=%s", w->broker.bootstrap);
     snprintf(dir, sizeof(dir), "SAGA_DEFINITIONS_DIR=%s", w->sagas_dir);
+    /* A test may set its own poll interval (in its own process) to show what a wake-up does
+     * without the poll's help. */
+    const char *poll_interval = getenv("SAGA_POLL_INTERVAL");
+    snprintf(poll, sizeof(poll), "SAGA_POLL_INTERVAL=%s",
+             poll_interval && *poll_interval ? poll_interval : "50ms");
     /* The mock cluster keeps a group in rebalance for session.timeout.ms - 1 s after its last
      * member left: a short session lets a restarted orchestrator rejoin quickly. */
     const char *env[] = {url,
@@ -146,7 +151,7 @@ void saga_e2e_orch_start(struct saga_e2e *w)
                          dir,
                          "SAGA_ADMIN_ADDR=127.0.0.1:0",
                          "SAGA_LOG_LEVEL=debug",
-                         "SAGA_POLL_INTERVAL=50ms",
+                         poll,
                          "KAFKA_SESSION_TIMEOUT_MS=6000",
                          "KAFKA_HEARTBEAT_INTERVAL_MS=500",
                          NULL};
