@@ -455,9 +455,10 @@ static void commit_cb(struct pgloop *pg, PGresult *res, void *arg)
         w->try_count = w->suspect_count > 1 ? w->suspect_count / 2 : w->suspect_count;
         w->more = true;
     } else {
-        /* A notification read while the claim ran stays: its saga committed after the claim's
-         * snapshot (it comes with the COMMIT's answer, since a backend forwards notifications
-         * only between transactions). Overwriting it left that saga to the next poll. */
+        /* A notification read while the claim ran stays: its saga may have committed after
+         * the claim's snapshot (it comes with the COMMIT's answer, since a backend forwards
+         * notifications only between transactions). Overwriting it left that saga to the next
+         * poll; keeping one that the claim had seen costs one claim that finds nothing. */
         w->more = w->more || full;
     }
     worker_kick(w);
@@ -1133,7 +1134,8 @@ static void start_claim_batch(struct worker *w)
          * always runs its one generic plan, never planned again (until the server
          * invalidates it, after an ANALYZE or DDL on the table). The PREPARE rides in the
          * claim's own round trip; DEALLOCATE ALL (this session prepares nothing else) cannot
-         * fail, whether or not a previous PREPARE went through. */
+         * fail, whether or not a previous PREPARE went through, since a failed claim's
+         * ROLLBACK (failed()) always comes before the next claim. */
         struct sqlbuf stmt = {0};
         claim_statement(w, filter.text, &stmt);
         if (w->claim_prepared && !strcmp(w->claim_prepared, stmt.text)) {

@@ -565,7 +565,7 @@ Test(orchestrator_ops, claims_skip_sagas_locked_elsewhere)
 Test(orchestrator_ops, saga_started_during_a_claim_is_not_left_to_the_poll)
 {
     saga_e2e_orch_stop(&w);
-    setenv("SAGA_POLL_INTERVAL", "60s", 1); /* this test's process only: the next start */
+    setenv("SAGA_E2E_POLL_INTERVAL", "60s", 1); /* this test's process only: the next start */
     saga_e2e_orch_start(&w);
     PGconn *other = pgtest_connect(w.db.url);
     pgtest_exec(other, "BEGIN");

@@ -141,7 +141,7 @@ void saga_e2e_orch_start(struct saga_e2e *w)
     snprintf(dir, sizeof(dir), "SAGA_DEFINITIONS_DIR=%s", w->sagas_dir);
     /* A test may set its own poll interval (in its own process) to show what a wake-up does
      * without the poll's help. */
-    const char *poll_interval = getenv("SAGA_POLL_INTERVAL");
+    const char *poll_interval = getenv("SAGA_E2E_POLL_INTERVAL");
     snprintf(poll, sizeof(poll), "SAGA_POLL_INTERVAL=%s",
              poll_interval && *poll_interval ? poll_interval : "50ms");
     /* The mock cluster keeps a group in rebalance for session.timeout.ms - 1 s after its last
