@@ -4,10 +4,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <libpq-fe.h>
 
 #include "duration.h"
+
+int settings_parse_size(const char *text, int64_t *bytes)
+{
+    static const struct {
+        const char *unit;
+        int shift;
+    } units[] = {{"", 0},     {"b", 0},  {"kb", 10}, {"kib", 10}, {"k", 10}, {"mb", 20},
+                 {"mib", 20}, {"m", 20}, {"gb", 30}, {"gib", 30}, {"g", 30}};
+    if (!text || *text < '0' || *text > '9')
+        return -1;
+    char *end;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno || v < 0)
+        return -1;
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (strcasecmp(end, units[i].unit))
+            continue;
+        if (v > (INT64_MAX >> units[i].shift))
+            return -1;
+        *bytes = (int64_t)v << units[i].shift;
+        return 0;
+    }
+    return -1;
+}
 
 static char *read_secret_file(const char *path, char *err, size_t errlen, const char *env)
 {
@@ -64,6 +90,18 @@ static int store(const struct setting *s, const char *text, const char *source, 
             return -1;
         }
         *(int64_t *)s->var = ms;
+        return 0;
+    }
+    case SETTING_SIZE: {
+        int64_t bytes;
+        if (settings_parse_size(text, &bytes) || bytes < s->min || (s->max && bytes > s->max)) {
+            snprintf(err, errlen,
+                     "%s (--%s / %s): \"%s\" is not a size like 512KB, 16MB, 1GB from %lld to "
+                     "%lld bytes",
+                     source, s->flag, s->env, text, (long long)s->min, (long long)s->max);
+            return -1;
+        }
+        *(int64_t *)s->var = bytes;
         return 0;
     }
     }

@@ -14,6 +14,7 @@ enum setting_type {
     SETTING_STRING,   /* char *: owned by the table's variable after settings_load */
     SETTING_INT,      /* int, >= 0 */
     SETTING_DURATION, /* int64_t milliseconds ("250ms", "5s") */
+    SETTING_SIZE,     /* int64_t bytes ("512KB", "16MB", "1GB": powers of 1024; no unit: bytes) */
 };
 
 struct setting {
@@ -24,7 +25,7 @@ struct setting {
     const char *def; /* default text, or NULL for none */
     const char *help;
     bool secret;      /* never printed (connection strings may carry passwords) */
-    int64_t min, max; /* bounds for INT and DURATION (max 0: none) */
+    int64_t min, max; /* bounds for INT, DURATION and SIZE (max 0: none) */
 };
 
 /* Loads every setting. Returns 0; or -1 with a message in err naming the setting (the caller
@@ -32,6 +33,11 @@ struct setting {
 __attribute__((warn_unused_result)) int settings_load(const struct setting *table, size_t count,
                                                       int argc, char **argv, const char *prog,
                                                       char *err, size_t errlen);
+
+/* Parses a size: a whole number with an optional unit B, KB, MB or GB (powers of 1024; "KiB",
+ * "MiB", "GiB" and lower case too). Returns 0, or -1 (*bytes untouched) for anything else or a
+ * value past INT64_MAX. */
+__attribute__((warn_unused_result)) int settings_parse_size(const char *text, int64_t *bytes);
 
 /* Frees the strings settings_load stored into the table's variables. */
 void settings_free(const struct setting *table, size_t count);

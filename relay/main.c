@@ -451,6 +451,9 @@ static void describe_metrics(void)
     metrics_describe("relay_claim_holes", "gauge",
                      "Ranges of seq values below the cursor that claims still look for (rows "
                      "of transactions still running, or rolled back).");
+    metrics_describe("relay_inflight_bytes", "gauge",
+                     "Payload, key and header bytes of the table's rows in the producer (not yet "
+                     "acknowledged).");
     metrics_describe("relay_config_reloads_total", "counter",
                      "SIGHUP reloads of RELAY_CONFIG, by result (ok, error).");
 }

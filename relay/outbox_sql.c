@@ -29,12 +29,34 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
     /* Validated identifiers (see the header); quoting keeps them exact. */
     char q[600];
     snprintf(q, sizeof(q), "\"%s\".\"%s\"", schema, table);
+    /* The claim: rows in [$4, $1) and above $2, in seq order, at most $3. Its ninth column,
+     * upto, is 0 here; relay_claim_capped's gives it meaning. */
     if (asprintf(&out->claim,
-                 "SELECT seq, id, topic, key, event_type, payload, headers, created_at FROM ("
+                 "SELECT seq, id, topic, key, event_type, payload, headers, created_at, "
+                 "0::bigint AS upto FROM ("
                  "(SELECT * FROM %s WHERE seq >= $4::bigint AND seq < $1::bigint ORDER BY seq "
                  "LIMIT $3::int) UNION ALL "
                  "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
                  "ORDER BY seq LIMIT $3::int",
+                 q, q) < 0 ||
+        /* The same with a byte cap ($5): a row is returned only while the stored sizes of the
+         * rows before it in the claim are under $5, so the first row always is. upto is the
+         * stored bytes up to and including the row. pg_column_size reads the datum's header,
+         * never its TOASTed value: the rows cut off cost their index and heap fetch, which the
+         * LIMIT made anyway. It is the stored size, compressed if PostgreSQL compressed the
+         * value: a bound that holds for incompressible payloads and errs by the compression
+         * ratio for the others. The window costs PostgreSQL about 1 us a row (3,000 rows of
+         * 300 bytes: 9.9 ms against 5.5, measured), hence two statements (see claim_room). */
+        asprintf(&out->claim_capped,
+                 "SELECT seq, id, topic, key, event_type, payload, headers, created_at, upto "
+                 "FROM (SELECT c.*, sum(c.sz) OVER (ORDER BY c.seq ROWS UNBOUNDED PRECEDING) "
+                 "AS upto FROM (SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, "
+                 "o.headers, o.created_at, pg_column_size(o.payload) + "
+                 "pg_column_size(o.headers) + coalesce(octet_length(o.key), 0) AS sz FROM ("
+                 "(SELECT * FROM %s WHERE seq >= $4::bigint AND seq < $1::bigint ORDER BY seq "
+                 "LIMIT $3::int) UNION ALL "
+                 "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
+                 "ORDER BY o.seq LIMIT $3::int) c) w WHERE upto - sz < $5::bigint ORDER BY seq",
                  q, q) < 0 ||
         asprintf(&out->remove, "DELETE FROM %s WHERE seq = ANY($1::bigint[])", q) < 0 ||
         asprintf(&out->dead,
@@ -63,8 +85,9 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
                  out->remove, out->dead, q, q, q, q, q) < 0 ||
         asprintf(&out->claim_session,
                  "PREPARE relay_claim(bigint, bigint, int, bigint) AS %s; "
+                 "PREPARE relay_claim_capped(bigint, bigint, int, bigint, bigint) AS %s; "
                  "SELECT pg_try_advisory_lock(%s)",
-                 out->claim, out->claim_lock_key) < 0) {
+                 out->claim, out->claim_capped, out->claim_lock_key) < 0) {
         outbox_sql_free(out);
         return -1;
     }
@@ -74,6 +97,7 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
 void outbox_sql_free(struct outbox_sql *s)
 {
     free(s->claim);
+    free(s->claim_capped);
     free(s->remove);
     free(s->dead);
     free(s->session);

@@ -57,6 +57,7 @@ struct topic_label {
 struct row {
     int64_t seq;
     uint32_t topic; /* index into the table's topics */
+    uint32_t bytes; /* counted in in_producer_bytes while in the producer (see row_bytes) */
     struct batch *batch;
     enum row_state state;
     char *dead_error; /* owned when ROW_DEAD */
@@ -112,22 +113,29 @@ struct outbox_table {
     int64_t backoff_ms;
     int64_t backlog_ms; /* when the backlog gauges were last measured */
     unsigned gen;
-    unsigned claim_gen; /* the generation that sent the claim in flight */
-    int claim_limit;    /* the LIMIT of the claim in flight */
+    unsigned claim_gen;   /* the generation that sent the claim in flight */
+    int claim_limit;      /* the LIMIT of the claim in flight */
+    int64_t claim_budget; /* its byte cap ($5 of the claim) */
     /* The claim in flight: its number, low watermark and cursor (see holes.h). */
     uint64_t claims_sent, claim_no;
     int64_t claim_low, claim_cursor;
     struct holes *holes;
-    uint64_t sweep_no;        /* the sweep in flight */
-    unsigned sweep_gen;       /* the generation that sent it */
-    int64_t sweep_ms;         /* when the last sweep was sent (or a pause's end) */
-    bool cache_warned;        /* the seq sequence's CACHE is not 1 (logged once) */
-    int64_t fail_backoff_ms;  /* pause after a delivery failure; doubles, 0 after a success */
-    int64_t claim_hold_until; /* no claim before this (monotonic ms) */
-    bool claiming;            /* false after SIGTERM */
-    bool released;            /* outbox_table_release: no session, never reconnects */
-    size_t in_producer;       /* messages produced, not yet reported (any generation) */
-    bool more;                /* the last claim was full or a NOTIFY arrived */
+    uint64_t sweep_no;         /* the sweep in flight */
+    unsigned sweep_gen;        /* the generation that sent it */
+    int64_t sweep_ms;          /* when the last sweep was sent (or a pause's end) */
+    bool cache_warned;         /* the seq sequence's CACHE is not 1 (logged once) */
+    int64_t fail_backoff_ms;   /* pause after a delivery failure; doubles, 0 after a success */
+    int64_t claim_hold_until;  /* no claim before this (monotonic ms) */
+    bool claiming;             /* false after SIGTERM */
+    bool released;             /* outbox_table_release: no session, never reconnects */
+    size_t in_producer;        /* messages produced, not yet reported (any generation) */
+    int64_t in_producer_bytes; /* their bytes (row_bytes), bounded by RELAY_MAX_INFLIGHT_BYTES */
+    double row_bytes_avg;      /* bytes per row of recent claims; 0 until the first claim */
+    uint32_t row_bytes_max;    /* the largest row claimed in this process (row_bytes) */
+    uint64_t rows_seen;        /* rows claimed in this process */
+    int64_t gauge_bytes;       /* in_producer_bytes as relay_inflight_bytes shows it */
+    struct metrics_series *inflight_bytes; /* relay_inflight_bytes of this table */
+    bool more;                             /* the last claim was full or a NOTIFY arrived */
     int64_t cursor;
     size_t inflight; /* claimed rows not yet deleted (this generation) */
     struct batch *head, *tail;
@@ -532,14 +540,52 @@ static bool jsonb_text(PGresult *res, int row, int col, const char **text, size_
  * columns, so a NULL reads as length 0 and fails these checks too). */
 static bool claim_shape_ok(PGresult *res)
 {
-    if (PQnfields(res) != 8)
+    if (PQnfields(res) != 9)
         return false;
     for (int i = 0; i < PQntuples(res); i++)
         if (PQgetlength(res, i, 0) != 8 || PQgetlength(res, i, 1) != 16 ||
-            PQgetlength(res, i, 7) != 8 || PQgetvalue(res, i, 5)[0] != 1 ||
-            PQgetvalue(res, i, 6)[0] != 1)
+            PQgetlength(res, i, 7) != 8 || PQgetlength(res, i, 8) != 8 ||
+            PQgetvalue(res, i, 5)[0] != 1 || PQgetvalue(res, i, 6)[0] != 1)
             return false;
     return true;
+}
+
+/* What one row costs while the producer holds it: the payload, the key and the headers the
+ * producer copies (message-id, event-type and the headers column, counted as its JSON text:
+ * names, values and a few bytes of quotes). librdkafka's own per-message overhead (a few hundred
+ * bytes) is not counted: RELAY_MAX_INFLIGHT bounds the number of messages. */
+static uint32_t row_bytes(size_t payload_len, size_t key_len, size_t extra_len, size_t type_len)
+{
+    uint64_t n = (uint64_t)payload_len + key_len + extra_len + type_len + sizeof("message-id") - 1 +
+                 36 + sizeof("event-type") - 1;
+    return n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
+}
+
+/* The row size the next claims expect (claim_room): a claim of larger rows than expected
+ * raises it at once, so that only that one claim overshoots; a claim of smaller rows lowers
+ * it by half the difference, so that one large row among small ones does not keep claims
+ * small for long. */
+static void learn_row_bytes(struct outbox_table *t, int64_t bytes, int rows)
+{
+    if (rows <= 0)
+        return;
+    double avg = (double)bytes / rows;
+    if (avg < 1)
+        avg = 1;
+    if (avg >= t->row_bytes_avg)
+        t->row_bytes_avg = avg;
+    else
+        t->row_bytes_avg = (t->row_bytes_avg + avg) / 2;
+}
+
+/* relay_inflight_bytes follows in_producer_bytes; updated per claim and per step, not per
+ * delivery report (a metrics update is a mutex). */
+static void note_bytes(struct outbox_table *t)
+{
+    if (t->released || t->in_producer_bytes == t->gauge_bytes)
+        return;
+    metrics_series_add(t->inflight_bytes, (double)(t->in_producer_bytes - t->gauge_bytes));
+    t->gauge_bytes = t->in_producer_bytes;
 }
 
 static void note_holes(struct outbox_table *t)
@@ -586,12 +632,17 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         return;
     }
     int n = PQntuples(res);
+    /* Full: as many rows as asked for, or the byte cap reached (the statement may have cut
+     * rows after the last one; when the last row merely happens to reach it, one more claim
+     * finds nothing). A full claim may have left rows behind in either branch. */
+    bool full =
+        n >= t->claim_limit || (n > 0 && be64(PQgetvalue(res, n - 1, 8)) >= t->claim_budget);
     /* send_claim cleared `more`; if it is set now, a NOTIFY (or the poll) came while the claim
      * ran, whose snapshot may not have seen those rows: keep it, or they wait for the next
      * poll. A full claim sets it too; full means as many rows as asked for, which is fewer
      * than RELAY_BATCH_SIZE when RELAY_MAX_INFLIGHT's room limited it (comparing with the
      * batch size left the rest of the backlog to the poll: 12,000-15,000 rows/s). */
-    if (n >= t->claim_limit)
+    if (full)
         t->more = true;
     if (n == 0) {
         holes_claim_done(t->holes, t->claim_no, t->claim_low); /* searched: nothing there */
@@ -612,7 +663,9 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
      * unless the LIMIT cut the lower branch or the producer refused a row (rows not taken
      * are not handled, and a hole's row must never be forgotten unhandled). */
     int64_t expect = t->claim_cursor + 1, searched = t->claim_low;
-    if (n >= t->claim_limit) {
+    int64_t claim_bytes = 0; /* of the rows looked at (all n unless the producer refused one) */
+    int looked = 0;
+    if (full) {
         int64_t last = be64(PQgetvalue(res, n - 1, 0));
         if (last < t->claim_low)
             searched = last + 1;
@@ -622,6 +675,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         r->seq = be64(PQgetvalue(res, i, 0));
         r->batch = b;
         r->created_ms = pg_time_ms(PQgetvalue(res, i, 7));
+        looked++;
         char id[37];
         uuid_text(PQgetvalue(res, i, 1), id);
         const char *topic = PQgetvalue(res, i, 2); /* text in binary: its bytes, NUL-ended */
@@ -632,11 +686,16 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         size_t payload_len = 0, extra_len = 0;
         (void)jsonb_text(res, i, 5, &payload, &payload_len); /* checked by claim_shape_ok */
         (void)jsonb_text(res, i, 6, &extra, &extra_len);
-        rd_kafka_headers_t *h = make_headers(id, PQgetvalue(res, i, 4), extra, extra_len);
+        const char *event_type = PQgetvalue(res, i, 4);
+        rd_kafka_headers_t *h = make_headers(id, event_type, extra, extra_len);
+        size_t key_len = key_null ? 0 : (size_t)PQgetlength(res, i, 3);
+        r->bytes = row_bytes(payload_len, key_len, extra_len, strlen(event_type));
+        claim_bytes += r->bytes;
+        if (r->bytes > t->row_bytes_max)
+            t->row_bytes_max = r->bytes;
         b->count++;
         b->unresolved++;
-        rd_kafka_resp_err_t err = relay_produce(t->relay, topic, key_null ? NULL : key,
-                                                key_null ? 0 : (size_t)PQgetlength(res, i, 3),
+        rd_kafka_resp_err_t err = relay_produce(t->relay, topic, key_null ? NULL : key, key_len,
                                                 payload, payload_len, r->created_ms, h, r);
         if (err == RD_KAFKA_RESP_ERR_NO_ERROR || relay_error_is_permanent(err)) {
             if (r->seq > t->claim_cursor) {
@@ -650,6 +709,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
             produced++;
             t->in_producer++;
+            t->in_producer_bytes += r->bytes;
             t->inflight++;
             if (r->seq > t->cursor)
                 t->cursor = r->seq;
@@ -701,6 +761,9 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     }
     holes_claim_done(t->holes, t->claim_no, searched);
     note_holes(t);
+    learn_row_bytes(t, claim_bytes, looked);
+    t->rows_seen += (uint64_t)looked;
+    note_bytes(t);
     metrics_counter_add("relay_rows_claimed_total", t->mlabels, (uint64_t)produced);
     metrics_histogram_observe("relay_claim_batch_rows", t->mlabels, (double)n);
     kick(t);
@@ -842,6 +905,14 @@ static void send_dead(struct outbox_table *t)
  * claim and 10,000 in flight: 82,000-84,000 rows/s, against 96,000 with a window large
  * enough not to wait). */
 #define ACKED_FACTOR 4
+/* The first claim's LIMIT (the table's row size is not known yet): at most 8 rows of any size
+ * before the relay knows how large they are, a handful of milliseconds for a small-row table
+ * (the next claim is sized from this one). */
+#define FIRST_CLAIM_ROWS 8
+/* Claims are byte-capped in the statement (relay_claim_capped) until this many times
+ * RELAY_BATCH_SIZE rows have been claimed in this process: more than a claim's worth, so that
+ * after a restart the claims that reach the rows behind the head are capped (see send_claim). */
+#define CAPPED_CLAIMS_ROWS 4
 static int64_t claim_room(const struct outbox_table *t)
 {
     if (t->claim_hold_until && now_ms() < t->claim_hold_until)
@@ -852,12 +923,29 @@ static int64_t claim_room(const struct outbox_table *t)
     int64_t room = max - (int64_t)t->in_producer;
     if (room > t->relay->settings.batch_size)
         room = t->relay->settings.batch_size;
-    return room > 0 ? room : 0;
+    if (room <= 0)
+        return 0;
+    /* RELAY_MAX_INFLIGHT_BYTES, in two parts. The LIMIT: the room in bytes over the real row
+     * size of recent claims (FIRST_CLAIM_ROWS while no claim has told it), the tight bound
+     * for a table whose rows keep their size. The statement's byte cap (relay_claim_capped,
+     * chosen in send_claim): it stops at the room by the rows' stored sizes, for a claim
+     * sized for small rows that meets large ones (stored sizes are compressed ones, hence
+     * not the only bound). When
+     * the room is less than one expected row, the claim waits for acknowledgements, unless
+     * nothing is in the producer: then one row, however large, goes. */
+    int64_t bytes_room = t->relay->settings.max_inflight_bytes - t->in_producer_bytes;
+    int64_t by_bytes =
+        t->row_bytes_avg > 0 ? (int64_t)((double)bytes_room / t->row_bytes_avg) : FIRST_CLAIM_ROWS;
+    if (by_bytes > bytes_room)
+        by_bytes = bytes_room; /* no row is smaller than a byte */
+    if (by_bytes < 1)
+        by_bytes = t->in_producer == 0 ? 1 : 0;
+    return room < by_bytes ? room : by_bytes;
 }
 
 static void send_claim(struct outbox_table *t)
 {
-    char low[24], cursor[24], limit[24], floor_text[24];
+    char low[24], cursor[24], limit[24], floor_text[24], budget[24];
     int64_t lowv = low_watermark(t), floor;
     if (!holes_floor(t->holes, &floor) || floor > lowv)
         floor = lowv; /* no hole below the watermark: the lower branch reads nothing */
@@ -867,7 +955,22 @@ static void send_claim(struct outbox_table *t)
     int64_t room = claim_room(t);
     snprintf(limit, sizeof(limit), "%" PRId64, room);
     t->claim_limit = (int)room;
-    const char *params[4] = {low, cursor, limit, floor_text};
+    /* The statement's byte cap: the bytes room left (see claim_room; at least 1, so the first
+     * row always comes). */
+    t->claim_budget = t->relay->settings.max_inflight_bytes - t->in_producer_bytes;
+    if (t->claim_budget < 1)
+        t->claim_budget = 1;
+    snprintf(budget, sizeof(budget), "%" PRId64, t->claim_budget);
+    const char *params[5] = {low, cursor, limit, floor_text, budget};
+    /* The byte-capped statement costs PostgreSQL ~1 us a row (outbox_sql.c); the plain one
+     * is enough when LIMIT rows as large as the largest this process has claimed from the
+     * table fit in the room, once the table has shown enough rows (CAPPED_CLAIMS_ROWS). A
+     * table whose rows grow past anything seen may then overshoot with one claim (up to
+     * LIMIT x the new size); if that costs the process, the next one starts capped, and the
+     * claims that reach those rows again are capped: never a crash loop. */
+    bool capped = t->rows_seen < (uint64_t)CAPPED_CLAIMS_ROWS * t->relay->settings.batch_size ||
+                  room * (int64_t)t->row_bytes_max > t->claim_budget;
+    const char *statement = capped ? "relay_claim_capped" : "relay_claim";
     t->more = false;
     t->claim_gen = t->gen;
     t->claim_no = ++t->claims_sent;
@@ -875,7 +978,8 @@ static void send_claim(struct outbox_table *t)
     t->claim_cursor = t->cursor;
     /* Binary results: seq, the uuid and the timestamp need no text conversion on either side
      * (extract(epoch ...) alone cost about a fifth of the claim, measured). */
-    if (pgloop_query_prepared_binary(t->cpg, "relay_claim", 4, params, true, claim_result_cb, t))
+    if (pgloop_query_prepared_binary(t->cpg, statement, capped ? 5 : 4, params, true,
+                                     claim_result_cb, t))
         t->more = true;
 }
 
@@ -920,6 +1024,7 @@ static void step(struct outbox_table *t)
     default:
         return;
     }
+    note_bytes(t);
     /* The lock connection: deletes first, then dead-letter moves, then (every few seconds,
      * when nothing else is to be done) the backlog gauges. */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && claim_room(t) > 0;
@@ -960,6 +1065,7 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     struct outbox_table *t = b->table;
     b->unresolved--;
     t->in_producer--;
+    t->in_producer_bytes -= r->bytes;
     if (b->gen != t->gen) {
         /* Claimed before a reset: the row is still in the table and is claimed again. The
          * reset detached this batch; its last report frees it. */
@@ -1065,6 +1171,7 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     metrics_label(server_label, sizeof(server_label), "server", server);
     snprintf(t->mlabels, sizeof(t->mlabels), "%s,%s,%s", table_label, database_label, server_label);
     t->ack_latency = metrics_series("relay_commit_to_ack_seconds", t->mlabels, "histogram");
+    t->inflight_bytes = metrics_series("relay_inflight_bytes", t->mlabels, "gauge");
     settings_redact_conninfo(src->conninfo, t->redacted, sizeof(t->redacted));
     t->holes = holes_new();
     if (!t->holes || outbox_sql_build(src->schema, src->table, &t->sql)) {
@@ -1121,6 +1228,8 @@ void outbox_table_release(struct outbox_table *t)
     metrics_gauge_set("relay_backlog_rows", t->mlabels, 0);
     metrics_gauge_set("relay_backlog_oldest_seconds", t->mlabels, 0);
     metrics_gauge_set("relay_claim_holes", t->mlabels, 0);
+    metrics_series_add(t->inflight_bytes, (double)-t->gauge_bytes);
+    t->gauge_bytes = 0;
 }
 
 size_t outbox_table_in_producer(const struct outbox_table *t)

@@ -17,15 +17,16 @@ struct outbox_table;
 
 /* Settings of the relay process (relay/relay_config.c). */
 struct relay_settings {
-    char *database_url;  /* RELAY_DATABASE_URL: source of RELAY_OUTBOX_TABLES */
-    char *kafka_brokers; /* RELAY_KAFKA_BROKERS */
-    char *outbox_tables; /* RELAY_OUTBOX_TABLES */
-    char *config_file;   /* RELAY_CONFIG */
-    char *admin_addr;    /* RELAY_ADMIN_ADDR */
-    char *log_level;     /* RELAY_LOG_LEVEL */
-    int batch_size;      /* rows per claim */
-    int max_inflight;    /* claimed rows not yet deleted, per table */
-    int64_t poll_ms;     /* fallback poll when no NOTIFY arrives */
+    char *database_url;         /* RELAY_DATABASE_URL: source of RELAY_OUTBOX_TABLES */
+    char *kafka_brokers;        /* RELAY_KAFKA_BROKERS */
+    char *outbox_tables;        /* RELAY_OUTBOX_TABLES */
+    char *config_file;          /* RELAY_CONFIG */
+    char *admin_addr;           /* RELAY_ADMIN_ADDR */
+    char *log_level;            /* RELAY_LOG_LEVEL */
+    int batch_size;             /* rows per claim */
+    int max_inflight;           /* claimed rows not yet deleted, per table */
+    int64_t max_inflight_bytes; /* payload+key+headers bytes in the producer, per table */
+    int64_t poll_ms;            /* fallback poll when no NOTIFY arrives */
     int64_t leader_retry_ms;
     int64_t reconnect_max_ms;
     int64_t drain_timeout_ms; /* SIGTERM: how long to wait for acknowledgements */

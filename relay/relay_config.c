@@ -78,6 +78,15 @@
              "6000",         "rows in the producer (not yet acknowledged), per table",             \
              false,          1,                                                                    \
              10000000},                                                                            \
+            {"max-inflight-bytes",                                                                 \
+             "RELAY_MAX_INFLIGHT_BYTES",                                                           \
+             SETTING_SIZE,                                                                         \
+             &(s)->max_inflight_bytes,                                                             \
+             "16MB",                                                                               \
+             "payload, key and header bytes of the rows in the producer, per table",               \
+             false,                                                                                \
+             1,                                                                                    \
+             INT64_C(1) << 40},                                                                    \
             {"poll-interval",                                                                      \
              "RELAY_POLL_INTERVAL",                                                                \
              SETTING_DURATION,                                                                     \

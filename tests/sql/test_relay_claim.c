@@ -49,11 +49,13 @@ static int64_t be64(const char *p)
 
 /* Runs the claim on the claimer's session (binary results, as the relay asks) and writes
  * the seqs it returned, comma-separated, into out. Returns the row count. */
-static int claim_from(PGconn *claimer, const char *floor, const char *low, const char *cursor,
-                      char *out, size_t outlen)
+/* budget NULL: relay_claim; else relay_claim_capped with that byte cap. */
+static int claim_budget(PGconn *claimer, const char *floor, const char *low, const char *cursor,
+                        const char *budget, char *out, size_t outlen)
 {
-    const char *params[] = {low, cursor, "100", floor};
-    PGresult *r = PQexecPrepared(claimer, "relay_claim", 4, params, NULL, NULL, 1);
+    const char *params[] = {low, cursor, "100", floor, budget};
+    PGresult *r = PQexecPrepared(claimer, budget ? "relay_claim_capped" : "relay_claim",
+                                 budget ? 5 : 4, params, NULL, NULL, 1);
     cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "claim: %s", PQresultErrorMessage(r));
     size_t len = 0;
     out[0] = '\0';
@@ -63,11 +65,23 @@ static int claim_from(PGconn *claimer, const char *floor, const char *low, const
         cr_assert_eq(PQgetvalue(r, i, 5)[0], 1, "payload is binary jsonb (version 1)");
         cr_assert_str_eq(PQgetvalue(r, i, 5) + 1, "{\"a\": 1}");
         cr_assert_eq(PQgetlength(r, i, 7), 8, "created_at is a binary timestamptz");
+        cr_assert_eq(PQgetlength(r, i, 8), 8, "upto is a binary int8");
         len += (size_t)snprintf(out + len, outlen - len, "%s%lld", i ? "," : "",
                                 (long long)be64(PQgetvalue(r, i, 0)));
     }
     int n = PQntuples(r);
     PQclear(r);
+    return n;
+}
+
+static int claim_from(PGconn *claimer, const char *floor, const char *low, const char *cursor,
+                      char *out, size_t outlen)
+{
+    /* Both statements return the same rows when the cap does not bind. */
+    char capped[256];
+    int n = claim_budget(claimer, floor, low, cursor, "1000000000", capped, sizeof(capped));
+    cr_assert_eq(claim_budget(claimer, floor, low, cursor, NULL, out, outlen), n);
+    cr_assert_str_eq(out, capped);
     return n;
 }
 
@@ -108,6 +122,48 @@ Test(relay_claim, rows_below_low_and_above_cursor_only)
     /* No hole: nothing below the watermark is read. */
     cr_assert_eq(claim(claimer, "3", "4", got, sizeof(got)), 2);
     cr_assert_str_eq(got, "5,6");
+    PQfinish(claimer);
+}
+
+/* The byte cap ($5): a row comes only while the stored bytes of the rows before it are under
+ * the cap, so the first row always does, however large; upto is the running total. */
+Test(relay_claim, byte_cap_stops_the_claim_after_the_row_that_reaches_it)
+{
+    insert_rows(6); /* seq 1..6 */
+    char got[256];
+    bool locked;
+    PGconn *claimer = claimer_session(&locked);
+    cr_assert(locked);
+    /* One row's stored bytes: its payload, headers and key, as the statement counts them. */
+    char *one = pgtest_value(conn,
+                             "SELECT (pg_column_size(payload) + pg_column_size(headers) + "
+                             "octet_length(key))::text FROM saga.outbox WHERE seq = 1",
+                             0, NULL);
+    long size = atol(one);
+    free(one);
+    cr_assert(size > 0);
+    char cap[24];
+    snprintf(cap, sizeof(cap), "%ld", 2 * size); /* the third row starts at the cap */
+    cr_assert_eq(claim_budget(claimer, "1", "1", "0", cap, got, sizeof(got)), 2);
+    cr_assert_str_eq(got, "1,2");
+    snprintf(cap, sizeof(cap), "%ld", 2 * size + 1);
+    cr_assert_eq(claim_budget(claimer, "1", "1", "0", cap, got, sizeof(got)), 3);
+    cr_assert_str_eq(got, "1,2,3");
+    cr_assert_eq(claim_budget(claimer, "1", "1", "0", "1", got, sizeof(got)), 1,
+                 "the first row always");
+    cr_assert_str_eq(got, "1");
+    /* Across both branches, in seq order: hole 1 below the watermark, then 5, 6 above. */
+    snprintf(cap, sizeof(cap), "%ld", 2 * size);
+    cr_assert_eq(claim_budget(claimer, "1", "3", "4", cap, got, sizeof(got)), 2);
+    cr_assert_str_eq(got, "1,2");
+    PGresult *r =
+        PQexecPrepared(claimer, "relay_claim_capped", 5,
+                       (const char *[]){"3", "4", "100", "1", "1000000000"}, NULL, NULL, 0);
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+    cr_assert_eq(PQntuples(r), 4);
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(atol(PQgetvalue(r, i, 8)), (i + 1) * size, "upto of row %d", i);
+    PQclear(r);
     PQfinish(claimer);
 }
 
