@@ -136,6 +136,7 @@ struct outbox_table {
     int64_t gauge_bytes;       /* in_producer_bytes as relay_inflight_bytes shows it */
     struct metrics_series *inflight_bytes; /* relay_inflight_bytes of this table */
     bool more;                             /* the last claim was full or a NOTIFY arrived */
+    bool reprepared; /* the claim was prepared again after a failure, none succeeded since */
     int64_t cursor;
     size_t inflight; /* claimed rows not yet deleted (this generation) */
     struct batch *head, *tail;
@@ -600,22 +601,32 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         if (!res)
             return;
         const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-        if (state && (!strcmp(state, "0A000") || !strcmp(state, "26000"))) {
-            /* The prepared claim itself is broken: a column it returns changed its type
+        if (state && (!strcmp(state, "0A000") || !strcmp(state, "26000")) && !t->reprepared) {
+            /* The prepared claim itself may be broken: a column it returns changed its type
              * ("cached plan must not change result type", at every EXECUTE) or the statement
-             * is gone. A new claim session prepares it again (the claim lock goes and comes
-             * back with it; nothing claimed is lost: the cursor moves only with rows). */
+             * is gone. It is prepared again on the same session, which keeps the claim lock
+             * (taking it again only stacks it); nothing claimed is lost: the cursor moves only
+             * with rows. Once per failure streak: if the fresh statement fails the same way,
+             * the error is not the statement's and the claim waits like any failed one. */
             log_at(LOG_WARN, LOG_FIELDS("table", t->label, "sqlstate", state),
-                   "the prepared claim no longer runs; preparing it again on a new claim "
-                   "session");
-            claim_close(t);
-            ev_timer_set(&t->ctimer, (double)t->cbackoff_ms / 1000.0, 0.0);
-            ev_timer_start(t->relay->loop, &t->ctimer);
+                   "the prepared claim no longer runs; preparing it again");
+            t->reprepared = true;
+            char *sql = NULL;
+            if (asprintf(&sql, "DEALLOCATE ALL; %s", t->sql.claim_session) < 0) {
+                log_error("out of memory preparing the claim");
+                abort();
+            }
+            t->cphase = CLAIM_PREPARING;
+            if (pgloop_query_simple(t->cpg, sql, claim_prepared_cb, t))
+                log_at(LOG_WARN, LOG_FIELDS("table", t->label),
+                       "cannot send the claim's preparation; the claim session reconnects");
+            free(sql); /* a failed send is a lost session: claim_state_cb follows */
             return;
         }
         schedule(t, 1000);
         return;
     }
+    t->reprepared = false; /* a claim ran: a later 0A000/26000 may be the statement again */
     if (t->claim_gen != t->gen) {
         /* Sent before a reset (a delivery failed meanwhile): its rows come from above the old
          * cursor. Producing them now would put them before the earlier rows that the new

@@ -672,12 +672,15 @@ int outbox_table_check(const struct outbox_source *src, char *err, size_t errlen
                  src->schema, src->table, msg);
         goto out;
     }
-    /* One read-only transaction, its statement_timeout local to it: behind a pooler in
+    /* One read-only transaction (read committed whatever the server's default: a
+     * serializable deferrable default would wait for a safe snapshot), its statement_timeout
+     * local to it: behind a pooler in
      * transaction mode the statements stay on one server session and leave nothing set on
      * it. The transaction ends with the connection (PQfinish). */
     char timeout[24], failed[512];
     snprintf(timeout, sizeof(timeout), "%d", CHECK_STATEMENT_MS);
-    PGresult *res = exec_bounded(conn, "BEGIN READ ONLY", 0, NULL, failed, sizeof(failed));
+    PGresult *res = exec_bounded(conn, "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY", 0, NULL,
+                                 failed, sizeof(failed));
     if (res) {
         PQclear(res);
         res = exec_bounded(conn, "SELECT set_config('statement_timeout', $1, true)", 1,

@@ -642,6 +642,8 @@ Test(relay_flow, claim_prepared_again_after_a_column_type_change)
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     e2e_verify(&e, c, 400, false);
+    cr_assert_eq(proc_count_log(&relay, "the prepared claim no longer runs; preparing it again"), 1,
+                 "the claim was not prepared again exactly once");
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
     kconsumer_stop(c);
