@@ -1079,8 +1079,10 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     t->in_producer_bytes -= r->bytes;
     if (b->gen != t->gen) {
         /* Claimed before a reset: the row is still in the table and is claimed again. The
-         * reset detached this batch; its last report frees it. */
+         * reset detached this batch; its last report frees it. Its bytes left the producer:
+         * a claim waiting for room may go (not at the next poll). */
         batch_free_if_unused(b);
+        kick(t);
         return;
     }
     if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {

@@ -1,6 +1,7 @@
 /* The relay's claim statement and claim session (relay/outbox_sql.c), run exactly as the relay
  * runs them: the rows a claim returns (in [floor, low) and above the cursor, never in between),
  * their binary columns, and the claim lock that lets one claim session at a time claim. */
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,7 +126,7 @@ Test(relay_claim, rows_below_low_and_above_cursor_only)
     PQfinish(claimer);
 }
 
-/* The byte cap ($5): a row comes only while the stored bytes of the rows before it are under
+/* The byte cap ($5): a row comes only while the bytes of the rows before it are under
  * the cap, so the first row always does, however large; upto is the running total. */
 Test(relay_claim, byte_cap_stops_the_claim_after_the_row_that_reaches_it)
 {
@@ -134,9 +135,10 @@ Test(relay_claim, byte_cap_stops_the_claim_after_the_row_that_reaches_it)
     bool locked;
     PGconn *claimer = claimer_session(&locked);
     cr_assert(locked);
-    /* One row's stored bytes: its payload, headers and key, as the statement counts them. */
+    /* One row's bytes: its payload's and headers' text and its key, as the statement counts
+     * them. */
     char *one = pgtest_value(conn,
-                             "SELECT (pg_column_size(payload) + pg_column_size(headers) + "
+                             "SELECT (octet_length(payload::text) + octet_length(headers::text) + "
                              "octet_length(key))::text FROM saga.outbox WHERE seq = 1",
                              0, NULL);
     long size = atol(one);
@@ -163,6 +165,35 @@ Test(relay_claim, byte_cap_stops_the_claim_after_the_row_that_reaches_it)
     cr_assert_eq(PQntuples(r), 4);
     for (int i = 0; i < 4; i++)
         cr_assert_eq(atol(PQgetvalue(r, i, 8)), (i + 1) * size, "upto of row %d", i);
+    PQclear(r);
+    PQfinish(claimer);
+}
+
+/* A compressed payload counts its full size, not its stored one: 200 KB of one letter is
+ * stored in a few KB (pglz), and a cap counted in stored bytes let a claim read far past it. */
+Test(relay_claim, byte_cap_counts_compressed_payloads_in_full)
+{
+    insert_rows(1);
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                      "(gen_random_uuid(), 't', 'k', 'e', jsonb_build_object('x', repeat('a', "
+                      "200000)))");
+    insert_rows(1);
+    long stored = pgtest_count(
+        conn, "SELECT pg_column_size(payload) FROM saga.outbox WHERE seq = 2", 0, NULL);
+    cr_assert(stored < 20000, "the payload was not compressed (%ld bytes stored)", stored);
+    bool locked;
+    PGconn *claimer = claimer_session(&locked);
+    cr_assert(locked);
+    /* 50,000 bytes: above the first row and the stored size of the second, below its size. */
+    PGresult *r = PQexecPrepared(claimer, "relay_claim_capped", 5,
+                                 (const char *[]){"1", "0", "100", "1", "50000"}, NULL, NULL, 1);
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+    cr_assert_eq(PQntuples(r), 2, "%d rows: the row after the compressed one came within the cap",
+                 PQntuples(r));
+    cr_assert_eq(be64(PQgetvalue(r, 0, 0)), 1);
+    cr_assert_eq(be64(PQgetvalue(r, 1, 0)), 2);
+    cr_assert(be64(PQgetvalue(r, 1, 8)) > 200000, "upto %" PRId64 " after the compressed row",
+              be64(PQgetvalue(r, 1, 8)));
     PQclear(r);
     PQfinish(claimer);
 }
