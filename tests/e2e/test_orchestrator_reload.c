@@ -57,6 +57,26 @@ static void start_orchestrator(struct proc *p, const struct pgtest_db *db,
     start_orchestrator_env(p, db->url, b, dir, NULL, NULL);
 }
 
+/* SIGTERM, then a clean exit 0 within 20 s. */
+static void stop_orchestrator(struct proc *p)
+{
+    proc_signal(p, SIGTERM);
+    cr_assert(proc_wait_exit(p, 20000));
+    cr_assert_eq(proc_exit_code(p), 0);
+    proc_cleanup(p);
+}
+
+/* The end of a test: the broker, the definitions directory and the database go. */
+static void finish(struct devbroker *b, const char *dir, PGconn *conn, struct pgtest_db *db)
+{
+    devbroker_stop(b);
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+    PQfinish(conn);
+    pgtest_db_drop(db);
+}
+
 static bool wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
 {
     int64_t end = proc_now_ms() + timeout_ms;
@@ -128,12 +148,7 @@ Test(orchestrator_reload, sighup_loads_new_definitions_and_keeps_old_on_error)
 
     proc_cleanup(&p);
     proc_cleanup(&q);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    finish(&b, dir, conn, &db);
 }
 
 Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
@@ -200,16 +215,8 @@ Test(orchestrator_reload, kafka_statistics_off_exit_2)
     /* A positive interval is fine. */
     start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=2000", NULL);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    stop_orchestrator(&p);
+    finish(&b, dir, conn, &db);
 }
 
 /* Another orchestrator registered a version this one has not loaded: it loads it when a saga
@@ -241,16 +248,8 @@ Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
     cr_assert(proc_wait_log(&p, "definition version(s) loaded", NULL, 1000, line, sizeof(line)));
     cr_assert(strstr(line, "\"reload: 2 definition version(s) loaded\""), "%s", line);
     cr_assert_eq(proc_count_log(&p, "SIGHUP:"), 0);
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    stop_orchestrator(&p);
+    finish(&b, dir, conn, &db);
 }
 
 /* A SIGHUP that comes while a reload runs is not dropped: one more reload runs after it, so
@@ -301,16 +300,8 @@ Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
     cr_assert_eq(proc_count_log(&p, "SIGHUP: 1 definition version(s) loaded"), 1);
     cr_assert_eq(proc_count_log(&p, "definition version(s) loaded"), 2);
 
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    stop_orchestrator(&p);
+    finish(&b, dir, conn, &db);
 }
 
 /* The claim is prepared once per session (its parse and plan cost more than running it when
@@ -389,16 +380,8 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, NULL, 0),
               "the claim was not prepared on the new session");
 
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    stop_orchestrator(&p);
+    finish(&b, dir, conn, &db);
 }
 
 /* A free TCP port on loopback (the kernel's pick; a race with another process is unlikely and
@@ -531,17 +514,9 @@ Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cle
         cr_assert_fail("the claim worker did not come back after its session set-up failed");
     }
 
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
+    stop_orchestrator(&p);
     standby_stop(standby);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    finish(&b, dir, conn, &db);
 }
 
 /* A server in recovery that holds the saga schema in database dbname (as a standby of the
@@ -676,15 +651,7 @@ Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanu
         cr_assert_fail("the reply was not applied on the primary");
     }
 
-    proc_signal(&p, SIGTERM);
-    cr_assert(proc_wait_exit(&p, 20000));
-    cr_assert_eq(proc_exit_code(&p), 0);
-    proc_cleanup(&p);
+    stop_orchestrator(&p);
     standby_stop(standby);
-    devbroker_stop(&b);
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    finish(&b, dir, conn, &db);
 }
