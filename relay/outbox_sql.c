@@ -41,22 +41,24 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
                  q, q) < 0 ||
         /* The same with a byte cap ($5): a row is returned only while the sizes of the rows
          * before it in the claim are under $5, so the first row always is. upto is the bytes
-         * up to and including the row. A row's size is what the relay will hold of it: the
-         * text of payload and headers and the key (NULLs count 0, so that both statements
-         * return the same rows, only cut). Not pg_column_size, which is the stored size:
-         * compressed, it undercounts ordinary JSON 5-10 times and repetitive payloads up to
-         * ~100 (measured), which let a capped claim read far past the bound. The price: the
-         * server detoasts and renders the claim's candidates, the rows cut off included, so
-         * only while sizes are unknown or large (see send_claim), when the adaptive LIMIT is
-         * small. The window costs PostgreSQL ~1 us a row (3,000 rows of 300 bytes: 3.9 ms of
-         * execution against 1.4, measured with pg_column_size), hence two statements. */
+         * up to and including the row. A row's size is what the relay will hold of it, as
+         * row_bytes (outbox_table.c) counts it: the text of payload and headers, the key, the
+         * event type, and 56 for the message-id and event-type headers' names and the id's
+         * text (NULLs count 0, so that both statements return the same rows, only cut). Not
+         * pg_column_size, which is the stored size: compressed, it undercounts ordinary JSON 5-10
+         * times and repetitive payloads up to ~100 (measured), which let a capped claim read far
+         * past the bound. The price: the server detoasts and renders the claim's candidates, the
+         * rows cut off included, so only while sizes are unknown or large (see send_claim), when
+         * the adaptive LIMIT is small. The window costs PostgreSQL ~1 us a row (3,000 rows of 300
+         * bytes: 3.9 ms of execution against 1.4, measured with pg_column_size), hence two
+         * statements. */
         asprintf(&out->claim_capped,
                  "SELECT seq, id, topic, key, event_type, payload, headers, created_at, upto "
                  "FROM (SELECT c.*, sum(c.sz) OVER (ORDER BY c.seq ROWS UNBOUNDED PRECEDING) "
                  "AS upto FROM (SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, "
                  "o.headers, o.created_at, coalesce(octet_length(o.payload::text), 0) + "
-                 "coalesce(octet_length(o.headers::text), 0) + coalesce(octet_length(o.key), 0) "
-                 "AS sz FROM ("
+                 "coalesce(octet_length(o.headers::text), 0) + coalesce(octet_length(o.key), 0) + "
+                 "coalesce(octet_length(o.event_type), 0) + 56 AS sz FROM ("
                  "(SELECT * FROM %s WHERE seq >= $4::bigint AND seq < $1::bigint ORDER BY seq "
                  "LIMIT $3::int) UNION ALL "
                  "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "

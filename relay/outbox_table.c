@@ -326,6 +326,7 @@ static void claim_state_cb(struct pgloop *pg, bool ok, void *arg)
     struct outbox_table *t = arg;
     if (ok) {
         t->cphase = CLAIM_PREPARING;
+        t->reprepared = false; /* a new session prepares from scratch */
         if (pgloop_query_simple(t->cpg, t->sql.claim_session, claim_prepared_cb, t))
             return; /* a failed send is reported through this callback */
         return;
@@ -555,6 +556,8 @@ static bool claim_shape_ok(PGresult *res)
  * producer copies (message-id, event-type and the headers column, counted as its JSON text:
  * names, values and a few bytes of quotes). librdkafka's own per-message overhead (a few hundred
  * bytes) is not counted: RELAY_MAX_INFLIGHT bounds the number of messages. */
+/* What the relay holds of a row in the producer. relay_claim_capped (outbox_sql.c) counts
+ * the same: keep the two together. */
 static uint32_t row_bytes(size_t payload_len, size_t key_len, size_t extra_len, size_t type_len)
 {
     uint64_t n = (uint64_t)payload_len + key_len + extra_len + type_len + sizeof("message-id") - 1 +
@@ -939,10 +942,9 @@ static int64_t claim_room(const struct outbox_table *t)
     /* RELAY_MAX_INFLIGHT_BYTES, in two parts. The LIMIT: the room in bytes over the real row
      * size of recent claims (FIRST_CLAIM_ROWS while no claim has told it), the tight bound
      * for a table whose rows keep their size. The statement's byte cap (relay_claim_capped,
-     * chosen in send_claim): it stops at the room by the rows' stored sizes, for a claim
-     * sized for small rows that meets large ones (stored sizes are compressed ones, hence
-     * not the only bound). When
-     * the room is less than one expected row, the claim waits for acknowledgements, unless
+     * chosen in send_claim): it stops at the room by the rows' sizes as row_bytes counts
+     * them, for a claim sized for small rows that meets large ones. When the room is less
+     * than one expected row, the claim waits for acknowledgements, unless
      * nothing is in the producer: then one row, however large, goes. */
     int64_t bytes_room = t->relay->settings.max_inflight_bytes - t->in_producer_bytes;
     int64_t by_bytes =

@@ -135,11 +135,12 @@ Test(relay_claim, byte_cap_stops_the_claim_after_the_row_that_reaches_it)
     bool locked;
     PGconn *claimer = claimer_session(&locked);
     cr_assert(locked);
-    /* One row's bytes: its payload's and headers' text and its key, as the statement counts
-     * them. */
+    /* One row's bytes as the statement (and row_bytes in the relay) counts them: payload and
+     * headers text, key, event type, 56 for the message-id and event-type headers. */
     char *one = pgtest_value(conn,
                              "SELECT (octet_length(payload::text) + octet_length(headers::text) + "
-                             "octet_length(key))::text FROM saga.outbox WHERE seq = 1",
+                             "octet_length(key) + octet_length(event_type) + 56)::text FROM "
+                             "saga.outbox WHERE seq = 1",
                              0, NULL);
     long size = atol(one);
     free(one);
