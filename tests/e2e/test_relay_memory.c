@@ -19,8 +19,10 @@
 #define TOPIC "mem.c"
 #define MB (1024L * 1024L)
 
-/* Inserts rows [from, to) with a pad of size bytes (a multiple of 32), in one statement. */
-static void insert_rows(struct e2e *e, long from, long to, long size)
+/* Inserts rows [from, to) with a pad of size bytes (a multiple of 32), in one statement:
+ * md5 chains (incompressible), or one letter repeated (PostgreSQL stores it compressed, a
+ * hundredth of its size) when compressible. */
+static void insert_pad(struct e2e *e, long from, long to, long size, bool compressible)
 {
     char sql[1024], p_from[24], p_to[24], p_chunks[24];
     snprintf(p_from, sizeof(p_from), "%ld", from);
@@ -30,12 +32,20 @@ static void insert_rows(struct e2e *e, long from, long to, long size)
              "INSERT INTO saga.outbox (id, topic, key, event_type, payload, headers, created_at) "
              "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, '%s', "
              "'k' || lpad((g %% %d)::text, 2, '0'), 'Big', jsonb_build_object('g', g, 'pad', "
-             "(SELECT string_agg(md5(g || '.' || i), '') FROM generate_series(1, $3::int) i)), "
+             "%s), "
              "'{}', timestamptz '2026-01-01 00:00:00+00' + g * interval '1 millisecond' "
              "FROM generate_series($1::bigint, $2::bigint - 1) g ORDER BY g",
-             TOPIC, KEYS);
+             TOPIC, KEYS,
+             compressible ? "repeat('a', $3::int * 32)"
+                          : "(SELECT string_agg(md5(g || '.' || i), '') FROM "
+                            "generate_series(1, $3::int) i)");
     const char *params[] = {p_from, p_to, p_chunks};
     PQclear(pgtest_query(e->conn, sql, 3, params));
+}
+
+static void insert_rows(struct e2e *e, long from, long to, long size)
+{
+    insert_pad(e, from, to, size, false);
 }
 
 /* Every row of [0, total) arrived exactly once, with its payload's size (size_of(g)), and per
@@ -177,6 +187,32 @@ Test(relay_memory, a_row_larger_than_the_bound_goes_and_larger_rows_after_small_
     insert_rows(&e, 101, 161, 512 * 1024);
     insert_rows(&e, 161, 181, 64);
     drain_and_check(&e, c, 181, 1 * MB, "RELAY_MAX_INFLIGHT_BYTES=1MB", size_mixed);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* Large rows that PostgreSQL compresses (a letter repeated: stored in a hundredth of their
+ * size) after small ones: the byte cap counts them in full, as the relay will hold them.
+ * Counted by their stored size, the 60 rows of 512 KB (30 MB) fitted in one capped claim of
+ * 1 MB. */
+static long size_compressible(long g)
+{
+    return g < 20 ? 64 : 512 * 1024;
+}
+
+Test(relay_memory, compressible_large_rows_count_in_full, .timeout = 300)
+{
+    struct e2e e;
+    const char *broker[] = {"--topic", TOPIC ":32", NULL};
+    e2e_setup_broker(&e, "memzip", KEYS, broker);
+    const char *topics[] = {TOPIC, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    insert_rows(&e, 0, 20, 64);
+    insert_pad(&e, 20, 80, 512 * 1024, true);
+    long stored =
+        pgtest_count(e.conn, "SELECT sum(pg_column_size(payload)) FROM saga.outbox", 0, NULL);
+    cr_assert(stored < 4 * MB, "the payloads were not compressed (%ld bytes stored)", stored);
+    drain_and_check(&e, c, 80, 1 * MB, "RELAY_MAX_INFLIGHT_BYTES=1MB", size_compressible);
     kconsumer_stop(c);
     e2e_teardown(&e);
 }
