@@ -268,6 +268,15 @@ static void start_with_config(struct e2e *e, struct proc *p, const char *path,
     e2e_relay_start(e, p, env);
 }
 
+/* Waits (15 s each) for times more lines of p's log with needle, from *from on (moved past
+ * them). */
+static void wait_log_times(struct proc *p, const char *needle, int times, size_t *from)
+{
+    for (int i = 0; i < times; i++)
+        cr_assert(proc_wait_log(p, needle, from, 15000, NULL, 0), "\"%s\": %d of %d lines", needle,
+                  i, times);
+}
+
 /* Lines of the relay's log where it starts leading the table (the message, then its field). */
 static size_t leading_lines(const struct proc *p, const char *table)
 {
@@ -420,8 +429,7 @@ Test(relay_config, sighup_removes_a_table)
     start_with_config(&e, &relay, path, env);
     int port = e2e_admin_port(&relay);
     size_t from = 0;
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    wait_log_times(&relay, "leading: publishing", 2, &from);
     cr_assert_eq(lock_holders(&e, "inventory.outbox"), 1);
 
     devbroker_command(&e.broker, "rtt 1 300");
@@ -549,8 +557,7 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     const char *env[] = {"RELAY_DRAIN_TIMEOUT=1s", "RELAY_LOG_LEVEL=debug", NULL};
     start_with_config(&e, &relay, path, env);
     size_t from = 0;
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    wait_log_times(&relay, "leading: publishing", 2, &from);
     /* Both topics known to the producer before the broker goes. */
     insert_into(&e, "saga.outbox", 0, 100);
     cr_assert(e2e_wait_all(c, 100, 30000, NULL));
@@ -831,12 +838,10 @@ Test(relay_config, sighup_removes_a_standby_table)
     struct proc leader, standby;
     start_with_config(&e, &leader, path_a, NULL);
     size_t from = 0;
-    cr_assert(proc_wait_log(&leader, "leading: publishing", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&leader, "leading: publishing", &from, 15000, NULL, 0));
+    wait_log_times(&leader, "leading: publishing", 2, &from);
     start_with_config(&e, &standby, path_b, NULL);
     from = 0;
-    cr_assert(proc_wait_log(&standby, "standing by", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&standby, "standing by", &from, 15000, NULL, 0));
+    wait_log_times(&standby, "standing by", 2, &from);
 
     write_config(path_b, &e, (const char *[]){"saga.outbox", NULL});
     proc_signal(&standby, SIGHUP);
@@ -932,8 +937,7 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
     start_with_config(&e, &relay, path, NULL);
     int port = e2e_admin_port(&relay);
     size_t from = 0;
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    wait_log_times(&relay, "leading: publishing", 2, &from);
     insert_into(&e, "saga.outbox", 0, 100);
     const char *params[] = {e.topic_a};
     PQclear(pgtest_query(other_conn,
