@@ -140,6 +140,16 @@ static void drain_and_check(struct e2e *e, struct kconsumer *c, long total, long
     proc_cleanup(&relay);
 }
 
+/* A test's database and broker (TOPIC with 32 partitions: see the header comment) and a
+ * consumer of TOPIC. */
+static struct kconsumer *setup(struct e2e *e, const char *name)
+{
+    const char *broker[] = {"--topic", TOPIC ":32", NULL};
+    e2e_setup_broker(e, name, KEYS, broker);
+    const char *topics[] = {TOPIC, NULL};
+    return kconsumer_start(e->broker.bootstrap, topics);
+}
+
 static long size_512k(long g)
 {
     return 512 * 1024;
@@ -148,10 +158,7 @@ static long size_512k(long g)
 Test(relay_memory, large_rows_are_published_in_order_within_the_byte_bound, .timeout = 300)
 {
     struct e2e e;
-    const char *broker[] = {"--topic", TOPIC ":32", NULL};
-    e2e_setup_broker(&e, "mem", KEYS, broker);
-    const char *topics[] = {TOPIC, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = setup(&e, "mem");
     /* 60 MB, before the relay starts. 120 rows: the 32 keys land on ~22 of the 32 partitions
      * (the default partitioner), at most ~8 rows (4 MB) on one, under the ~5 MB the dev
      * broker keeps of a partition, so no row can vanish before the consumer reads it. Without
@@ -178,10 +185,7 @@ Test(relay_memory, a_row_larger_than_the_bound_goes_and_larger_rows_after_small_
      .timeout = 300)
 {
     struct e2e e;
-    const char *broker[] = {"--topic", TOPIC ":32", NULL};
-    e2e_setup_broker(&e, "memmix", KEYS, broker);
-    const char *topics[] = {TOPIC, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = setup(&e, "memmix");
     insert_rows(&e, 0, 100, 64);
     insert_rows(&e, 100, 101, 3 * MB);
     insert_rows(&e, 101, 161, 512 * 1024);
@@ -203,10 +207,7 @@ static long size_compressible(long g)
 Test(relay_memory, compressible_large_rows_count_in_full, .timeout = 300)
 {
     struct e2e e;
-    const char *broker[] = {"--topic", TOPIC ":32", NULL};
-    e2e_setup_broker(&e, "memzip", KEYS, broker);
-    const char *topics[] = {TOPIC, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = setup(&e, "memzip");
     insert_rows(&e, 0, 20, 64);
     insert_pad(&e, 20, 80, 512 * 1024, true);
     long stored =
