@@ -66,15 +66,31 @@ static void stop_orchestrator(struct proc *p)
     proc_cleanup(p);
 }
 
-/* The end of a test: the broker, the definitions directory and the database go. */
-static void finish(struct devbroker *b, const char *dir, PGconn *conn, struct pgtest_db *db)
+/* A test's fresh database (not migrated), dev broker and definitions directory. */
+struct fixture {
+    struct pgtest_db db;
+    PGconn *conn;
+    struct devbroker b;
+    char dir[32];
+};
+
+static void begin(struct fixture *f)
 {
-    devbroker_stop(b);
+    f->conn = pgtest_fresh(&f->db, false);
+    devbroker_start(&f->b, NULL);
+    snprintf(f->dir, sizeof(f->dir), "/tmp/saga-reload-XXXXXX");
+    cr_assert_not_null(mkdtemp(f->dir));
+}
+
+/* The end of a test: the broker, the definitions directory and the database go. */
+static void finish(struct fixture *f)
+{
+    devbroker_stop(&f->b);
     char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", f->dir);
     cr_assert_eq(system(cmd), 0);
-    PQfinish(conn);
-    pgtest_db_drop(db);
+    PQfinish(f->conn);
+    pgtest_db_drop(&f->db);
 }
 
 static bool wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
@@ -90,47 +106,43 @@ static bool wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
 
 Test(orchestrator_reload, sighup_loads_new_definitions_and_keeps_old_on_error)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
 
     struct proc p;
-    start_orchestrator(&p, &db, &b, dir);
+    start_orchestrator(&p, &f.db, &f.b, f.dir);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0),
               "the orchestrator did not start");
 
     /* A new saga and a new version of the old one, then SIGHUP. */
-    write_def(dir, "b.json", "beta", 1, "DoB");
-    write_def(dir, "a2.json", "alpha", 2, "DoA2");
+    write_def(f.dir, "b.json", "beta", 1, "DoB");
+    write_def(f.dir, "a2.json", "alpha", 2, "DoA2");
     proc_signal(&p, SIGHUP);
-    cr_assert(wait_count(conn, "SELECT count(*) FROM saga.definitions", 3, 20000),
+    cr_assert(wait_count(f.conn, "SELECT count(*) FROM saga.definitions", 3, 20000),
               "SIGHUP did not register the new definitions");
     cr_assert(proc_wait_log(&p, "definition version(s) loaded", NULL, 20000, NULL, 0));
     /* The new saga runs: its command goes to the outbox. */
-    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('beta', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000),
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000),
         "a saga of the reloaded definition did not run");
     /* saga.start takes the highest version. */
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000));
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000));
 
     /* Changed content under a registered version: rejected, nothing changes, still running. */
-    write_def(dir, "b.json", "beta", 1, "Changed");
+    write_def(f.dir, "b.json", "beta", 1, "Changed");
     proc_signal(&p, SIGHUP);
     cr_assert(proc_wait_log(&p, "definitions rejected", NULL, 20000, NULL, 0));
     char *log = proc_read_stdout(&p);
     cr_assert(strstr(log, "already registered with different content"), "%s", log);
     free(log);
-    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 3);
-    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    cr_assert_eq(pgtest_count(f.conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 3);
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('beta', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 2, 20000),
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 2, 20000),
         "the orchestrator stopped running the previous definitions");
 
     proc_signal(&p, SIGTERM);
@@ -139,7 +151,7 @@ Test(orchestrator_reload, sighup_loads_new_definitions_and_keeps_old_on_error)
 
     /* At start the same change is fatal: exit 2, naming the file. */
     struct proc q;
-    start_orchestrator(&q, &db, &b, dir);
+    start_orchestrator(&q, &f.db, &f.b, f.dir);
     cr_assert(proc_wait_exit(&q, 30000));
     cr_assert_eq(proc_exit_code(&q), 2);
     char *err = proc_read_stderr(&q);
@@ -148,25 +160,21 @@ Test(orchestrator_reload, sighup_loads_new_definitions_and_keeps_old_on_error)
 
     proc_cleanup(&p);
     proc_cleanup(&q);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
+    struct fixture f;
+    begin(&f);
     char path[512];
-    snprintf(path, sizeof(path), "%s/bad.json", dir);
-    FILE *f = fopen(path, "w");
-    cr_assert_not_null(f);
-    fputs("{\"saga\": \"x\", \"version\": 0, \"reply_topic\": \"bad topic\", \"steps\": []}", f);
-    fclose(f);
+    snprintf(path, sizeof(path), "%s/bad.json", f.dir);
+    FILE *out = fopen(path, "w");
+    cr_assert_not_null(out);
+    fputs("{\"saga\": \"x\", \"version\": 0, \"reply_topic\": \"bad topic\", \"steps\": []}", out);
+    fclose(out);
     struct proc p;
-    start_orchestrator(&p, &db, &b, dir);
+    start_orchestrator(&p, &f.db, &f.b, f.dir);
     cr_assert(proc_wait_exit(&p, 30000));
     cr_assert_eq(proc_exit_code(&p), 2);
     char *err = proc_read_stderr(&p);
@@ -174,13 +182,13 @@ Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
                   strstr(err, "bad.json: $.steps"),
               "every error must be listed with its path:\n%s", err);
     free(err);
-    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 0);
+    cr_assert_eq(pgtest_count(f.conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 0);
     proc_cleanup(&p);
-    devbroker_stop(&b);
-    snprintf(path, sizeof(path), "rm -rf %s", dir);
+    devbroker_stop(&f.b);
+    snprintf(path, sizeof(path), "rm -rf %s", f.dir);
     cr_assert_eq(system(path), 0);
-    PQfinish(conn);
-    pgtest_db_drop(&db);
+    PQfinish(f.conn);
+    pgtest_db_drop(&f.db);
 }
 
 /* KAFKA_STATISTICS_INTERVAL_MS=0 turns librdkafka's statistics off, and /readyz reads from
@@ -189,15 +197,11 @@ Test(orchestrator_reload, invalid_definitions_at_start_exit_2_with_every_error)
  * "kafka down" for good.) */
 Test(orchestrator_reload, kafka_statistics_off_exit_2)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     struct proc p;
-    start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=0", NULL);
+    start_orchestrator_env(&p, f.db.url, &f.b, f.dir, "KAFKA_STATISTICS_INTERVAL_MS=0", NULL);
     if (!proc_wait_exit(&p, 30000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the orchestrator runs with KAFKA_STATISTICS_INTERVAL_MS=0");
@@ -209,39 +213,35 @@ Test(orchestrator_reload, kafka_statistics_off_exit_2)
     proc_cleanup(&p);
     /* Refused before the database was touched: no migration applied. */
     cr_assert_eq(
-        pgtest_count(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'saga'", 0, NULL), 0,
-        "a refused configuration applied the migrations");
+        pgtest_count(f.conn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'saga'", 0, NULL),
+        0, "a refused configuration applied the migrations");
 
     /* A positive interval is fine. */
-    start_orchestrator_env(&p, db.url, &b, dir, "KAFKA_STATISTICS_INTERVAL_MS=2000", NULL);
+    start_orchestrator_env(&p, f.db.url, &f.b, f.dir, "KAFKA_STATISTICS_INTERVAL_MS=2000", NULL);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
     stop_orchestrator(&p);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 /* Another orchestrator registered a version this one has not loaded: it loads it when a saga
  * needs it, instead of skipping the saga forever. */
 Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     struct proc p;
-    start_orchestrator(&p, &db, &b, dir);
+    start_orchestrator(&p, &f.db, &f.b, f.dir);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
 
     char body[1024];
     snprintf(body, sizeof(body), saga_json, "alpha", 2, "DoA2");
     const char *params[1] = {body};
     PQclear(
-        pgtest_query(conn, "SELECT saga.register_definition('alpha', 2, $1::jsonb)", 1, params));
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+        pgtest_query(f.conn, "SELECT saga.register_definition('alpha', 2, $1::jsonb)", 1, params));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000),
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA2'", 1, 20000),
         "the saga of a version registered elsewhere did not run");
     /* The orchestrator reloaded by itself: no signal came, and its logs do not say one did. */
     char line[2048];
@@ -249,7 +249,7 @@ Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
     cr_assert(strstr(line, "\"reload: 2 definition version(s) loaded\""), "%s", line);
     cr_assert_eq(proc_count_log(&p, "SIGHUP:"), 0);
     stop_orchestrator(&p);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 /* A SIGHUP that comes while a reload runs is not dropped: one more reload runs after it, so
@@ -257,29 +257,25 @@ Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)
  * is held (the test locks saga.definitions) until the second SIGHUP was handled. */
 Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     struct proc p;
-    start_orchestrator(&p, &db, &b, dir);
+    start_orchestrator(&p, &f.db, &f.b, f.dir);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
 
     /* The first reload reads the directory (alpha only), then waits for the lock. */
-    PGconn *locker = pgtest_connect(db.url);
+    PGconn *locker = pgtest_connect(f.db.url);
     pgtest_exec(locker, "BEGIN; LOCK TABLE saga.definitions IN SHARE MODE");
     proc_signal(&p, SIGHUP);
-    cr_assert(wait_count(conn,
+    cr_assert(wait_count(f.conn,
                          "SELECT count(*) FROM pg_stat_activity WHERE datname = "
                          "current_database() AND wait_event_type = 'Lock'",
                          1, 20000),
               "the first reload did not wait for the lock on saga.definitions");
 
     /* A new definition, and a SIGHUP for it while the first reload runs. */
-    write_def(dir, "b.json", "beta", 1, "DoB");
+    write_def(f.dir, "b.json", "beta", 1, "DoB");
     size_t from = 0;
     proc_signal(&p, SIGHUP);
     cr_assert(proc_wait_log(&p, "SIGHUP: a reload is", &from, 20000, NULL, 0),
@@ -287,21 +283,22 @@ Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
     pgtest_exec(locker, "COMMIT");
     PQfinish(locker);
 
-    if (!wait_count(conn, "SELECT count(*) FROM saga.definitions WHERE name = 'beta'", 1, 20000)) {
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.definitions WHERE name = 'beta'", 1,
+                    20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the SIGHUP that came during a reload was dropped");
     }
     cr_assert(proc_wait_log(&p, "2 definition version(s) loaded", NULL, 20000, NULL, 0));
-    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('beta', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000),
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000),
         "a saga of the definition loaded by the queued reload did not run");
     /* Two SIGHUPs, two reloads: no more. */
     cr_assert_eq(proc_count_log(&p, "SIGHUP: 1 definition version(s) loaded"), 1);
     cr_assert_eq(proc_count_log(&p, "definition version(s) loaded"), 2);
 
     stop_orchestrator(&p);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 /* The claim is prepared once per session (its parse and plan cost more than running it when
@@ -310,22 +307,18 @@ Test(orchestrator_reload, a_sighup_during_a_reload_is_queued)
  * whole text to be parsed and planned.) The log at debug level says when it is prepared. */
 Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_versions)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     struct proc p;
-    start_orchestrator_env(&p, db.url, &b, dir, "SAGA_LOG_LEVEL=debug", NULL);
+    start_orchestrator_env(&p, f.db.url, &f.b, f.dir, "SAGA_LOG_LEVEL=debug", NULL);
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
     /* The reply partitions change the claim (reply timeouts wait without them): once they are
      * assigned, the claim's text stays the same until the next reload. */
     cr_assert(proc_wait_log(&p, "partition(s) assigned", NULL, 30000, NULL, 0));
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000));
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000));
     size_t prepared = proc_count_log(&p, "claim statement prepared");
     cr_assert(prepared >= 1, "the claim was never prepared");
     char line[2048];
@@ -333,20 +326,20 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     cr_assert(strstr(line, "\"definition_versions\":\"1\""), "%s", line);
 
     /* More claims (a saga, each poll): the same statement. */
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 2, 20000));
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 2, 20000));
     cr_assert_eq(proc_count_log(&p, "claim statement prepared"), prepared,
                  "the claim was prepared again without a change");
 
     /* A reload that loads another version: prepared again, with it. */
     size_t from = 0;
-    write_def(dir, "b.json", "beta", 1, "DoB");
+    write_def(f.dir, "b.json", "beta", 1, "DoB");
     proc_signal(&p, SIGHUP);
     cr_assert(proc_wait_log(&p, "2 definition version(s) loaded", &from, 20000, NULL, 0));
-    PQclear(pgtest_query(conn, "SELECT saga.start('beta', '{}')", 0, NULL));
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('beta', '{}')", 0, NULL));
     cr_assert(
-        wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000));
+        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000));
     cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, line, sizeof(line)),
               "the claim was not prepared again after a reload");
     cr_assert(strstr(line, "\"definition_versions\":\"2\""), "%s", line);
@@ -356,10 +349,11 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
      * EXECUTE of the statement prepared before fails ("cached plan must not change result
      * type"); the claim is prepared again after the failure and goes on. */
     PQclear(pgtest_query(
-        conn, "ALTER TABLE saga.instances ALTER COLUMN request_reason TYPE varchar(2000)", 0,
+        f.conn, "ALTER TABLE saga.instances ALTER COLUMN request_reason TYPE varchar(2000)", 0,
         NULL));
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3, 20000)) {
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3,
+                    20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("no claim after a column the claim returns changed its type");
     }
@@ -367,13 +361,14 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
               "the claim was not prepared again after it failed");
 
     /* A new session: prepared on it. */
-    PQclear(pgtest_query(conn,
+    PQclear(pgtest_query(f.conn,
                          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
                          "current_database() AND pid <> pg_backend_pid()",
                          0, NULL));
     cr_assert(proc_wait_log(&p, "database connection lost", &from, 20000, NULL, 0));
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 4, 20000)) {
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 4,
+                    20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("no claim after the session was lost");
     }
@@ -381,7 +376,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
               "the claim was not prepared on the new session");
 
     stop_orchestrator(&p);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 /* A free TCP port on loopback (the kernel's pick; a race with another process is unlikely and
@@ -464,26 +459,22 @@ static void write_service(const char *path, const char *host, int port, const ch
  * for good: no LISTEN, and every claim refused by the server in recovery.) */
 Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cleanup)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     char standby[] = "/tmp/saga-standby-XXXXXX";
     cr_assert_not_null(mkdtemp(standby));
     int standby_port = free_port();
     standby_start(standby, standby_port);
 
     char services[600], env_services[700];
-    snprintf(services, sizeof(services), "%s/pg_service.conf", dir);
+    snprintf(services, sizeof(services), "%s/pg_service.conf", f.dir);
     snprintf(env_services, sizeof(env_services), "PGSERVICEFILE=%s", services);
-    const char *host = PQhost(conn);
-    int port = atoi(PQport(conn));
-    write_service(services, host && *host ? host : "127.0.0.1", port, db.name);
+    const char *host = PQhost(f.conn);
+    int port = atoi(PQport(f.conn));
+    write_service(services, host && *host ? host : "127.0.0.1", port, f.db.name);
     struct proc p;
-    start_orchestrator_env(&p, "service=orch", &b, dir, env_services, "SAGA_RECONNECT_MAX=1s");
+    start_orchestrator_env(&p, "service=orch", &f.b, f.dir, env_services, "SAGA_RECONNECT_MAX=1s");
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
     size_t from = 0;
     cr_assert(proc_wait_log(&p, "database connected", &from, 20000, NULL, 0));
@@ -491,7 +482,7 @@ Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cle
 
     /* The next sessions reach the server in recovery. */
     write_service(services, "127.0.0.1", standby_port, "postgres");
-    PQclear(pgtest_query(conn,
+    PQclear(pgtest_query(f.conn,
                          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
                          "current_database() AND pid <> pg_backend_pid()",
                          0, NULL));
@@ -507,16 +498,17 @@ Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cle
               "%s", line);
 
     /* The primary is back: a new session sets up in full, and sagas are claimed. */
-    write_service(services, host && *host ? host : "127.0.0.1", port, db.name);
-    PQclear(pgtest_query(conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000)) {
+    write_service(services, host && *host ? host : "127.0.0.1", port, f.db.name);
+    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1,
+                    20000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the claim worker did not come back after its session set-up failed");
     }
 
     stop_orchestrator(&p);
     standby_stop(standby);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
 
 /* A server in recovery that holds the saga schema in database dbname (as a standby of the
@@ -590,37 +582,33 @@ static void produce_reply(const char *bootstrap)
  * it retried the batch on the same session for good: the reply was never applied.) */
 Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanup)
 {
-    struct pgtest_db db;
-    PGconn *conn = pgtest_fresh(&db, false);
-    struct devbroker b;
-    devbroker_start(&b, NULL);
-    char dir[] = "/tmp/saga-reload-XXXXXX";
-    cr_assert_not_null(mkdtemp(dir));
-    write_def(dir, "a.json", "alpha", 1, "DoA");
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
     char standby[] = "/tmp/saga-standby-XXXXXX";
     cr_assert_not_null(mkdtemp(standby));
     int standby_port = free_port();
-    standby_start_migrated(standby, standby_port, db.name);
+    standby_start_migrated(standby, standby_port, f.db.name);
 
     char services[600], env_services[700];
-    snprintf(services, sizeof(services), "%s/pg_service.conf", dir);
+    snprintf(services, sizeof(services), "%s/pg_service.conf", f.dir);
     snprintf(env_services, sizeof(env_services), "PGSERVICEFILE=%s", services);
-    const char *h = PQhost(conn);
+    const char *h = PQhost(f.conn);
     char host[256];
     snprintf(host, sizeof(host), "%s", h && *h ? h : "127.0.0.1");
-    int port = atoi(PQport(conn));
-    write_service(services, host, port, db.name);
+    int port = atoi(PQport(f.conn));
+    write_service(services, host, port, f.db.name);
     struct proc p;
-    start_orchestrator_env(&p, "service=orch", &b, dir, env_services, "SAGA_RECONNECT_MAX=1s");
+    start_orchestrator_env(&p, "service=orch", &f.b, f.dir, env_services, "SAGA_RECONNECT_MAX=1s");
     cr_assert(proc_wait_log(&p, "saga-orchestrator started", NULL, 30000, NULL, 0));
     cr_assert(proc_wait_log(&p, "partition(s) assigned", NULL, 30000, NULL, 0));
 
     /* A failover: the first host of the connection string is now a server in recovery. */
-    write_service_hosts(services, "127.0.0.1", standby_port, host, port, db.name, "any");
+    write_service_hosts(services, "127.0.0.1", standby_port, host, port, f.db.name, "any");
     size_t from = 0;
     char line[2048];
     proc_wait_log(&p, "saga-orchestrator started", &from, 1000, NULL, 0);
-    PQclear(pgtest_query(conn,
+    PQclear(pgtest_query(f.conn,
                          "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
                          "current_database() AND pid <> pg_backend_pid()",
                          0, NULL));
@@ -630,14 +618,14 @@ Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanu
         replies_connected = strstr(line, "\"worker\":\"replies\"") != NULL;
     cr_assert(replies_connected, "the reply worker did not connect again");
     /* (The terminated sessions may linger a moment.) */
-    cr_assert(wait_count(conn,
+    cr_assert(wait_count(f.conn,
                          "SELECT count(*) FROM pg_stat_activity WHERE datname = "
                          "current_database() AND pid <> pg_backend_pid() AND backend_type = "
                          "'client backend'",
                          0, 10000),
               "a session reached the primary: the test cannot tell anything");
 
-    produce_reply(b.bootstrap);
+    produce_reply(f.b.bootstrap);
     if (!proc_wait_log(&p, "the database refuses writes", &from, 30000, line, sizeof(line))) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the reply worker stayed on the server in recovery");
@@ -645,13 +633,13 @@ Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanu
     cr_assert(strstr(line, "\"worker\":\"replies\"") && strstr(line, "25006"), "%s", line);
 
     /* Sessions that must write: the next connection skips the server in recovery. */
-    write_service_hosts(services, "127.0.0.1", standby_port, host, port, db.name, "read-write");
-    if (!wait_count(conn, "SELECT count(*) FROM saga.inbox", 1, 30000)) {
+    write_service_hosts(services, "127.0.0.1", standby_port, host, port, f.db.name, "read-write");
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.inbox", 1, 30000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the reply was not applied on the primary");
     }
 
     stop_orchestrator(&p);
     standby_stop(standby);
-    finish(&b, dir, conn, &db);
+    finish(&f);
 }
