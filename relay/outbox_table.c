@@ -761,6 +761,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
                LOG_FIELDS("table", t->label, "topic", topic, "error", rd_kafka_err2str(err)),
                "the producer refused a message; claiming it again in %" PRId64 " ms", pause);
         t->more = false;
+        t->claim_hold_until = now_ms() + pause; /* a NOTIFY does not cut the pause short */
         schedule(t, pause);
         break;
     }
