@@ -613,7 +613,8 @@ Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanu
                          "current_database() AND pid <> pg_backend_pid()",
                          0, NULL));
     bool replies_connected = false;
-    while (!replies_connected &&
+    int64_t give_up = proc_now_ms() + 30000; /* the claims worker reconnects every second */
+    while (!replies_connected && proc_now_ms() < give_up &&
            proc_wait_log(&p, "database connected", &from, 20000, line, sizeof(line)))
         replies_connected = strstr(line, "\"worker\":\"replies\"") != NULL;
     cr_assert(replies_connected, "the reply worker did not connect again");
