@@ -430,6 +430,8 @@ static void describe_metrics(void)
                      "Rows read from the outbox and produced.");
     metrics_describe("relay_rows_deleted_total", "counter",
                      "Acknowledged rows deleted from the outbox.");
+    metrics_describe("relay_producer_restarts_total", "counter",
+                     "Fatal producer errors, each followed by a new producer.");
     metrics_describe("relay_dead_letters_total", "counter",
                      "Rows Kafka rejected for good, moved to the dead-letter table.");
     metrics_describe("relay_publish_errors_total", "counter",

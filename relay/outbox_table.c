@@ -91,6 +91,11 @@ struct row_vec {
     size_t count, cap;
 };
 
+struct dead_orphan {
+    int64_t seq;
+    char *error; /* owned */
+};
+
 struct outbox_table {
     struct relay *relay;
     const struct outbox_source *src;
@@ -144,6 +149,12 @@ struct outbox_table {
     struct row_vec deleting; /* the DELETE in flight */
     struct row *dead_row;    /* the dead-letter move in flight */
     struct row_vec dead;     /* waiting for the dead-letter move */
+    /* Rows Kafka rejected for good whose move a reset interrupted (the rows of the dead list
+     * belong to batches a reset lets go): the move still happens, before the next claim. */
+    struct dead_orphan *orphans;
+    size_t orphan_count, orphan_cap;
+    bool orphan_inflight; /* orphan_sent is the move in flight */
+    struct dead_orphan orphan_sent;
 };
 
 static void step(struct outbox_table *t);
@@ -204,8 +215,40 @@ static void batch_free_if_unused(struct batch *b)
 
 /* Forgets every claimed row: they stay in the table and will be claimed again. Batches still
  * in the producer are freed by their last delivery report. */
+static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
+{
+    if (t->orphan_count == t->orphan_cap) {
+        size_t cap = t->orphan_cap ? t->orphan_cap * 2 : 16;
+        struct dead_orphan *o = realloc(t->orphans, cap * sizeof(*o));
+        if (!o) {
+            log_error("out of memory keeping a dead-letter move");
+            abort();
+        }
+        t->orphans = o;
+        t->orphan_cap = cap;
+    }
+    char *e = strdup(error ? error : "rejected");
+    if (!e) {
+        log_error("out of memory keeping a dead-letter move");
+        abort();
+    }
+    t->orphans[t->orphan_count++] = (struct dead_orphan){seq, e};
+}
+
 static void reset_state(struct outbox_table *t)
 {
+    /* A row Kafka rejected for good stays rejected: a reset (a delivery failure of another
+     * row, a new producer) must not publish it again. Without this, a row a broker rejects
+     * after later rows of its partition were queued came back after every producer restart
+     * (enable.gapless.guarantee), and never reached the dead-letter table. */
+    for (size_t i = 0; i < t->dead.count; i++)
+        orphan_push(t, t->dead.items[i]->seq, t->dead.items[i]->dead_error);
+    if (t->dead_row) {
+        t->orphan_sent = (struct dead_orphan){
+            t->dead_row->seq,
+            strdup(t->dead_row->dead_error ? t->dead_row->dead_error : "rejected")};
+        t->orphan_inflight = true;
+    }
     t->gen++;
     struct batch *b = t->head;
     while (b) {
@@ -851,6 +894,28 @@ static void delete_result_cb(struct pgloop *pg, PGresult *res, void *arg)
 static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct outbox_table *t = arg;
+    if (t->orphan_inflight) {
+        struct dead_orphan o = t->orphan_sent;
+        t->orphan_inflight = false;
+        if (!result_ok(t, res, "dead-letter move")) {
+            /* Again later, on this session or the next (moving a row twice moves nothing). */
+            orphan_push(t, o.seq, o.error);
+            if (res)
+                schedule(t, 1000);
+            free(o.error);
+            return;
+        }
+        if (atoi(PQcmdTuples(res)) > 0) { /* 0: moved or deleted already */
+            char seq[24];
+            snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
+            log_at(LOG_WARN, LOG_FIELDS("table", t->label, "seq", seq, "error", o.error),
+                   "row rejected by Kafka for good; moved to the dead-letter table");
+            metrics_counter_add("relay_dead_letters_total", t->mlabels, 1);
+        }
+        free(o.error);
+        kick(t);
+        return;
+    }
     struct row *r = t->dead_row;
     t->dead_row = NULL;
     if (!result_ok(t, res, "dead-letter move")) {
@@ -902,6 +967,19 @@ static void send_delete(struct outbox_table *t)
 
 static void send_dead(struct outbox_table *t)
 {
+    if (!t->dead.count) {
+        struct dead_orphan o = t->orphans[--t->orphan_count];
+        char seq[24];
+        snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
+        const char *params[2] = {seq, o.error};
+        t->orphan_sent = o;
+        t->orphan_inflight = true;
+        if (pgloop_query_prepared(t->pg, "relay_dead", 2, params, dead_result_cb, t)) {
+            t->orphan_inflight = false;
+            t->orphans[t->orphan_count++] = o;
+        }
+        return;
+    }
     struct row *r = t->dead.items[--t->dead.count];
     char seq[24];
     snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
@@ -1041,11 +1119,14 @@ static void step(struct outbox_table *t)
     note_bytes(t);
     /* The lock connection: deletes first, then dead-letter moves, then (every few seconds,
      * when nothing else is to be done) the backlog gauges. */
-    bool claim_due = t->claiming && t->more && !t->relay->stopping && claim_room(t) > 0;
+    /* No claim while the producer is being replaced (producer.c), nor before the moves of
+     * rejected rows a reset kept (the new generation would read them again). */
+    bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
+                     !t->orphan_count && !t->orphan_inflight && claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
             send_delete(t);
-        } else if (t->dead.count) {
+        } else if (t->dead.count || t->orphan_count) {
             send_dead(t);
         } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= 20) {
             /* At most every 20 ms, and only while holes wait for one (see holes.h). */
@@ -1083,7 +1164,11 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     if (b->gen != t->gen) {
         /* Claimed before a reset: the row is still in the table and is claimed again. The
          * reset detached this batch; its last report frees it. Its bytes left the producer:
-         * a claim waiting for room may go (not at the next poll). */
+         * a claim waiting for room may go (not at the next poll). A rejection for good still
+         * counts: the reset may have come first (a fatal producer error reports the purged
+         * messages before the rejected batch), and the row would be published again. */
+        if (relay_error_is_permanent(err))
+            orphan_push(t, r->seq, errstr ? errstr : rd_kafka_err2str(err));
         batch_free_if_unused(b);
         kick(t);
         return;
@@ -1248,6 +1333,11 @@ void outbox_table_release(struct outbox_table *t)
     t->gauge_bytes = 0;
 }
 
+void outbox_table_kick(struct outbox_table *t)
+{
+    kick(t);
+}
+
 size_t outbox_table_in_producer(const struct outbox_table *t)
 {
     return t->in_producer;
@@ -1311,6 +1401,11 @@ void outbox_table_destroy(struct outbox_table *t)
     free(t->acked.items);
     free(t->deleting.items);
     free(t->dead.items);
+    for (size_t i = 0; i < t->orphan_count; i++)
+        free(t->orphans[i].error);
+    free(t->orphans);
+    if (t->orphan_inflight)
+        free(t->orphan_sent.error);
     outbox_sql_free(&t->sql);
     holes_free(t->holes);
     free(t);

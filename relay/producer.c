@@ -1,6 +1,7 @@
 /* producer: the relay's one idempotent Kafka producer, driven by the libev loop through the
  * main queue's io-event fd; delivery reports go back to the table that claimed the row. */
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,8 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
      * (it is meant for consumer error events, whose payload is the error text), and that is
      * not even NUL-terminated. */
     const char *errstr = m->err ? rd_kafka_err2str(m->err) : NULL;
+    if (!m->err)
+        ((struct relay *)opaque)->restart_backoff_ms = 0;
     outbox_table_delivered(m->_private, m->err, errstr, m->partition, m->offset);
 }
 
@@ -50,14 +53,31 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         metrics_gauge_set("relay_kafka_up", NULL, 0);
     }
     if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        /* The producer cannot continue: with enable.gapless.guarantee, a batch failed with
+         * later messages of its partition queued or in flight (publishing those would put a
+         * gap, and a later row of a key before an earlier one); or a broken sequence. Its
+         * messages are purged and reported failed, so their tables read again from their
+         * first unacknowledged row, and a new producer (a new producer id) publishes them:
+         * duplicates possible, same message-id, order per key kept. Exiting instead (as
+         * before) let the supervisor do the same, at the price of a restart loop when the
+         * cause comes back. */
+        if (rk != r->producer || r->producer_down)
+            return; /* already being replaced */
         char fatal[512];
         rd_kafka_resp_err_t ferr = rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
-        /* The idempotent producer cannot continue (for example a broken sequence). Exiting
-         * loses nothing: unacknowledged rows stay in their tables; the supervisor restarts
-         * the relay, which publishes them again with the same message-id. */
+        r->producer_down = true;
+        r->restart_backoff_ms = r->restart_backoff_ms ? r->restart_backoff_ms * 2 : 100;
+        if (r->restart_backoff_ms > r->settings.reconnect_max_ms)
+            r->restart_backoff_ms = r->settings.reconnect_max_ms;
         log_at(LOG_ERROR, LOG_FIELDS("error", rd_kafka_err2name(ferr), "reason", fatal),
-               "fatal producer error; exiting so that a new producer starts");
-        _exit(1);
+               "fatal producer error; its messages are purged and a new producer starts in "
+               "%lld ms (their rows are published again, same message-id)",
+               (long long)r->restart_backoff_ms);
+        metrics_counter_add("relay_producer_restarts_total", NULL, 1);
+        r->restart_deadline = 0;
+        ev_timer_set(&r->producer_restart, 0, 0); /* the purge at once, from the loop */
+        ev_timer_start(r->loop, &r->producer_restart);
+        return;
     }
     log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_err2name((rd_kafka_resp_err_t)err)), "kafka: %s",
            reason);
@@ -95,17 +115,37 @@ static void kafka_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
     serve(w->data); /* a safety net; the io-event does the real work */
 }
 
-int relay_producer_start(struct relay *r, char *err, size_t errlen)
+/* librdkafka's own log lines (configuration warnings, broker state) as JSON lines like the
+ * relay's, rather than its "%4|..." text on stderr. Called from librdkafka's threads:
+ * log_write formats on the stack and writes one line per call. */
+static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    enum log_level l = level <= 3   ? LOG_ERROR
+                       : level == 4 ? LOG_WARN
+                       : level <= 6 ? LOG_INFO
+                                    : LOG_DEBUG;
+    if (!strcmp(fac, "CONFWARN") && strstr(buf, "enable.gapless.guarantee"))
+        l = LOG_DEBUG; /* "experimental": chosen, see producer_new */
+    log_at(l, LOG_FIELDS("facility", fac, "client", rd_kafka_name(rk)), "kafka: %s", buf);
+}
+
+/* A producer with the relay's configuration, its reports served through the io-event pipe.
+ * NULL with err on failure. */
+static rd_kafka_t *producer_new(struct relay *r, char *err, size_t errlen)
 {
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     char linger[32];
     snprintf(linger, sizeof(linger), "%lld", (long long)r->settings.linger_ms);
     /* message.timeout.ms=0: never give up on a transient error; the idempotent producer then
      * keeps order and loses nothing while a broker is away. Rows Kafka rejects for good are
-     * reported at once and dead-lettered. KAFKA_* variables may override any of these. */
+     * reported at once and dead-lettered. enable.gapless.guarantee: when a batch fails for
+     * good (or with an error no retry fixes) while later messages of its partition wait, the
+     * producer stops instead of publishing them (see error_cb). KAFKA_* variables may
+     * override any of these. */
     const char *props[][2] = {
         {"bootstrap.servers", r->settings.kafka_brokers},
         {"enable.idempotence", "true"},
+        {"enable.gapless.guarantee", "true"},
         {"acks", "all"},
         {"message.timeout.ms", "0"},
         {"linger.ms", linger},
@@ -120,37 +160,110 @@ int relay_producer_start(struct relay *r, char *err, size_t errlen)
         snprintf(what, sizeof(what), "producer property %s", props[i][0]);
         if (kafka_conf_set(conf, props[i][0], props[i][1], what, err, errlen)) {
             rd_kafka_conf_destroy(conf);
-            return -1;
+            return NULL;
         }
     }
     if (kafka_conf_apply_env(conf, err, errlen)) {
         rd_kafka_conf_destroy(conf);
-        return -1;
+        return NULL;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
     rd_kafka_conf_set_stats_cb(conf, stats_cb);
+    rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
     rd_kafka_conf_set_opaque(conf, r);
     char reason[512];
-    r->producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, reason, sizeof(reason));
-    if (!r->producer) {
+    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, reason, sizeof(reason));
+    if (!p) {
         rd_kafka_conf_destroy(conf);
         snprintf(err, errlen, "cannot create the Kafka producer: %s", reason);
-        return -1;
+        return NULL;
     }
+    rd_kafka_queue_t *q = rd_kafka_queue_get_main(p);
+    rd_kafka_queue_io_event_enable(q, r->kafka_event_fds[1], "1", 1);
+    rd_kafka_queue_destroy(q);
+    return p;
+}
+
+static void *destroy_thread(void *arg)
+{
+    rd_kafka_destroy(arg);
+    return NULL;
+}
+
+/* How long the stopped producer may take to report its purged messages. */
+#define RESTART_DRAIN_MS 5000
+
+/* After a fatal error (error_cb): purge the stopped producer, serve the reports of its
+ * messages (each table that had some starts over from its first unacknowledged row), then,
+ * once the pause has passed, put a new producer in its place. The old one is destroyed on a
+ * thread of its own: rd_kafka_destroy joins librdkafka's threads, not a call for the loop. */
+static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct relay *r = w->data;
+    double now = ev_now(loop);
+    if (!r->old_producer) {
+        r->old_producer = r->producer;
+        rd_kafka_purge(r->old_producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        r->restart_deadline = (int64_t)(now * 1000) + r->restart_backoff_ms;
+    }
+    serve(r); /* r->producer is still the old one: its reports go to their tables */
+    int pending = rd_kafka_outq_len(r->old_producer);
+    int64_t now_ms = (int64_t)(now * 1000);
+    if (pending > 0 && now_ms > r->restart_deadline + RESTART_DRAIN_MS) {
+        /* Never seen; the rows are safe in their tables, so a new process is the way out. */
+        log_at(LOG_ERROR, NULL,
+               "the stopped producer still holds %d messages or reports after %d ms; exiting "
+               "so that a new process starts (their rows stay in their tables)",
+               pending, RESTART_DRAIN_MS);
+        fflush(stdout);
+        _exit(1);
+    }
+    if (pending > 0 || now_ms < r->restart_deadline) {
+        ev_timer_set(w, 0.01, 0);
+        ev_timer_start(loop, w);
+        return;
+    }
+    char err[512];
+    rd_kafka_t *fresh = producer_new(r, err, sizeof(err));
+    if (!fresh) {
+        log_at(LOG_ERROR, LOG_FIELDS("error", err), "no new producer; trying again in %lld ms",
+               (long long)r->settings.reconnect_max_ms);
+        r->restart_deadline = now_ms + r->settings.reconnect_max_ms;
+        ev_timer_set(w, (double)r->settings.reconnect_max_ms / 1000.0, 0);
+        ev_timer_start(loop, w);
+        return;
+    }
+    pthread_t th;
+    if (pthread_create(&th, NULL, destroy_thread, r->old_producer) == 0)
+        pthread_detach(th);
+    else
+        rd_kafka_destroy(r->old_producer);
+    r->old_producer = NULL;
+    r->producer = fresh;
+    r->producer_down = false;
+    log_info("a new producer replaces the stopped one");
+    for (size_t i = 0; i < r->table_count; i++)
+        outbox_table_kick(r->tables[i]);
+}
+
+int relay_producer_start(struct relay *r, char *err, size_t errlen)
+{
     if (pipe2(r->kafka_event_fds, O_NONBLOCK | O_CLOEXEC)) {
         snprintf(err, errlen, "pipe: out of file descriptors");
         return -1;
     }
-    rd_kafka_queue_t *q = rd_kafka_queue_get_main(r->producer);
-    rd_kafka_queue_io_event_enable(q, r->kafka_event_fds[1], "1", 1);
-    rd_kafka_queue_destroy(q);
+    r->producer = producer_new(r, err, errlen);
+    if (!r->producer)
+        return -1;
     ev_io_init(&r->kafka_io, kafka_io_cb, r->kafka_event_fds[0], EV_READ);
     r->kafka_io.data = r;
     ev_io_start(r->loop, &r->kafka_io);
     ev_timer_init(&r->kafka_poll, kafka_poll_cb, 0.1, 0.1);
     r->kafka_poll.data = r;
     ev_timer_start(r->loop, &r->kafka_poll);
+    ev_timer_init(&r->producer_restart, restart_cb, 0, 0);
+    r->producer_restart.data = r;
     return 0;
 }
 
@@ -171,6 +284,10 @@ void relay_producer_stop(struct relay *r)
         return;
     ev_io_stop(r->loop, &r->kafka_io);
     ev_timer_stop(r->loop, &r->kafka_poll);
+    ev_timer_stop(r->loop, &r->producer_restart);
+    if (r->old_producer && r->old_producer != r->producer)
+        rd_kafka_destroy(r->old_producer);
+    r->old_producer = NULL;
     /* Whatever is still queued was not acknowledged, so its rows were not deleted: purge
      * rather than wait, the rows are published again by the next leader. */
     rd_kafka_purge(r->producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);

@@ -115,7 +115,18 @@ struct relay {
     ev_io kafka_io;
     ev_timer kafka_poll;
     int kafka_event_fds[2];
+    /* A fatal producer error (enable.gapless.guarantee: a batch failed with later messages
+     * of its partition queued) stops the producer: no claim until a new one replaces it
+     * (producer.c, relay_producer_restart). */
+    bool producer_down;
+    rd_kafka_t *old_producer;   /* the stopped one, while its reports are served */
+    ev_timer producer_restart;  /* the pause before, then the drain of old_producer */
+    int64_t restart_backoff_ms; /* doubles per fatal error, 0 after a delivery */
+    int64_t restart_deadline;   /* monotonic ms: the drain's bound */
 };
+
+/* Runs the table's next step from the loop (after a new producer, say). */
+void outbox_table_kick(struct outbox_table *t);
 
 /* Produces one message; on failure returns the error (the row is not in flight). Headers are
  * taken over on success. */
