@@ -430,6 +430,8 @@ static void describe_metrics(void)
                      "Rows read from the outbox and produced.");
     metrics_describe("relay_rows_deleted_total", "counter",
                      "Acknowledged rows deleted from the outbox.");
+    metrics_describe("relay_writers_sweeps_total", "counter",
+                     "Reads of pg_locks for the transactions that may still fill a hole.");
     metrics_describe("relay_producer_restarts_total", "counter",
                      "Fatal producer errors, each followed by a new producer.");
     metrics_describe("relay_dead_letters_total", "counter",

@@ -128,6 +128,8 @@ struct outbox_table {
     uint64_t sweep_no;         /* the sweep in flight */
     unsigned sweep_gen;        /* the generation that sent it */
     int64_t sweep_ms;          /* when the last sweep was sent (or a pause's end) */
+    int64_t sweep_every_ms;    /* SWEEP_MIN_MS, doubling while the oldest hole stays */
+    int64_t sweep_floor;       /* the oldest hole when the last sweep was sent */
     bool cache_warned;         /* the seq sequence's CACHE is not 1 (logged once) */
     int64_t fail_backoff_ms;   /* pause after a delivery failure; doubles, 0 after a success */
     int64_t claim_hold_until;  /* no claim before this (monotonic ms) */
@@ -1089,6 +1091,11 @@ static void backlog_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     kick(t);
 }
 
+/* Writers sweeps (pg_locks): at least this far apart, doubling up to the maximum while the
+ * oldest hole waits for the same transactions. */
+#define SWEEP_MIN_MS 20
+#define SWEEP_MAX_MS 500
+
 /* The one place that decides what this table's connection does next. */
 static void step(struct outbox_table *t)
 {
@@ -1128,8 +1135,22 @@ static void step(struct outbox_table *t)
             send_delete(t);
         } else if (t->dead.count || t->orphan_count) {
             send_dead(t);
-        } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= 20) {
-            /* At most every 20 ms, and only while holes wait for one (see holes.h). */
+        } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= t->sweep_every_ms) {
+            /* Only while holes wait for one (see holes.h), every SWEEP_MIN_MS while holes
+             * come and go, less often while the oldest stays: a transaction that keeps a
+             * writer's lock on the table for minutes made it 50 reads of pg_locks a second
+             * (each takes every lock-manager partition lock of the server). */
+            int64_t floor;
+            bool have = holes_floor(t->holes, &floor);
+            if (have && floor == t->sweep_floor) {
+                t->sweep_every_ms *= 2;
+                if (t->sweep_every_ms > SWEEP_MAX_MS)
+                    t->sweep_every_ms = SWEEP_MAX_MS;
+            } else {
+                t->sweep_every_ms = SWEEP_MIN_MS;
+            }
+            t->sweep_floor = have ? floor : INT64_MIN;
+            metrics_counter_add("relay_writers_sweeps_total", t->mlabels, 1);
             t->sweep_ms = now_ms();
             t->sweep_gen = t->gen;
             t->sweep_no = holes_sweep_sent(t->holes);
@@ -1292,6 +1313,8 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     ev_init(&t->ctimer, ctimer_cb);
     t->ctimer.data = t;
     t->cbackoff_ms = 100;
+    t->sweep_every_ms = SWEEP_MIN_MS;
+    t->sweep_floor = INT64_MIN;
     t->claiming = true;
     t->backoff_ms = 100;
     t->phase = PHASE_DISCONNECTED;
