@@ -113,6 +113,9 @@ struct outbox_table {
     enum claim_phase cphase;
     ev_timer ctimer; /* its reconnect */
     int64_t cbackoff_ms;
+    /* Monotonic ms since when the leader has had no ready claim session (not counting a wait
+     * for the previous leader's claim lock); 0 while it has one. See give_up_leadership. */
+    int64_t claim_down_since;
     ev_timer timer; /* reconnect, standby retry, poll fallback */
     ev_idle kick;   /* runs the next step from the loop */
     int64_t backoff_ms;
@@ -325,6 +328,10 @@ static void claim_close(struct outbox_table *t)
     ev_timer_stop(t->relay->loop, &t->ctimer);
 }
 
+/* A leader whose claim session has not been ready for this many RELAY_LEADER_RETRY periods
+ * lets the table go (give_up_leadership). */
+#define CLAIM_GIVE_UP_RETRIES 10
+
 static void claim_connect(struct outbox_table *t)
 {
     t->cphase = CLAIM_CONNECTING;
@@ -355,6 +362,7 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
         log_at(LOG_WARN, LOG_FIELDS("table", t->label),
                "the previous leader's claim session still holds the claim lock; waiting for it "
                "to end before publishing");
+        t->claim_down_since = now_ms(); /* a wait no other relay would end sooner */
         claim_close(t);
         ev_timer_set(&t->ctimer, (double)t->relay->settings.leader_retry_ms / 1000.0, 0.0);
         ev_timer_start(t->relay->loop, &t->ctimer);
@@ -362,6 +370,7 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
     }
     t->cphase = CLAIM_READY;
     t->cbackoff_ms = 100;
+    t->claim_down_since = 0;
     t->more = true;
     kick(t);
 }
@@ -378,6 +387,8 @@ static void claim_state_cb(struct pgloop *pg, bool ok, void *arg)
     }
     log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->cpg)),
            "lost the claim connection; reconnecting (leadership kept)");
+    if (!t->claim_down_since)
+        t->claim_down_since = now_ms();
     claim_close(t);
     metrics_counter_add("relay_db_reconnects_total", t->mlabels, 1);
     if (t->phase != PHASE_LEADING)
@@ -389,10 +400,17 @@ static void claim_state_cb(struct pgloop *pg, bool ok, void *arg)
         t->cbackoff_ms = t->relay->settings.reconnect_max_ms;
 }
 
+static void give_up_leadership(struct outbox_table *t);
+
 static void ctimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct outbox_table *t = w->data;
-    if (t->phase == PHASE_LEADING && t->cphase == CLAIM_DOWN)
+    if (t->phase != PHASE_LEADING || t->cphase != CLAIM_DOWN)
+        return;
+    if (t->claim_down_since && now_ms() - t->claim_down_since >=
+                                   CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms)
+        give_up_leadership(t);
+    else
         claim_connect(t);
 }
 
@@ -414,6 +432,26 @@ static void connection_lost(struct outbox_table *t)
     t->backoff_ms *= 2;
     if (t->backoff_ms > t->relay->settings.reconnect_max_ms)
         t->backoff_ms = t->relay->settings.reconnect_max_ms;
+}
+
+/* The leader cannot claim (its claim session cannot connect or prepare: a per-role
+ * connection limit, max_connections, a pooler that lets one session through): holding the
+ * leader lock would keep every standby from publishing the table for as long as that lasts.
+ * Let the table go as a lost connection does (nothing of ours can be deleted any more; the
+ * claimed rows are published again by whoever leads), and try the lock again only after a
+ * few standby retries, so that a standby takes it first. */
+static void give_up_leadership(struct outbox_table *t)
+{
+    log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->cpg)),
+           "no claim session for %lld ms; leadership released so that another relay can "
+           "publish this table (claimed rows will be published again)",
+           (long long)(now_ms() - t->claim_down_since));
+    pgloop_close(t->pg);
+    claim_close(t);
+    reset_state(t);
+    t->claim_down_since = 0;
+    set_phase(t, PHASE_DISCONNECTED);
+    schedule(t, 3 * t->relay->settings.leader_retry_ms);
 }
 
 static void state_cb(struct pgloop *pg, bool ok, void *arg)
@@ -509,6 +547,8 @@ static void listen_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     t->backoff_ms = 100;
     reset_state(t);
     set_phase(t, PHASE_LEADING);
+    if (t->cphase != CLAIM_READY)
+        t->claim_down_since = now_ms();
     if (t->cphase == CLAIM_DOWN)
         claim_connect(t);
     kick(t);

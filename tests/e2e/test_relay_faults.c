@@ -177,6 +177,60 @@ Test(relay_faults, standby_takes_over)
     e2e_teardown(&e);
 }
 
+/* A leader whose claim session can never connect (here a role limited to one connection:
+ * the lock session takes it) lets the table go after 10 leader retries, so that the standby
+ * publishes; before, it kept the leader lock for as long as that lasted and nothing was
+ * published. */
+Test(relay_faults, leader_without_claim_session_hands_over)
+{
+    struct e2e e;
+    e2e_setup(&e, "noclaim", 10);
+    char role[100], sql[300], url[1200];
+    snprintf(role, sizeof(role), "%s_one", e.db.name);
+    snprintf(sql, sizeof(sql), "CREATE ROLE %s LOGIN CONNECTION LIMIT 1 IN ROLE saga_relay", role);
+    pgtest_exec(e.conn, sql);
+    const char *at = strstr(e.db.url, "://");
+    cr_assert(at, "expected a URI: %s", e.db.url);
+    const char *host = strchr(at + 3, '@');
+    host = host ? host + 1 : at + 3;
+    snprintf(url, sizeof(url), "RELAY_DATABASE_URL=postgresql://%s@%s", role, host);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    const char *env_one[] = {url, "RELAY_LEADER_RETRY=200ms", NULL};
+    const char *env[] = {"RELAY_LEADER_RETRY=200ms", NULL};
+    struct proc one, other;
+    e2e_relay_start(&e, &one, env_one);
+    cr_assert(proc_wait_log(&one, "leading: publishing", NULL, 15000, NULL, 0),
+              "the one-connection relay does not lead");
+    e2e_relay_start(&e, &other, env);
+    cr_assert(proc_wait_log(&other, "standing by", NULL, 15000, NULL, 0),
+              "the second relay does not stand by");
+    e2e_insert(&e, 0, 200);
+    if (!proc_wait_log(&one, "leadership released so that another relay", NULL, 15000, NULL, 0)) {
+        proc_dump(&one, "one-connection relay", 6000);
+        cr_assert_fail("the leader without a claim session kept the table");
+    }
+    cr_assert(proc_wait_log(&other, "leading: publishing", NULL, 15000, NULL, 0),
+              "the standby did not take over");
+    long distinct = 0;
+    if (!e2e_wait_all(c, 200, 30000, &distinct)) {
+        proc_dump(&other, "new leader", 6000);
+        cr_assert_fail("%ld of 200 rows arrived", distinct);
+    }
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 200, true);
+    e2e_relay_stop(&other);
+    e2e_relay_stop(&one);
+    proc_cleanup(&one);
+    proc_cleanup(&other);
+    kconsumer_stop(c);
+    snprintf(sql, sizeof(sql), "DROP ROLE %s", role);
+    e2e_teardown(&e);
+    PGconn *server = pgtest_connect(pgtest_server_url());
+    pgtest_exec(server, sql);
+    PQfinish(server);
+}
+
 /* The leader's lock session dies while the leader is frozen (SIGSTOP), so it cannot notice:
  * its claim session lives on. A second relay then wins the leader lock but must not publish
  * before the old claim session ends (the claim lock): it says it waits; once the old leader
