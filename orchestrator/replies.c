@@ -407,7 +407,18 @@ int replies_check_config(const struct orch_settings *st, char *err, size_t errle
     rd_kafka_conf_t *conf = consumer_conf_new(st, err, errlen);
     if (!conf)
         return -1;
-    rd_kafka_conf_destroy(conf);
+    /* Some settings are only checked when the client is made: the TLS files
+     * (KAFKA_SSL_CA_LOCATION and the like are read then), the SASL mechanism's
+     * availability. Made and destroyed here, before the migrations, so that such an error is
+     * an exit 2 that changes nothing. It connects to nothing (not subscribed). */
+    char reason[512];
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, reason, sizeof(reason));
+    if (!rk) {
+        rd_kafka_conf_destroy(conf);
+        snprintf(err, errlen, "Kafka consumer configuration (KAFKA_* variables): %s", reason);
+        return -1;
+    }
+    rd_kafka_destroy(rk);
     return 0;
 }
 

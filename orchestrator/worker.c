@@ -94,6 +94,9 @@ struct worker {
     uint64_t started, completed, compensated, failed, deadlines, applied, duplicates, late, unknown,
         malformed, trace_mismatches;
     int64_t counted_ms; /* when saga_sagas_in_flight was last measured */
+    /* check_trace's warnings, per kind: when the last was written, how many not since. */
+    int64_t trace_warned_ms[3];
+    uint64_t trace_unwritten[3];
     /* The failure being handled: set by failed(), acted upon once ROLLBACK returns. */
     enum wfail fail;
     size_t fail_items; /* replies or sagas in the failed batch */
@@ -793,14 +796,28 @@ static void check_trace(struct worker *w, const struct reply_msg *r, const struc
     if (row->state.trace_id && !strcmp(r->trace_id, row->state.trace_id))
         return;
     w->trace_mismatches++;
-    const char *what = !r->traceparent[0] ? "a reply without a traceparent"
-                       : !r->trace_id[0]  ? "a reply with a malformed traceparent"
-                                          : "a reply from another trace than its saga's";
+    int kind = !r->traceparent[0] ? 0 : !r->trace_id[0] ? 1 : 2;
+    static const char *const what[3] = {"a reply without a traceparent",
+                                        "a reply with a malformed traceparent",
+                                        "a reply from another trace than its saga's"};
+    /* At most one line a second per kind and worker: a participant that never passes the
+     * traceparent on would otherwise write a line per reply (the counter counts them all). */
+    int64_t now = orch_now_ms();
+    if (w->trace_warned_ms[kind] && now - w->trace_warned_ms[kind] < 1000) {
+        w->trace_unwritten[kind]++;
+        return;
+    }
+    char more[96] = "";
+    if (w->trace_unwritten[kind])
+        snprintf(more, sizeof(more), " (and %llu more since the last such line)",
+                 (unsigned long long)w->trace_unwritten[kind]);
+    w->trace_warned_ms[kind] = now;
+    w->trace_unwritten[kind] = 0;
     log_at(LOG_WARN,
            LOG_FIELDS("saga_id", r->saga_id, "message_id", r->message_id, "trace_id",
                       row->state.trace_id, "reply_trace_id", r->trace_id[0] ? r->trace_id : NULL,
                       "reply_traceparent", r->traceparent[0] ? r->traceparent : NULL),
-           "%s; applied all the same", what);
+           "%s; applied all the same%s", what[kind], more);
 }
 
 static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)

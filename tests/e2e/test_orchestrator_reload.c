@@ -223,6 +223,32 @@ Test(orchestrator_reload, kafka_statistics_off_exit_2)
     finish(&f);
 }
 
+/* A setting librdkafka only checks when the client is made (a TLS file that does not exist):
+ * exit 2 naming it, before the migrations. (Before, the migrations ran and then the start
+ * failed.) */
+Test(orchestrator_reload, kafka_tls_file_missing_exit_2)
+{
+    struct fixture f;
+    begin(&f);
+    write_def(f.dir, "a.json", "alpha", 1, "DoA");
+    struct proc p;
+    start_orchestrator_env(&p, f.db.url, &f.b, f.dir, "KAFKA_SECURITY_PROTOCOL=ssl",
+                           "KAFKA_SSL_CA_LOCATION=/nonexistent/ca.pem");
+    if (!proc_wait_exit(&p, 30000)) {
+        proc_dump(&p, "orchestrator", 16384);
+        cr_assert_fail("the orchestrator runs with a missing CA file");
+    }
+    cr_assert_eq(proc_exit_code(&p), 2);
+    char *err = proc_read_stderr(&p);
+    cr_assert(strstr(err, "ssl.ca.location") || strstr(err, "/nonexistent/ca.pem"), "%s", err);
+    free(err);
+    proc_cleanup(&p);
+    cr_assert_eq(
+        pgtest_count(f.conn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'saga'", 0, NULL),
+        0, "a refused configuration applied the migrations");
+    finish(&f);
+}
+
 /* Another orchestrator registered a version this one has not loaded: it loads it when a saga
  * needs it, instead of skipping the saga forever. */
 Test(orchestrator_reload, a_version_registered_elsewhere_is_loaded_on_demand)

@@ -379,3 +379,30 @@ Test(orchestrator_replies, replies_outside_the_sagas_trace_are_applied_and_count
                        "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
     saga_e2e_check_all_commands(&w, &s);
 }
+
+/* A participant that never passes the traceparent on: every reply is counted, but the
+ * warning is written at most once a second (it was a line per reply). */
+Test(orchestrator_replies, trace_warnings_are_rate_limited)
+{
+    enum { N = 10 };
+    struct saga_ref s[N];
+    const struct kmsg *m[N];
+    for (int i = 0; i < N; i++) {
+        char order[32];
+        snprintf(order, sizeof(order), "o-notrace-%d", i);
+        saga_e2e_start(&w, "e2e_order", order, NULL, NULL, &s[i]);
+    }
+    for (int i = 0; i < N; i++)
+        m[i] = expect_step(&s[i], "reserve_inventory");
+    for (int i = 0; i < N; i++) {
+        char id[37];
+        saga_e2e_uuid(id);
+        saga_e2e_produce_raw(&w, s[i].id, "{\"reservationId\": \"r\"}", "message-id", id,
+                             "in-reply-to", kmsg_header(m[i], "message-id", NULL), "saga-id",
+                             s[i].id, "outcome", "success", NULL);
+    }
+    saga_e2e_wait_metric(&w, "saga_replies_trace_mismatch_total", N, 10000);
+    size_t lines = proc_count_log(&w.orch, "a reply without a traceparent");
+    cr_assert(lines >= 1 && lines < N, "%zu warning lines for %d replies without a traceparent",
+              lines, N);
+}
