@@ -160,6 +160,7 @@ struct outbox_table {
     size_t orphan_count, orphan_cap;
     bool orphan_inflight; /* orphan_sent is the move in flight */
     struct dead_orphan orphan_sent;
+    int64_t orphan_retry_ms; /* after a failed move: not again before (monotonic ms); 0 */
 };
 
 static void step(struct outbox_table *t);
@@ -240,6 +241,22 @@ static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
     t->orphans[t->orphan_count++] = (struct dead_orphan){seq, e};
 }
 
+/* Before closing the lock session with pgloop_close (which drops the callbacks in flight):
+ * a dead-letter move in flight will never be answered, so it is kept to be sent again (moving
+ * a row twice moves nothing). Without this the table waited for that answer for ever. */
+static void dead_moves_abandon(struct outbox_table *t)
+{
+    if (t->orphan_inflight) {
+        orphan_push(t, t->orphan_sent.seq, t->orphan_sent.error);
+        free(t->orphan_sent.error);
+        t->orphan_inflight = false;
+    }
+    if (t->dead_row) {
+        orphan_push(t, t->dead_row->seq, t->dead_row->dead_error);
+        t->dead_row = NULL;
+    }
+}
+
 static void reset_state(struct outbox_table *t)
 {
     /* A row Kafka rejected for good stays rejected: a reset (a delivery failure of another
@@ -249,10 +266,16 @@ static void reset_state(struct outbox_table *t)
     for (size_t i = 0; i < t->dead.count; i++)
         orphan_push(t, t->dead.items[i]->seq, t->dead.items[i]->dead_error);
     if (t->dead_row) {
-        t->orphan_sent = (struct dead_orphan){
-            t->dead_row->seq,
-            strdup(t->dead_row->dead_error ? t->dead_row->dead_error : "rejected")};
+        /* Its move is in flight on a live session (a session closed without its callbacks
+         * goes through dead_moves_abandon first): dead_result_cb takes it as an orphan. */
+        char *e = strdup(t->dead_row->dead_error ? t->dead_row->dead_error : "rejected");
+        if (!e) {
+            log_error("out of memory keeping a dead-letter move");
+            abort();
+        }
+        t->orphan_sent = (struct dead_orphan){t->dead_row->seq, e};
         t->orphan_inflight = true;
+        t->dead_row = NULL;
     }
     t->gen++;
     struct batch *b = t->head;
@@ -423,6 +446,7 @@ static void connection_lost(struct outbox_table *t)
     else
         log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->pg)),
                "cannot connect to the database; retrying");
+    dead_moves_abandon(t);
     pgloop_close(t->pg);
     claim_close(t);
     reset_state(t);
@@ -446,6 +470,7 @@ static void give_up_leadership(struct outbox_table *t)
            "no claim session for %lld ms; leadership released so that another relay can "
            "publish this table (claimed rows will be published again)",
            (long long)(now_ms() - t->claim_down_since));
+    dead_moves_abandon(t);
     pgloop_close(t->pg);
     claim_close(t);
     reset_state(t);
@@ -834,6 +859,12 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         b->count--;
         if (r->seq < searched)
             searched = r->seq;
+        if (err == RD_KAFKA_RESP_ERR__FATAL || t->relay->producer_down) {
+            /* The producer stopped while this claim ran: a new one comes (producer.c) and
+             * kicks the table; nothing to report. */
+            t->more = true;
+            break;
+        }
         int64_t pause = 100;
         if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
             t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
@@ -940,13 +971,18 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         struct dead_orphan o = t->orphan_sent;
         t->orphan_inflight = false;
         if (!result_ok(t, res, "dead-letter move")) {
-            /* Again later, on this session or the next (moving a row twice moves nothing). */
+            /* Again later, on this session or the next (moving a row twice moves nothing).
+             * A statement error (the dead-letter table dropped, a privilege revoked) must not
+             * stop the table: claims go on meanwhile, and the row may be published again. */
             orphan_push(t, o.seq, o.error);
-            if (res)
+            if (res) {
+                t->orphan_retry_ms = now_ms() + 1000;
                 schedule(t, 1000);
+            }
             free(o.error);
             return;
         }
+        t->orphan_retry_ms = 0;
         if (atoi(PQcmdTuples(res)) > 0) { /* 0: moved or deleted already */
             char seq[24];
             snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
@@ -964,6 +1000,10 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         if (res && r) {
             vec_push(&t->dead, r);
             schedule(t, 1000);
+        } else if (r) {
+            /* The session is gone (a reset follows and lets the row's batch go): the row
+             * stays rejected, its move is sent again on the next session. */
+            orphan_push(t, r->seq, r->dead_error);
         }
         return;
     }
@@ -1169,11 +1209,12 @@ static void step(struct outbox_table *t)
     /* No claim while the producer is being replaced (producer.c), nor before the moves of
      * rejected rows a reset kept (the new generation would read them again). */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
-                     !t->orphan_count && !t->orphan_inflight && claim_room(t) > 0;
+                     ((!t->orphan_count && !t->orphan_inflight) || t->orphan_retry_ms) &&
+                     claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
             send_delete(t);
-        } else if (t->dead.count || t->orphan_count) {
+        } else if (t->dead.count || (t->orphan_count && now_ms() >= t->orphan_retry_ms)) {
             send_dead(t);
         } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= t->sweep_every_ms) {
             /* Only while holes wait for one (see holes.h), every SWEEP_MIN_MS while holes
@@ -1383,6 +1424,7 @@ void outbox_table_release(struct outbox_table *t)
     ev_timer_stop(t->relay->loop, &t->timer);
     ev_idle_stop(t->relay->loop, &t->kick);
     claim_close(t);
+    dead_moves_abandon(t);
     pgloop_close(t->pg);
     reset_state(t);
     set_phase(t, PHASE_DISCONNECTED);

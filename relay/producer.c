@@ -2,9 +2,11 @@
  * main queue's io-event fd; delivery reports go back to the table that claimed the row. */
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -40,10 +42,11 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
      * (it is meant for consumer error events, whose payload is the error text), and that is
      * not even NUL-terminated. */
     const char *errstr = m->err ? rd_kafka_err2str(m->err) : NULL;
-    if (!m->err)
-        ((struct relay *)opaque)->restart_backoff_ms = 0;
     outbox_table_delivered(m->_private, m->err, errstr, m->partition, m->offset);
 }
+
+/* The least time between two new producers (see error_cb). */
+#define RESTART_GAP_MS 100
 
 static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
@@ -53,28 +56,30 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         metrics_gauge_set("relay_kafka_up", NULL, 0);
     }
     if (err == RD_KAFKA_RESP_ERR__FATAL) {
-        /* The producer cannot continue: with enable.gapless.guarantee, a batch failed with
-         * later messages of its partition queued or in flight (publishing those would put a
-         * gap, and a later row of a key before an earlier one); or a broken sequence. Its
-         * messages are purged and reported failed, so their tables read again from their
-         * first unacknowledged row, and a new producer (a new producer id) publishes them:
-         * duplicates possible, same message-id, order per key kept. Exiting instead (as
-         * before) let the supervisor do the same, at the price of a restart loop when the
-         * cause comes back. */
+        /* The producer cannot continue. With enable.gapless.guarantee librdkafka raises this
+         * for any batch the broker fails for good or with an error no retry fixes (a policy,
+         * an authorization, an invalid record), since the messages behind it in its
+         * partition would otherwise be published first; also for a broken sequence. Its
+         * messages are purged and reported failed: each table that had some reads again
+         * from its first unacknowledged row, after its own doubling pause (the table whose
+         * row failed) or at once (the others: duplicates, same message-id); rows rejected for
+         * good go to the dead-letter table. A new producer (a new producer id) replaces it.
+         * Before, the process exited and its supervisor restarted it. */
         if (rk != r->producer || r->producer_down)
             return; /* already being replaced */
         char fatal[512];
         rd_kafka_resp_err_t ferr = rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
         r->producer_down = true;
-        r->restart_backoff_ms = r->restart_backoff_ms ? r->restart_backoff_ms * 2 : 100;
-        if (r->restart_backoff_ms > r->settings.reconnect_max_ms)
-            r->restart_backoff_ms = r->settings.reconnect_max_ms;
+        /* New producers at most every RESTART_GAP_MS: the tables' own pauses space the
+         * retries of what failed; this only bounds the producer ids made per second. */
+        int64_t now = (int64_t)(ev_now(r->loop) * 1000);
+        r->restart_at = r->last_restart_ms + RESTART_GAP_MS;
+        if (r->restart_at < now)
+            r->restart_at = now;
         log_at(LOG_ERROR, LOG_FIELDS("error", rd_kafka_err2name(ferr), "reason", fatal),
-               "fatal producer error; its messages are purged and a new producer starts in "
-               "%lld ms (their rows are published again, same message-id)",
-               (long long)r->restart_backoff_ms);
+               "fatal producer error; its messages are purged and published again by a new "
+               "producer (same message-id)");
         metrics_counter_add("relay_producer_restarts_total", NULL, 1);
-        r->restart_deadline = 0;
         ev_timer_set(&r->producer_restart, 0, 0); /* the purge at once, from the loop */
         ev_timer_start(r->loop, &r->producer_restart);
         return;
@@ -138,14 +143,13 @@ static rd_kafka_t *producer_new(struct relay *r, char *err, size_t errlen)
     snprintf(linger, sizeof(linger), "%lld", (long long)r->settings.linger_ms);
     /* message.timeout.ms=0: never give up on a transient error; the idempotent producer then
      * keeps order and loses nothing while a broker is away. Rows Kafka rejects for good are
-     * reported at once and dead-lettered. enable.gapless.guarantee: when a batch fails for
-     * good (or with an error no retry fixes) while later messages of its partition wait, the
-     * producer stops instead of publishing them (see error_cb). KAFKA_* variables may
-     * override any of these. */
+     * reported at once and dead-lettered. enable.gapless.guarantee (below): when a batch
+     * fails for good or with an error no retry fixes, the producer stops instead of
+     * publishing the messages behind it (see error_cb). KAFKA_* variables may override any
+     * of these. */
     const char *props[][2] = {
         {"bootstrap.servers", r->settings.kafka_brokers},
         {"enable.idempotence", "true"},
-        {"enable.gapless.guarantee", "true"},
         {"acks", "all"},
         {"message.timeout.ms", "0"},
         {"linger.ms", linger},
@@ -164,6 +168,19 @@ static rd_kafka_t *producer_new(struct relay *r, char *err, size_t errlen)
         }
     }
     if (kafka_conf_apply_env(conf, err, errlen)) {
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    /* The gapless guarantee needs the idempotent producer: on unless KAFKA_ENABLE_IDEMPOTENCE
+     * turned that off (then order per key after a failed batch is not kept, README) or
+     * KAFKA_ENABLE_GAPLESS_GUARANTEE says otherwise. */
+    char idem[16];
+    size_t idem_len = sizeof(idem);
+    if (!getenv("KAFKA_ENABLE_GAPLESS_GUARANTEE") &&
+        rd_kafka_conf_get(conf, "enable.idempotence", idem, &idem_len) == RD_KAFKA_CONF_OK &&
+        !strcmp(idem, "true") &&
+        kafka_conf_set(conf, "enable.gapless.guarantee", "true",
+                       "producer property enable.gapless.guarantee", err, errlen)) {
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
@@ -194,23 +211,38 @@ static void *destroy_thread(void *arg)
 /* How long the stopped producer may take to report its purged messages. */
 #define RESTART_DRAIN_MS 5000
 
+/* Waits (bounded) for the thread destroying the previous stopped producer. */
+static void join_destroyer(struct relay *r)
+{
+    if (!r->destroyer_running)
+        return;
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += 5;
+    if (pthread_clockjoin_np(r->destroyer, NULL, CLOCK_MONOTONIC, &until))
+        log_warn("a stopped producer is still being destroyed after 5 s");
+    r->destroyer_running = false;
+}
+
 /* After a fatal error (error_cb): purge the stopped producer, serve the reports of its
- * messages (each table that had some starts over from its first unacknowledged row), then,
- * once the pause has passed, put a new producer in its place. The old one is destroyed on a
- * thread of its own: rd_kafka_destroy joins librdkafka's threads, not a call for the loop. */
+ * messages (each table that had some starts over from its first unacknowledged row), then
+ * put a new producer in its place. The old one is destroyed on a thread of its own
+ * (rd_kafka_destroy joins librdkafka's threads: not a call for the loop), with its queue's
+ * io-event off first, since the pipe is the new producer's now; relay_producer_stop joins
+ * that thread. */
 static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct relay *r = w->data;
-    double now = ev_now(loop);
+    int64_t now_ms = (int64_t)(ev_now(loop) * 1000);
     if (!r->old_producer) {
         r->old_producer = r->producer;
-        rd_kafka_purge(r->old_producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-        r->restart_deadline = (int64_t)(now * 1000) + r->restart_backoff_ms;
+        rd_kafka_purge(r->old_producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT |
+                                            RD_KAFKA_PURGE_F_NON_BLOCKING);
+        r->restart_deadline_ms = now_ms + RESTART_DRAIN_MS;
     }
     serve(r); /* r->producer is still the old one: its reports go to their tables */
     int pending = rd_kafka_outq_len(r->old_producer);
-    int64_t now_ms = (int64_t)(now * 1000);
-    if (pending > 0 && now_ms > r->restart_deadline + RESTART_DRAIN_MS) {
+    if (pending > 0 && now_ms > r->restart_deadline_ms) {
         /* Never seen; the rows are safe in their tables, so a new process is the way out. */
         log_at(LOG_ERROR, NULL,
                "the stopped producer still holds %d messages or reports after %d ms; exiting "
@@ -219,8 +251,8 @@ static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
         fflush(stdout);
         _exit(1);
     }
-    if (pending > 0 || now_ms < r->restart_deadline) {
-        ev_timer_set(w, 0.01, 0);
+    if (pending > 0 || now_ms < r->restart_at) {
+        ev_timer_set(w, pending > 0 ? 0.01 : (double)(r->restart_at - now_ms) / 1000.0, 0);
         ev_timer_start(loop, w);
         return;
     }
@@ -229,19 +261,24 @@ static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (!fresh) {
         log_at(LOG_ERROR, LOG_FIELDS("error", err), "no new producer; trying again in %lld ms",
                (long long)r->settings.reconnect_max_ms);
-        r->restart_deadline = now_ms + r->settings.reconnect_max_ms;
+        r->restart_at = now_ms + r->settings.reconnect_max_ms;
+        r->restart_deadline_ms = INT64_MAX; /* nothing pending: the old one is drained */
         ev_timer_set(w, (double)r->settings.reconnect_max_ms / 1000.0, 0);
         ev_timer_start(loop, w);
         return;
     }
-    pthread_t th;
-    if (pthread_create(&th, NULL, destroy_thread, r->old_producer) == 0)
-        pthread_detach(th);
+    rd_kafka_queue_t *q = rd_kafka_queue_get_main(r->old_producer);
+    rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
+    rd_kafka_queue_destroy(q);
+    join_destroyer(r);
+    if (pthread_create(&r->destroyer, NULL, destroy_thread, r->old_producer) == 0)
+        r->destroyer_running = true;
     else
         rd_kafka_destroy(r->old_producer);
     r->old_producer = NULL;
     r->producer = fresh;
     r->producer_down = false;
+    r->last_restart_ms = now_ms;
     log_info("a new producer replaces the stopped one");
     for (size_t i = 0; i < r->table_count; i++)
         outbox_table_kick(r->tables[i]);
@@ -285,9 +322,8 @@ void relay_producer_stop(struct relay *r)
     ev_io_stop(r->loop, &r->kafka_io);
     ev_timer_stop(r->loop, &r->kafka_poll);
     ev_timer_stop(r->loop, &r->producer_restart);
-    if (r->old_producer && r->old_producer != r->producer)
-        rd_kafka_destroy(r->old_producer);
-    r->old_producer = NULL;
+    r->old_producer = NULL; /* it is r->producer while a restart drains it */
+    join_destroyer(r);
     /* Whatever is still queued was not acknowledged, so its rows were not deleted: purge
      * rather than wait, the rows are published again by the next leader. */
     rd_kafka_purge(r->producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);

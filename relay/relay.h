@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include <ev.h>
+#include <pthread.h>
 #include <librdkafka/rdkafka.h>
 
 #include "pgloop.h"
@@ -119,10 +120,13 @@ struct relay {
      * of its partition queued) stops the producer: no claim until a new one replaces it
      * (producer.c, relay_producer_restart). */
     bool producer_down;
-    rd_kafka_t *old_producer;   /* the stopped one, while its reports are served */
-    ev_timer producer_restart;  /* the pause before, then the drain of old_producer */
-    int64_t restart_backoff_ms; /* doubles per fatal error, 0 after a delivery */
-    int64_t restart_deadline;   /* monotonic ms: the drain's bound */
+    rd_kafka_t *old_producer;    /* the stopped one, while its reports are served */
+    ev_timer producer_restart;   /* the drain of old_producer, then the new producer */
+    int64_t restart_at;          /* ms (loop time): no new producer before */
+    int64_t last_restart_ms;     /* when the last new producer was made (loop time) */
+    int64_t restart_deadline_ms; /* the drain's bound (loop time) */
+    pthread_t destroyer;         /* destroys the last stopped producer (joined at stop) */
+    bool destroyer_running;
 };
 
 /* Runs the table's next step from the loop (after a new producer, say). */

@@ -626,12 +626,12 @@ Test(relay_faults, sigterm_with_broker_down)
 
 /* A Produce request fails with an error that librdkafka does not retry and the relay does
  * not count as permanent (POLICY_VIOLATION) while later rows of its partitions wait behind
- * it: the producer must not publish those later rows first. With enable.gapless.guarantee it
- * stops (a fatal error), its messages are purged, the tables read again from their first
- * unacknowledged row and a new producer publishes them: every row arrives, the first
- * deliveries per key in seq order. Before, the next request went out and a later row of a key
- * was delivered before the failed earlier ones were published again (seen in 2 of 4 runs:
- * "key k010: first delivery of n=27 after n=9").
+ * it (50 ms answers: the claims behind it are produced meanwhile): the producer must not
+ * publish those later rows first. With enable.gapless.guarantee it stops (a fatal error),
+ * its messages are purged, the tables read again from their first unacknowledged row and a
+ * new producer publishes them: every row arrives, the first deliveries per key in seq order.
+ * Without the guarantee the order check fails in about one run of three ("key k014: first
+ * delivery of n=12 ... after n=9") and the restart counter in every run.
  * One request in flight: the dev broker (librdkafka's mock) appends a request that follows a
  * failed one without checking the idempotent producer's sequence numbers, as a real broker
  * would (OUT_OF_ORDER_SEQUENCE_NUMBER), so with several in flight the mock itself reorders. */
@@ -641,7 +641,7 @@ Test(relay_faults, non_retriable_produce_error)
     e2e_setup(&e, "nonretry", 20);
     const char *topics[] = {e.topic_a, e.topic_b, NULL};
     struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    devbroker_command(&e.broker, "rtt 1 10");
+    devbroker_command(&e.broker, "rtt 1 50");
     struct proc relay;
     const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
                          NULL};
