@@ -128,13 +128,16 @@ struct outbox_table {
     uint64_t claims_sent, claim_no;
     int64_t claim_low, claim_cursor;
     struct holes *holes;
-    uint64_t sweep_no;         /* the sweep in flight */
-    unsigned sweep_gen;        /* the generation that sent it */
-    int64_t sweep_ms;          /* when the last sweep was sent (or a pause's end) */
-    int64_t sweep_every_ms;    /* SWEEP_MIN_MS, doubling while the oldest hole stays */
-    int64_t sweep_floor;       /* the oldest hole when the last sweep was sent */
-    bool cache_warned;         /* the seq sequence's CACHE is not 1 (logged once) */
-    int64_t fail_backoff_ms;   /* pause after a delivery failure; doubles, 0 after a success */
+    uint64_t sweep_no;       /* the sweep in flight */
+    unsigned sweep_gen;      /* the generation that sent it */
+    int64_t sweep_ms;        /* when the last sweep was sent (or a pause's end) */
+    int64_t sweep_every_ms;  /* SWEEP_MIN_MS, doubling while the oldest hole stays */
+    int64_t sweep_floor;     /* the oldest hole when the last sweep was sent */
+    bool cache_warned;       /* the seq sequence's CACHE is not 1 (logged once) */
+    int64_t fail_backoff_ms; /* pause after a delivery failure; doubles (note_failure) */
+    int64_t fail_seq;        /* the row whose failure set it: its delivery resets it */
+    unsigned failure_gen;    /* the generation whose failed rows were noted */
+    bool failure_noted;
     int64_t claim_hold_until;  /* no claim before this (monotonic ms) */
     bool claiming;             /* false after SIGTERM */
     bool released;             /* outbox_table_release: no session, never reconnects */
@@ -160,7 +163,7 @@ struct outbox_table {
     size_t orphan_count, orphan_cap;
     bool orphan_inflight; /* orphan_sent is the move in flight */
     struct dead_orphan orphan_sent;
-    int64_t orphan_retry_ms; /* after a failed move: not again before (monotonic ms); 0 */
+    int64_t dead_retry_ms; /* after a failed dead-letter move: none before (monotonic ms) */
 };
 
 static void step(struct outbox_table *t);
@@ -223,6 +226,9 @@ static void batch_free_if_unused(struct batch *b)
  * in the producer are freed by their last delivery report. */
 static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
 {
+    for (size_t i = 0; i < t->orphan_count; i++)
+        if (t->orphans[i].seq == seq)
+            return; /* known already */
     if (t->orphan_count == t->orphan_cap) {
         size_t cap = t->orphan_cap ? t->orphan_cap * 2 : 16;
         struct dead_orphan *o = realloc(t->orphans, cap * sizeof(*o));
@@ -239,6 +245,19 @@ static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
         abort();
     }
     t->orphans[t->orphan_count++] = (struct dead_orphan){seq, e};
+}
+
+/* If seq is a row rejected for good whose move is still to be sent, takes it out of the list
+ * and returns its error (the caller owns it); else NULL. */
+static char *orphan_take(struct outbox_table *t, int64_t seq)
+{
+    for (size_t i = 0; i < t->orphan_count; i++)
+        if (t->orphans[i].seq == seq) {
+            char *e = t->orphans[i].error;
+            t->orphans[i] = t->orphans[--t->orphan_count];
+            return e;
+        }
+    return NULL;
 }
 
 /* Before closing the lock session with pgloop_close (which drops the callbacks in flight):
@@ -373,6 +392,8 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         log_at(LOG_ERROR, LOG_FIELDS("table", t->label, "error", PQresultErrorMessage(res)),
                "preparing the claim failed");
+        if (!t->claim_down_since)
+            t->claim_down_since = now_ms(); /* also when it had been ready (prepared again) */
         claim_close(t);
         ev_timer_set(&t->ctimer, (double)t->relay->settings.reconnect_max_ms / 1000.0, 0.0);
         ev_timer_start(t->relay->loop, &t->ctimer);
@@ -819,8 +840,14 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             t->row_bytes_max = r->bytes;
         b->count++;
         b->unresolved++;
-        rd_kafka_resp_err_t err = relay_produce(t->relay, topic, key_null ? NULL : key, key_len,
-                                                payload, payload_len, r->created_ms, h, r);
+        /* A row Kafka rejected for good whose move a reset interrupted: not produced again
+         * (that would be one more rejection, and with the gapless guarantee one more new
+         * producer), moved as a rejected row. */
+        char *rejected = t->orphan_count ? orphan_take(t, r->seq) : NULL;
+        rd_kafka_resp_err_t err =
+            rejected ? RD_KAFKA_RESP_ERR_INVALID_RECORD
+                     : relay_produce(t->relay, topic, key_null ? NULL : key, key_len, payload,
+                                     payload_len, r->created_ms, h, r);
         if (err == RD_KAFKA_RESP_ERR_NO_ERROR || relay_error_is_permanent(err)) {
             if (r->seq > t->claim_cursor) {
                 if (r->seq > expect)
@@ -846,7 +873,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             if (r->seq > t->cursor)
                 t->cursor = r->seq;
             r->state = ROW_DEAD;
-            r->dead_error = strdup(rd_kafka_err2str(err));
+            r->dead_error = rejected ? rejected : strdup(rd_kafka_err2str(err));
             vec_push(&t->dead, r);
             continue;
         }
@@ -976,13 +1003,13 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
              * stop the table: claims go on meanwhile, and the row may be published again. */
             orphan_push(t, o.seq, o.error);
             if (res) {
-                t->orphan_retry_ms = now_ms() + 1000;
+                t->dead_retry_ms = now_ms() + 1000;
                 schedule(t, 1000);
             }
             free(o.error);
             return;
         }
-        t->orphan_retry_ms = 0;
+        t->dead_retry_ms = 0;
         if (atoi(PQcmdTuples(res)) > 0) { /* 0: moved or deleted already */
             char seq[24];
             snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
@@ -998,7 +1025,8 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     t->dead_row = NULL;
     if (!result_ok(t, res, "dead-letter move")) {
         if (res && r) {
-            vec_push(&t->dead, r);
+            vec_push(&t->dead, r); /* again in a second, not at every step */
+            t->dead_retry_ms = now_ms() + 1000;
             schedule(t, 1000);
         } else if (r) {
             /* The session is gone (a reset follows and lets the row's batch go): the row
@@ -1007,12 +1035,15 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         }
         return;
     }
+    t->dead_retry_ms = 0;
     if (r) {
-        char seq[24];
-        snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
-        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "seq", seq, "error", r->dead_error),
-               "row rejected by Kafka for good; moved to the dead-letter table");
-        metrics_counter_add("relay_dead_letters_total", t->mlabels, 1);
+        if (atoi(PQcmdTuples(res)) > 0) { /* 0: moved already (a move a reset interrupted) */
+            char seq[24];
+            snprintf(seq, sizeof(seq), "%" PRId64, r->seq);
+            log_at(LOG_WARN, LOG_FIELDS("table", t->label, "seq", seq, "error", r->dead_error),
+                   "row rejected by Kafka for good; moved to the dead-letter table");
+            metrics_counter_add("relay_dead_letters_total", t->mlabels, 1);
+        }
         mark_done(t, r);
     }
     kick(t);
@@ -1203,18 +1234,25 @@ static void step(struct outbox_table *t)
     default:
         return;
     }
+    /* A claim session that stays not ready (a connect or a PREPARE that hangs, behind a
+     * pooler's queue or a lock) is checked here too, not only when it fails (ctimer_cb). */
+    if (t->cphase != CLAIM_READY && t->claim_down_since &&
+        now_ms() - t->claim_down_since >=
+            CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms) {
+        give_up_leadership(t);
+        return;
+    }
     note_bytes(t);
     /* The lock connection: deletes first, then dead-letter moves, then (every few seconds,
      * when nothing else is to be done) the backlog gauges. */
-    /* No claim while the producer is being replaced (producer.c), nor before the moves of
-     * rejected rows a reset kept (the new generation would read them again). */
+    /* No claim while the producer is being replaced (producer.c). Rows rejected for good
+     * whose moves a reset kept are not produced again when claimed (claim_result_cb). */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
-                     ((!t->orphan_count && !t->orphan_inflight) || t->orphan_retry_ms) &&
                      claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
             send_delete(t);
-        } else if (t->dead.count || (t->orphan_count && now_ms() >= t->orphan_retry_ms)) {
+        } else if ((t->dead.count || t->orphan_count) && now_ms() >= t->dead_retry_ms) {
             send_dead(t);
         } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= t->sweep_every_ms) {
             /* Only while holes wait for one (see holes.h), every SWEEP_MIN_MS while holes
@@ -1254,6 +1292,36 @@ static void step(struct outbox_table *t)
         schedule(t, t->relay->settings.poll_ms);
 }
 
+static bool purged(rd_kafka_resp_err_t err)
+{
+    return err == RD_KAFKA_RESP_ERR__PURGE_QUEUE || err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT;
+}
+
+/* A row's delivery failed, not for good: the table waits a pause that doubles while failures
+ * go on (an error that keeps coming back, a broker policy say, made this a hot loop of claims,
+ * and with the gapless guarantee a loop of new producers), once per attempt (the generation
+ * that claimed the failed rows). The
+ * pause goes back to 100 ms only when that row is delivered or dead-lettered (fail_seq): the
+ * other partitions' rows keep being acknowledged while one partition's keeps failing. */
+static void note_failure(struct outbox_table *t, rd_kafka_resp_err_t err, int64_t seq, unsigned gen)
+{
+    if (t->failure_gen == gen && t->failure_noted)
+        return; /* the other rows of the same attempt */
+    t->failure_gen = gen;
+    t->failure_noted = true;
+    t->fail_seq = seq;
+    t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
+    if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
+        t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
+    t->claim_hold_until = now_ms() + t->fail_backoff_ms;
+    log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
+           "delivery failed; publishing the table again from its first row, retrying in "
+           "%" PRId64 " ms",
+           t->fail_backoff_ms);
+    metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
+    schedule(t, t->fail_backoff_ms + 1);
+}
+
 void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const char *errstr,
                             int32_t partition, int64_t offset)
 {
@@ -1266,11 +1334,14 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     if (b->gen != t->gen) {
         /* Claimed before a reset: the row is still in the table and is claimed again. The
          * reset detached this batch; its last report frees it. Its bytes left the producer:
-         * a claim waiting for room may go (not at the next poll). A rejection for good still
-         * counts: the reset may have come first (a fatal producer error reports the purged
-         * messages before the rejected batch), and the row would be published again. */
+         * a claim waiting for room may go (not at the next poll). A failure still counts:
+         * the reset may have come first (a fatal producer error reports the purged messages
+         * before the failed batch): a rejection for good keeps the row out (orphans), any
+         * other failure sets the table's pause. */
         if (relay_error_is_permanent(err))
             orphan_push(t, r->seq, errstr ? errstr : rd_kafka_err2str(err));
+        else if (err != RD_KAFKA_RESP_ERR_NO_ERROR && !purged(err))
+            note_failure(t, err, r->seq, b->gen);
         batch_free_if_unused(b);
         kick(t);
         return;
@@ -1284,27 +1355,26 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
         double now_s = ev_now(t->relay->loop);
         metrics_series_observe(t->ack_latency, now_s - (double)r->created_ms / 1000.0);
         metrics_series_add(t->topics[r->topic].published, 1);
-        t->fail_backoff_ms = 0;
+        if (t->fail_backoff_ms && r->seq == t->fail_seq)
+            t->fail_backoff_ms = 0;
     } else if (relay_error_is_permanent(err)) {
         r->state = ROW_DEAD;
         r->dead_error = strdup(errstr ? errstr : rd_kafka_err2str(err));
         vec_push(&t->dead, r);
-    } else {
-        /* A transient failure the producer gave up on: start over from the table so that
-         * order per key holds (what was delivered meanwhile is published again, same
-         * message-id), after a pause that doubles while the failures go on (an error that
-         * keeps coming back, a broker policy say, made this a hot loop of claims). */
-        t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
-        if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
-            t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
-        t->claim_hold_until = now_ms() + t->fail_backoff_ms;
-        log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
-               "delivery failed; publishing the table again from its first row, retrying in "
-               "%" PRId64 " ms",
-               t->fail_backoff_ms);
-        metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
+        if (t->fail_backoff_ms && r->seq == t->fail_seq)
+            t->fail_backoff_ms = 0;
+    } else if (purged(err)) {
+        /* Purged with a stopped producer (producer.c): not this table's failure. Start over
+         * from the table (order per key); the new producer kicks it. */
+        log_at(LOG_INFO, LOG_FIELDS("table", t->label),
+               "messages purged with the stopped producer; publishing the table again from its "
+               "first unacknowledged row");
         reset_state(t); /* frees b too once nothing in the producer refers to it */
-        schedule(t, t->fail_backoff_ms + 1);
+    } else {
+        /* A failure the producer gave up on: start over from the table so that order per
+         * key holds (what was delivered meanwhile is published again, same message-id). */
+        note_failure(t, err, r->seq, b->gen);
+        reset_state(t);
     }
     kick(t);
 }

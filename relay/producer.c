@@ -48,6 +48,15 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 /* The least time between two new producers (see error_cb). */
 #define RESTART_GAP_MS 100
 
+/* Monotonic milliseconds: the restart's timing must not follow a wall clock step (libev's
+ * ev_now is wall time). */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
     struct relay *r = opaque;
@@ -72,7 +81,7 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         r->producer_down = true;
         /* New producers at most every RESTART_GAP_MS: the tables' own pauses space the
          * retries of what failed; this only bounds the producer ids made per second. */
-        int64_t now = (int64_t)(ev_now(r->loop) * 1000);
+        int64_t now = mono_ms();
         r->restart_at = r->last_restart_ms + RESTART_GAP_MS;
         if (r->restart_at < now)
             r->restart_at = now;
@@ -233,7 +242,7 @@ static void join_destroyer(struct relay *r)
 static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct relay *r = w->data;
-    int64_t now_ms = (int64_t)(ev_now(loop) * 1000);
+    int64_t now_ms = mono_ms();
     if (!r->old_producer) {
         r->old_producer = r->producer;
         rd_kafka_purge(r->old_producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT |
@@ -270,7 +279,11 @@ static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
     rd_kafka_queue_t *q = rd_kafka_queue_get_main(r->old_producer);
     rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
     rd_kafka_queue_destroy(q);
-    join_destroyer(r);
+    /* The previous stopped producer's thread: joined if done, else let go (its queue's
+     * io-event is off; nothing else of it is shared), never waited for on the loop. */
+    if (r->destroyer_running && pthread_tryjoin_np(r->destroyer, NULL) != 0)
+        pthread_detach(r->destroyer);
+    r->destroyer_running = false;
     if (pthread_create(&r->destroyer, NULL, destroy_thread, r->old_producer) == 0)
         r->destroyer_running = true;
     else

@@ -116,15 +116,15 @@ struct relay {
     ev_io kafka_io;
     ev_timer kafka_poll;
     int kafka_event_fds[2];
-    /* A fatal producer error (enable.gapless.guarantee: a batch failed with later messages
-     * of its partition queued) stops the producer: no claim until a new one replaces it
-     * (producer.c, relay_producer_restart). */
+    /* A fatal producer error (enable.gapless.guarantee: a batch failed for good or with an
+     * error no retry fixes; or a broken sequence) stops the producer: no claim until a new
+     * one replaces it (producer.c, restart_cb). */
     bool producer_down;
     rd_kafka_t *old_producer;    /* the stopped one, while its reports are served */
     ev_timer producer_restart;   /* the drain of old_producer, then the new producer */
-    int64_t restart_at;          /* ms (loop time): no new producer before */
-    int64_t last_restart_ms;     /* when the last new producer was made (loop time) */
-    int64_t restart_deadline_ms; /* the drain's bound (loop time) */
+    int64_t restart_at;          /* monotonic ms: no new producer before */
+    int64_t last_restart_ms;     /* when the last new producer was made (monotonic ms) */
+    int64_t restart_deadline_ms; /* the drain's bound (monotonic ms) */
     pthread_t destroyer;         /* destroys the last stopped producer (joined at stop) */
     bool destroyer_running;
 };

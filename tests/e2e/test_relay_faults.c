@@ -671,6 +671,88 @@ Test(relay_faults, non_retriable_produce_error)
     e2e_teardown(&e);
 }
 
+/* Waits (bounded) until at least total - missing distinct rows of [0, total) arrived. */
+static bool e2e_wait_all_but(struct kconsumer *c, long total, long missing, int timeout_ms,
+                             long *arrived)
+{
+    int64_t deadline = proc_now_ms() + timeout_ms;
+    for (;;) {
+        size_t n;
+        struct kmsg **msgs = kconsumer_snapshot(c, &n);
+        bool *seen = calloc((size_t)total, sizeof(*seen));
+        cr_assert(seen);
+        *arrived = 0;
+        for (size_t i = 0; i < n; i++) {
+            long g = id_row(kmsg_header(msgs[i], "message-id", NULL));
+            if (g >= 0 && g < total && !seen[g]) {
+                seen[g] = true;
+                (*arrived)++;
+            }
+        }
+        free(seen);
+        free(msgs);
+        if (*arrived >= total - missing)
+            return true;
+        if (proc_now_ms() > deadline)
+            return false;
+        kconsumer_wait_count(c, n + 1, 100);
+    }
+}
+
+/* The rows of [from, total) in the dead-letter table (by row number, see id_row; a new array
+ * of total flags the caller frees), each with the mock's INVALID_RECORD text; *ndead their
+ * number. */
+static bool *read_dead_letters(struct e2e *e, long from, long total, long *ndead)
+{
+    bool *dead = calloc((size_t)total, sizeof(*dead));
+    cr_assert(dead);
+    PGresult *res =
+        pgtest_query(e->conn, "SELECT id::text, error FROM saga.outbox_dead_letters", 0, NULL);
+    *ndead = PQntuples(res);
+    for (long i = 0; i < *ndead; i++) {
+        long g = id_row(PQgetvalue(res, (int)i, 0));
+        cr_assert(g >= from && g < total, "dead letter %s", PQgetvalue(res, (int)i, 0));
+        cr_assert(strstr(PQgetvalue(res, (int)i, 1), "validate record"), "error text: %s",
+                  PQgetvalue(res, (int)i, 1));
+        dead[g] = true;
+    }
+    PQclear(res);
+    return dead;
+}
+
+/* Every row of [0, total) not flagged dead arrives (bounded wait); no dead row is ever
+ * delivered; first deliveries per key in n order, skipping only dead rows. */
+static void verify_all_but_dead(struct e2e *e, struct kconsumer *c, long total, const bool *dead)
+{
+    long want = 0;
+    for (long g = 0; g < total; g++)
+        want += !dead[g];
+    long distinct = 0;
+    (void)e2e_wait_all_but(c, total, total - want, 30000, &distinct);
+    cr_assert_eq(distinct, want, "%ld of %ld rows arrived", distinct, want);
+    size_t n = 0;
+    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    long *next_n = calloc((size_t)e->keys, sizeof(*next_n));
+    bool *first = calloc((size_t)total, sizeof(*first));
+    cr_assert(next_n && first);
+    for (size_t i = 0; i < n; i++) {
+        long g = e2e_check_message(e, msgs[i], total);
+        cr_assert(!dead[g], "dead-lettered row %ld was delivered", g);
+        if (first[g])
+            continue;
+        first[g] = true;
+        int k = row_key(e, g);
+        while (next_n[k] * e->keys + k < total && dead[next_n[k] * e->keys + k])
+            next_n[k]++;
+        cr_assert_eq(row_n(e, g), next_n[k], "key k%03d: first delivery of n=%ld, expected n=%ld",
+                     k, row_n(e, g), next_n[k]);
+        next_n[k]++;
+    }
+    free(next_n);
+    free(first);
+    free(msgs);
+}
+
 /* The broker rejects a request for good (INVALID_RECORD, permanent) while later rows wait
  * behind it: the rejected rows end in the dead-letter table, and stay there although the
  * producer is replaced (gapless guarantee) and the table read again: before, the reset that
@@ -700,75 +782,80 @@ Test(relay_faults, permanent_rejection_with_rows_behind)
         proc_dump(&relay, "relay", 6000);
         cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
     }
-    /* The rejected rows, by their row number (see id_row). */
-    bool *dead = calloc((size_t)total, sizeof(*dead));
-    cr_assert(dead);
-    PGresult *res =
-        pgtest_query(e.conn, "SELECT id::text, error FROM saga.outbox_dead_letters", 0, NULL);
-    long ndead = PQntuples(res);
+    long ndead;
+    bool *dead = read_dead_letters(&e, 100, total, &ndead);
     if (ndead == 0) {
         proc_dump(&relay, "relay", 12000);
         cr_assert_fail("no row in the dead-letter table");
     }
-    for (long i = 0; i < ndead; i++) {
-        long g = id_row(PQgetvalue(res, (int)i, 0));
-        cr_assert(g >= 100 && g < total, "dead letter %s", PQgetvalue(res, (int)i, 0));
-        cr_assert(strstr(PQgetvalue(res, (int)i, 1), "validate record"), "error text: %s",
-                  PQgetvalue(res, (int)i, 1));
-        dead[g] = true;
-    }
-    PQclear(res);
     cr_assert(e2e_wait_metric(port, "relay_producer_restarts_total", 1, 5000),
               "no producer was replaced after the rejection");
-    /* Every row not dead-lettered arrives; first deliveries per key in n order, skipping
-     * only dead-lettered rows; no dead-lettered row is ever delivered. */
-    long want = 0;
-    for (long g = 0; g < total; g++)
-        want += !dead[g];
-    long distinct = 0;
-    int64_t deadline = proc_now_ms() + 30000;
-    size_t n = 0;
-    struct kmsg **msgs = NULL;
-    for (;;) {
-        free(msgs);
-        msgs = kconsumer_snapshot(c, &n);
-        bool *seen = calloc((size_t)total, sizeof(*seen));
-        cr_assert(seen);
-        distinct = 0;
-        for (size_t i = 0; i < n; i++) {
-            long g = id_row(kmsg_header(msgs[i], "message-id", NULL));
-            if (g >= 0 && g < total && !seen[g]) {
-                seen[g] = true;
-                distinct++;
-            }
-        }
-        free(seen);
-        if (distinct >= want || proc_now_ms() > deadline)
-            break;
-        usleep(20000);
-    }
-    cr_assert_eq(distinct, want, "%ld of %ld rows arrived (%ld dead-lettered)", distinct, want,
-                 ndead);
-    long *next_n = calloc((size_t)e.keys, sizeof(*next_n));
-    bool *first = calloc((size_t)total, sizeof(*first));
-    cr_assert(next_n && first);
-    for (size_t i = 0; i < n; i++) {
-        long g = e2e_check_message(&e, msgs[i], total);
-        cr_assert(!dead[g], "dead-lettered row %ld was delivered", g);
-        if (first[g])
-            continue;
-        first[g] = true;
-        int k = row_key(&e, g);
-        while (next_n[k] * e.keys + k < total && dead[next_n[k] * e.keys + k])
-            next_n[k]++;
-        cr_assert_eq(row_n(&e, g), next_n[k], "key k%03d: first delivery of n=%ld, expected n=%ld",
-                     k, row_n(&e, g), next_n[k]);
-        next_n[k]++;
-    }
+    verify_all_but_dead(&e, c, total, dead);
     fprintf(stderr, "permanent_rejection_with_rows_behind: %ld dead letters\n", ndead);
-    free(next_n);
-    free(first);
-    free(msgs);
+    free(dead);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* As above, but the dead-letter moves fail for a while (a trigger refuses the inserts, as a
+ * revoked privilege would): the rows behind still go on, the rejected rows stay in the outbox
+ * and, when claims read them again, are not produced again (that would be one more rejection
+ * and one more new producer, or here, with the broker's error spent, a rejected row
+ * published); once the moves work they end in the dead-letter table. */
+Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
+{
+    struct e2e e;
+    e2e_setup(&e, "deadfail", 10);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    devbroker_command(&e.broker, "rtt 1 10");
+    struct proc relay;
+    const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
+                         NULL};
+    e2e_relay_start(&e, &relay, env);
+    int port = e2e_admin_port(&relay);
+    e2e_insert(&e, 0, 100);
+    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    pgtest_exec(e.conn, "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$ BEGIN RAISE EXCEPTION 'dead letters refused for the test'; END $$; "
+                        "CREATE TRIGGER refuse BEFORE INSERT ON saga.outbox_dead_letters "
+                        "FOR EACH ROW EXECUTE FUNCTION refuse()");
+    const long total = 600;
+    devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
+    e2e_insert(&e, 100, total);
+    size_t at = 0;
+    cr_assert(proc_wait_log(&relay, "dead letters refused for the test", &at, 20000, NULL, 0),
+              "no dead-letter move was refused");
+    /* The rows behind arrive while the moves fail (all but the rejected ones, fewer than 100:
+     * the rows of the failed request); the rejected ones wait in the outbox. */
+    long arrived = 0;
+    if (!e2e_wait_all_but(c, total, 100, 30000, &arrived)) {
+        proc_dump(&relay, "relay", 12000);
+        cr_assert_fail("%ld of %ld rows arrived while the dead-letter moves failed", arrived,
+                       total);
+    }
+    cr_assert(e2e_table_count(&e, "saga.outbox") > 0, "no rejected row waits in the outbox");
+    cr_assert_eq(e2e_table_count(&e, "saga.outbox_dead_letters"), 0);
+    double restarts = 0;
+    char *body = NULL;
+    if (e2e_http_get(port, "/metrics", &body) == 200)
+        restarts = e2e_metric(body, "relay_producer_restarts_total");
+    free(body);
+    cr_assert(restarts >= 1 && restarts <= 2, "%.0f producer restarts", restarts);
+    /* The moves work again: the rejected rows end in the dead-letter table, never delivered. */
+    pgtest_exec(e.conn, "DROP TRIGGER refuse ON saga.outbox_dead_letters");
+    if (!e2e_wait_table_empty(&e, "saga.outbox", 20000)) {
+        proc_dump(&relay, "relay", 12000);
+        cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
+    }
+    long ndead;
+    bool *dead = read_dead_letters(&e, 100, total, &ndead);
+    cr_assert_gt(ndead, 0, "the rejected rows are not in the dead-letter table");
+    verify_all_but_dead(&e, c, total, dead);
+    fprintf(stderr, "rejected_rows_stay_out_while_their_moves_fail: %ld dead letters\n", ndead);
     free(dead);
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
