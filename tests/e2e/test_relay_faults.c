@@ -624,6 +624,26 @@ Test(relay_faults, sigterm_with_broker_down)
     e2e_teardown(&e);
 }
 
+/* The set-up of the tests of failed batches: a table of `keys` keys, a consumer, the broker
+ * answering after rtt_ms, a relay with 50-row claims and one request in flight (see
+ * non_retriable_produce_error for why one), and `warm` rows published first. */
+static int start_one_in_flight(struct e2e *e, const char *name, int keys, int rtt_ms, long warm,
+                               struct kconsumer **c, struct proc *relay)
+{
+    e2e_setup(e, name, keys);
+    const char *topics[] = {e->topic_a, e->topic_b, NULL};
+    *c = kconsumer_start(e->broker.bootstrap, topics);
+    devbroker_command(&e->broker, "rtt 1 %d", rtt_ms);
+    const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
+                         NULL};
+    e2e_relay_start(e, relay, env);
+    int port = e2e_admin_port(relay);
+    e2e_insert(e, 0, warm);
+    cr_assert(e2e_wait_all(*c, warm, 30000, NULL));
+    cr_assert(e2e_wait_table_empty(e, "saga.outbox", 20000));
+    return port;
+}
+
 /* A Produce request fails with an error that librdkafka does not retry and the relay does
  * not count as permanent (POLICY_VIOLATION) while later rows of its partitions wait behind
  * it (50 ms answers: the claims behind it are produced meanwhile): the producer must not
@@ -638,17 +658,9 @@ Test(relay_faults, sigterm_with_broker_down)
 Test(relay_faults, non_retriable_produce_error)
 {
     struct e2e e;
-    e2e_setup(&e, "nonretry", 20);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    devbroker_command(&e.broker, "rtt 1 50");
+    struct kconsumer *c;
     struct proc relay;
-    const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
-                         NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
-    e2e_insert(&e, 0, 200);
-    cr_assert(e2e_wait_all(c, 200, 30000, NULL));
+    int port = start_one_in_flight(&e, "nonretry", 20, 50, 200, &c, &relay);
     const long total = 3000;
     for (long from = 200; from < total; from += 400) {
         devbroker_command(&e.broker, "errors Produce 1 POLICY_VIOLATION");
@@ -763,18 +775,9 @@ static void verify_all_but_dead(struct e2e *e, struct kconsumer *c, long total, 
 Test(relay_faults, permanent_rejection_with_rows_behind)
 {
     struct e2e e;
-    e2e_setup(&e, "permbehind", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    devbroker_command(&e.broker, "rtt 1 10");
+    struct kconsumer *c;
     struct proc relay;
-    const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
-                         NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
-    e2e_insert(&e, 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    int port = start_one_in_flight(&e, "permbehind", 10, 10, 100, &c, &relay);
     const long total = 600;
     devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
     e2e_insert(&e, 100, total);
@@ -807,18 +810,9 @@ Test(relay_faults, permanent_rejection_with_rows_behind)
 Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
 {
     struct e2e e;
-    e2e_setup(&e, "deadfail", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    devbroker_command(&e.broker, "rtt 1 10");
+    struct kconsumer *c;
     struct proc relay;
-    const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
-                         NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
-    e2e_insert(&e, 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    int port = start_one_in_flight(&e, "deadfail", 10, 10, 100, &c, &relay);
     pgtest_exec(e.conn, "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
                         "$$ BEGIN RAISE EXCEPTION 'dead letters refused for the test'; END $$; "
                         "CREATE TRIGGER refuse BEFORE INSERT ON saga.outbox_dead_letters "
