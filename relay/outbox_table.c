@@ -136,6 +136,7 @@ struct outbox_table {
     bool cache_warned;       /* the seq sequence's CACHE is not 1 (logged once) */
     int64_t fail_backoff_ms; /* pause after a delivery failure; doubles (note_failure) */
     int64_t fail_seq;        /* the row whose failure set it: its delivery resets it */
+    int64_t fail_last_ms;    /* when the last failure was noted (monotonic ms) */
     unsigned failure_gen;    /* the generation whose failed rows were noted */
     bool failure_noted;
     int64_t claim_hold_until;  /* no claim before this (monotonic ms) */
@@ -164,6 +165,11 @@ struct outbox_table {
     bool orphan_inflight; /* orphan_sent is the move in flight */
     struct dead_orphan orphan_sent;
     int64_t dead_retry_ms; /* after a failed dead-letter move: none before (monotonic ms) */
+    /* Rows just moved by an orphan move while claims ran (a claim sent before the move's
+     * answer may have read them): seqs, and the last claim number that may have. */
+    int64_t *moved;
+    size_t moved_count, moved_cap;
+    uint64_t moved_claim_no;
 };
 
 static void step(struct outbox_table *t);
@@ -348,6 +354,22 @@ static int64_t now_ms(void)
     return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
 }
 
+/* The delivery-failure pause's next value: 100 ms, doubling while failures follow each other
+ * (RELAY_RECONNECT_MAX at most), from 100 ms again when the last one is older than that. It
+ * also goes back when the failed row is delivered (fail_seq). */
+static int64_t next_fail_backoff(struct outbox_table *t, int64_t seq)
+{
+    int64_t now = now_ms(), max = t->relay->settings.reconnect_max_ms;
+    if (t->fail_backoff_ms && now - t->fail_last_ms > max + t->fail_backoff_ms)
+        t->fail_backoff_ms = 0;
+    t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
+    if (t->fail_backoff_ms > max)
+        t->fail_backoff_ms = max;
+    t->fail_last_ms = now;
+    t->fail_seq = seq;
+    return t->fail_backoff_ms;
+}
+
 static void set_phase(struct outbox_table *t, enum table_phase phase)
 {
     t->phase = phase;
@@ -395,8 +417,13 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
         if (!t->claim_down_since)
             t->claim_down_since = now_ms(); /* also when it had been ready (prepared again) */
         claim_close(t);
-        ev_timer_set(&t->ctimer, (double)t->relay->settings.reconnect_max_ms / 1000.0, 0.0);
+        /* Again after the doubling claim backoff (not a hot loop of PREPAREs, but tried
+         * again before give_up_leadership's bound). */
+        ev_timer_set(&t->ctimer, (double)t->cbackoff_ms / 1000.0, 0.0);
         ev_timer_start(t->relay->loop, &t->ctimer);
+        t->cbackoff_ms *= 2;
+        if (t->cbackoff_ms > t->relay->settings.reconnect_max_ms)
+            t->cbackoff_ms = t->relay->settings.reconnect_max_ms;
         return;
     }
     if (strcmp(PQgetvalue(res, 0, 0), "t")) {
@@ -751,6 +778,8 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
                 abort();
             }
             t->cphase = CLAIM_PREPARING;
+            if (!t->claim_down_since)
+                t->claim_down_since = now_ms(); /* a PREPARE that hangs counts too */
             if (pgloop_query_simple(t->cpg, sql, claim_prepared_cb, t))
                 log_at(LOG_WARN, LOG_FIELDS("table", t->label),
                        "cannot send the claim's preparation; the claim session reconnects");
@@ -844,6 +873,11 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
          * (that would be one more rejection, and with the gapless guarantee one more new
          * producer), moved as a rejected row. */
         char *rejected = t->orphan_count ? orphan_take(t, r->seq) : NULL;
+        if (!rejected && t->orphan_inflight && t->orphan_sent.seq == r->seq)
+            rejected = strdup(t->orphan_sent.error);
+        for (size_t m = 0; !rejected && m < t->moved_count; m++)
+            if (t->moved[m] == r->seq)
+                rejected = strdup("rejected by Kafka for good (moved already)");
         rd_kafka_resp_err_t err =
             rejected ? RD_KAFKA_RESP_ERR_INVALID_RECORD
                      : relay_produce(t->relay, topic, key_null ? NULL : key, key_len, payload,
@@ -894,10 +928,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         }
         int64_t pause = 100;
         if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-            t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
-            if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
-                t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
-            pause = t->fail_backoff_ms;
+            pause = next_fail_backoff(t, r->seq);
             metrics_counter_add("relay_publish_errors_total", t->mlabels, 1);
         }
         log_at(LOG_WARN,
@@ -917,6 +948,8 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             t->head = b;
         t->tail = b;
     }
+    if (t->moved_count && t->claim_no >= t->moved_claim_no)
+        t->moved_count = 0; /* the claims that could have read them are in */
     holes_claim_done(t->holes, t->claim_no, searched);
     note_holes(t);
     learn_row_bytes(t, claim_bytes, looked);
@@ -1011,6 +1044,20 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         }
         t->dead_retry_ms = 0;
         if (atoi(PQcmdTuples(res)) > 0) { /* 0: moved or deleted already */
+            if (pgloop_busy(t->cpg)) {    /* a claim in flight: number claims_sent */
+                if (t->moved_count == t->moved_cap) {
+                    size_t cap = t->moved_cap ? t->moved_cap * 2 : 16;
+                    int64_t *m = realloc(t->moved, cap * sizeof(*m));
+                    if (!m) {
+                        log_error("out of memory noting a dead-letter move");
+                        abort();
+                    }
+                    t->moved = m;
+                    t->moved_cap = cap;
+                }
+                t->moved[t->moved_count++] = o.seq;
+                t->moved_claim_no = t->claims_sent;
+            }
             char seq[24];
             snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
             log_at(LOG_WARN, LOG_FIELDS("table", t->label, "seq", seq, "error", o.error),
@@ -1245,9 +1292,12 @@ static void step(struct outbox_table *t)
     note_bytes(t);
     /* The lock connection: deletes first, then dead-letter moves, then (every few seconds,
      * when nothing else is to be done) the backlog gauges. */
-    /* No claim while the producer is being replaced (producer.c). Rows rejected for good
-     * whose moves a reset kept are not produced again when claimed (claim_result_cb). */
+    /* No claim while the producer is being replaced (producer.c), nor while the moves of
+     * rows rejected for good that a reset kept are under way (the claim would read them
+     * again); while those moves fail, claims go on, and claim_result_cb keeps such rows out
+     * of the producer. */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
+                     (!(t->orphan_count || t->orphan_inflight) || t->dead_retry_ms) &&
                      claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
@@ -1305,14 +1355,14 @@ static bool purged(rd_kafka_resp_err_t err)
  * other partitions' rows keep being acknowledged while one partition's keeps failing. */
 static void note_failure(struct outbox_table *t, rd_kafka_resp_err_t err, int64_t seq, unsigned gen)
 {
-    if (t->failure_gen == gen && t->failure_noted)
-        return; /* the other rows of the same attempt */
+    /* The other rows of the same attempt, or an older attempt's late reports (wrap-safe). */
+    if (t->failure_noted && (int)(gen - t->failure_gen) <= 0)
+        return;
     t->failure_gen = gen;
     t->failure_noted = true;
-    t->fail_seq = seq;
-    t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
-    if (t->fail_backoff_ms > t->relay->settings.reconnect_max_ms)
-        t->fail_backoff_ms = t->relay->settings.reconnect_max_ms;
+    next_fail_backoff(t, seq);
+    if (t->phase != PHASE_LEADING)
+        return; /* its timer is the reconnect's or the standby's now: leave it alone */
     t->claim_hold_until = now_ms() + t->fail_backoff_ms;
     log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
            "delivery failed; publishing the table again from its first row, retrying in "
@@ -1579,6 +1629,7 @@ void outbox_table_destroy(struct outbox_table *t)
     for (size_t i = 0; i < t->orphan_count; i++)
         free(t->orphans[i].error);
     free(t->orphans);
+    free(t->moved);
     if (t->orphan_inflight)
         free(t->orphan_sent.error);
     outbox_sql_free(&t->sql);

@@ -337,6 +337,10 @@ void relay_producer_stop(struct relay *r)
     ev_timer_stop(r->loop, &r->producer_restart);
     r->old_producer = NULL; /* it is r->producer while a restart drains it */
     join_destroyer(r);
+    /* Every producer of the process gone, those let go by restart_cb included, before the
+     * caller returns from main (exit's handlers must not run under librdkafka's threads). */
+    if (rd_kafka_wait_destroyed(5000) == -1)
+        log_warn("a stopped producer is still being destroyed after 5 s");
     /* Whatever is still queued was not acknowledged, so its rows were not deleted: purge
      * rather than wait, the rows are published again by the next leader. */
     rd_kafka_purge(r->producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);

@@ -711,6 +711,24 @@ static bool e2e_wait_all_but(struct kconsumer *c, long total, long missing, int 
     }
 }
 
+/* The messages of the rejected requests, as the relay's "fatal producer error" lines name
+ * them ("... with N message(s) failed: ..."). */
+static long rejected_in_log(struct proc *relay)
+{
+    char *out = proc_read_stdout(relay);
+    long n = 0;
+    for (char *line = strstr(out, "fatal producer error"); line;
+         line = strstr(line + 1, "fatal producer error")) {
+        char *eol = strchr(line, '\n');
+        char *with = strstr(line, " with ");
+        long k;
+        if (with && (!eol || with < eol) && sscanf(with, " with %ld message(s) failed", &k) == 1)
+            n += k;
+    }
+    free(out);
+    return n;
+}
+
 /* The rows of [from, total) in the dead-letter table (by row number, see id_row; a new array
  * of total flags the caller frees), each with the mock's INVALID_RECORD text; *ndead their
  * number. */
@@ -793,8 +811,45 @@ Test(relay_faults, permanent_rejection_with_rows_behind)
     }
     cr_assert(e2e_wait_metric(port, "relay_producer_restarts_total", 1, 5000),
               "no producer was replaced after the rejection");
+    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
+                 rejected_in_log(&relay));
     verify_all_but_dead(&e, c, total, dead);
     fprintf(stderr, "permanent_rejection_with_rows_behind: %ld dead letters\n", ndead);
+    free(dead);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
+/* As above, with dead-letter moves that take 50 ms each (a trigger that sleeps, as a busy
+ * database would): the new producer's claims must not read the rejected rows again while
+ * their moves are under way (a claim reads the table's first rows, where they are): each
+ * would be produced again (one more rejection, or, the broker's error spent here, a rejected
+ * row published). */
+Test(relay_faults, slow_dead_letter_moves_keep_rejected_rows_out)
+{
+    struct e2e e;
+    struct kconsumer *c;
+    struct proc relay;
+    (void)start_one_in_flight(&e, "deadslow", 10, 10, 100, &c, &relay);
+    pgtest_exec(e.conn, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$; "
+                        "CREATE TRIGGER slow BEFORE INSERT ON saga.outbox_dead_letters "
+                        "FOR EACH ROW EXECUTE FUNCTION slow()");
+    const long total = 600;
+    devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
+    e2e_insert(&e, 100, total);
+    if (!e2e_wait_table_empty(&e, "saga.outbox", 30000)) {
+        proc_dump(&relay, "relay", 6000);
+        cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
+    }
+    long ndead;
+    bool *dead = read_dead_letters(&e, 100, total, &ndead);
+    cr_assert_gt(ndead, 0, "no row in the dead-letter table");
+    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
+                 rejected_in_log(&relay));
+    verify_all_but_dead(&e, c, total, dead);
     free(dead);
     e2e_relay_stop(&relay);
     proc_cleanup(&relay);
@@ -848,6 +903,8 @@ Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
     long ndead;
     bool *dead = read_dead_letters(&e, 100, total, &ndead);
     cr_assert_gt(ndead, 0, "the rejected rows are not in the dead-letter table");
+    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
+                 rejected_in_log(&relay));
     verify_all_but_dead(&e, c, total, dead);
     fprintf(stderr, "rejected_rows_stay_out_while_their_moves_fail: %ld dead letters\n", ndead);
     free(dead);
