@@ -165,6 +165,8 @@ struct outbox_table {
     bool orphan_inflight; /* orphan_sent is the move in flight */
     struct dead_orphan orphan_sent;
     int64_t dead_retry_ms; /* after a failed dead-letter move: none before (monotonic ms) */
+    int64_t
+        orphan_gate_ms; /* when orphans last appeared: claims wait for their moves 1 s at most */
     /* Rows just moved by an orphan move while claims ran (a claim sent before the move's
      * answer may have read them): seqs, and the last claim number that may have. */
     int64_t *moved;
@@ -173,6 +175,7 @@ struct outbox_table {
 };
 
 static void step(struct outbox_table *t);
+static int64_t now_ms(void);
 
 static uint32_t topic_index(struct outbox_table *t, const char *topic)
 {
@@ -235,6 +238,8 @@ static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
     for (size_t i = 0; i < t->orphan_count; i++)
         if (t->orphans[i].seq == seq)
             return; /* known already */
+    if (!t->orphan_count && !t->orphan_inflight)
+        t->orphan_gate_ms = now_ms(); /* see claim_due in step */
     if (t->orphan_count == t->orphan_cap) {
         size_t cap = t->orphan_cap ? t->orphan_cap * 2 : 16;
         struct dead_orphan *o = realloc(t->orphans, cap * sizeof(*o));
@@ -618,6 +623,7 @@ static void listen_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         return;
     log_at(LOG_INFO, LOG_FIELDS("table", t->label), "leading: publishing this table");
     t->backoff_ms = 100;
+    t->dead_retry_ms = 0; /* a new session: moves are tried at once */
     reset_state(t);
     set_phase(t, PHASE_LEADING);
     if (t->cphase != CLAIM_READY)
@@ -873,11 +879,16 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
          * (that would be one more rejection, and with the gapless guarantee one more new
          * producer), moved as a rejected row. */
         char *rejected = t->orphan_count ? orphan_take(t, r->seq) : NULL;
+        const char *known = NULL;
         if (!rejected && t->orphan_inflight && t->orphan_sent.seq == r->seq)
-            rejected = strdup(t->orphan_sent.error);
-        for (size_t m = 0; !rejected && m < t->moved_count; m++)
+            known = t->orphan_sent.error;
+        for (size_t m = 0; !rejected && !known && m < t->moved_count; m++)
             if (t->moved[m] == r->seq)
-                rejected = strdup("rejected by Kafka for good (moved already)");
+                known = "rejected by Kafka for good (moved already)";
+        if (known && !(rejected = strdup(known))) {
+            log_error("out of memory keeping a rejected row out");
+            abort();
+        }
         rd_kafka_resp_err_t err =
             rejected ? RD_KAFKA_RESP_ERR_INVALID_RECORD
                      : relay_produce(t->relay, topic, key_null ? NULL : key, key_len, payload,
@@ -1128,7 +1139,10 @@ static void send_delete(struct outbox_table *t)
 static void send_dead(struct outbox_table *t)
 {
     if (!t->dead.count) {
-        struct dead_orphan o = t->orphans[--t->orphan_count];
+        /* The oldest first (a failed move goes to the back): one failing move does not
+         * starve the others. */
+        struct dead_orphan o = t->orphans[0];
+        memmove(t->orphans, t->orphans + 1, (--t->orphan_count) * sizeof(*t->orphans));
         char seq[24];
         snprintf(seq, sizeof(seq), "%" PRId64, o.seq);
         const char *params[2] = {seq, o.error};
@@ -1136,7 +1150,8 @@ static void send_dead(struct outbox_table *t)
         t->orphan_inflight = true;
         if (pgloop_query_prepared(t->pg, "relay_dead", 2, params, dead_result_cb, t)) {
             t->orphan_inflight = false;
-            t->orphans[t->orphan_count++] = o;
+            memmove(t->orphans + 1, t->orphans, t->orphan_count++ * sizeof(*t->orphans));
+            t->orphans[0] = o;
         }
         return;
     }
@@ -1297,7 +1312,8 @@ static void step(struct outbox_table *t)
      * again); while those moves fail, claims go on, and claim_result_cb keeps such rows out
      * of the producer. */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
-                     (!(t->orphan_count || t->orphan_inflight) || t->dead_retry_ms) &&
+                     (!(t->orphan_count || t->orphan_inflight) || t->dead_retry_ms ||
+                      now_ms() - t->orphan_gate_ms >= 1000) &&
                      claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {

@@ -42,6 +42,8 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
      * (it is meant for consumer error events, whose payload is the error text), and that is
      * not even NUL-terminated. */
     const char *errstr = m->err ? rd_kafka_err2str(m->err) : NULL;
+    if (!m->err)
+        ((struct relay *)opaque)->delivered_since_restart = true;
     outbox_table_delivered(m->_private, m->err, errstr, m->partition, m->offset);
 }
 
@@ -79,10 +81,17 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         char fatal[512];
         rd_kafka_resp_err_t ferr = rd_kafka_fatal_error(rk, fatal, sizeof(fatal));
         r->producer_down = true;
-        /* New producers at most every RESTART_GAP_MS: the tables' own pauses space the
-         * retries of what failed; this only bounds the producer ids made per second. */
+        /* New producers RESTART_GAP_MS apart while the last one delivered something (the
+         * tables' own pauses space the retries of what failed), else a pause that doubles up
+         * to RELAY_RECONNECT_MAX: a fatal error that fails no message (the producer id
+         * refused: an ACL, a broker without idempotence) pauses no table, and made this a
+         * new producer ten times a second. */
         int64_t now = mono_ms();
-        r->restart_at = r->last_restart_ms + RESTART_GAP_MS;
+        if (r->delivered_since_restart || !r->restart_backoff_ms)
+            r->restart_backoff_ms = RESTART_GAP_MS;
+        else if ((r->restart_backoff_ms *= 2) > r->settings.reconnect_max_ms)
+            r->restart_backoff_ms = r->settings.reconnect_max_ms;
+        r->restart_at = r->last_restart_ms + r->restart_backoff_ms;
         if (r->restart_at < now)
             r->restart_at = now;
         log_at(LOG_ERROR, LOG_FIELDS("error", rd_kafka_err2name(ferr), "reason", fatal),
@@ -292,6 +301,7 @@ static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
     r->producer = fresh;
     r->producer_down = false;
     r->last_restart_ms = now_ms;
+    r->delivered_since_restart = false;
     log_info("a new producer replaces the stopped one");
     for (size_t i = 0; i < r->table_count; i++)
         outbox_table_kick(r->tables[i]);
@@ -337,15 +347,16 @@ void relay_producer_stop(struct relay *r)
     ev_timer_stop(r->loop, &r->producer_restart);
     r->old_producer = NULL; /* it is r->producer while a restart drains it */
     join_destroyer(r);
-    /* Every producer of the process gone, those let go by restart_cb included, before the
-     * caller returns from main (exit's handlers must not run under librdkafka's threads). */
-    if (rd_kafka_wait_destroyed(5000) == -1)
-        log_warn("a stopped producer is still being destroyed after 5 s");
     /* Whatever is still queued was not acknowledged, so its rows were not deleted: purge
      * rather than wait, the rows are published again by the next leader. */
     rd_kafka_purge(r->producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
     rd_kafka_destroy(r->producer); /* reports of purged messages are dropped, not served */
     r->producer = NULL;
+    /* Every producer of the process gone, those let go by restart_cb included, before the
+     * caller returns from main (exit's handlers must not run under librdkafka's threads).
+     * After the destroy above: it waits for every handle, the live one included. */
+    if (rd_kafka_wait_destroyed(5000) == -1)
+        log_warn("a stopped producer is still being destroyed after 5 s");
     close(r->kafka_event_fds[0]);
     close(r->kafka_event_fds[1]);
 }

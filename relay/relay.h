@@ -120,12 +120,14 @@ struct relay {
      * error no retry fixes; or a broken sequence) stops the producer: no claim until a new
      * one replaces it (producer.c, restart_cb). */
     bool producer_down;
-    rd_kafka_t *old_producer;    /* the stopped one, while its reports are served */
-    ev_timer producer_restart;   /* the drain of old_producer, then the new producer */
-    int64_t restart_at;          /* monotonic ms: no new producer before */
-    int64_t last_restart_ms;     /* when the last new producer was made (monotonic ms) */
-    int64_t restart_deadline_ms; /* the drain's bound (monotonic ms) */
-    pthread_t destroyer;         /* destroys the last stopped producer (joined at stop) */
+    rd_kafka_t *old_producer;     /* the stopped one, while its reports are served */
+    ev_timer producer_restart;    /* the drain of old_producer, then the new producer */
+    int64_t restart_at;           /* monotonic ms: no new producer before */
+    int64_t last_restart_ms;      /* when the last new producer was made (monotonic ms) */
+    int64_t restart_deadline_ms;  /* the drain's bound (monotonic ms) */
+    int64_t restart_backoff_ms;   /* the least time between new producers (error_cb) */
+    bool delivered_since_restart; /* the current producer has delivered a message */
+    pthread_t destroyer;          /* destroys the last stopped producer (joined at stop) */
     bool destroyer_running;
 };
 

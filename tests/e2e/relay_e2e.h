@@ -435,6 +435,10 @@ static inline void e2e_relay_stop(struct proc *p)
         proc_dump(p, "relay", 6000);
         cr_assert_fail("the relay exited %d after SIGTERM, expected 0", proc_exit_code(p));
     }
+    /* Its producers destroyed at once (a wait for them before the last destroy cost every
+     * stop 5 s and this line). */
+    cr_assert_eq(proc_count_log(p, "still being destroyed"), 0,
+                 "the relay waited for a producer's destruction at exit");
 }
 
 /* The server label the relay gives the tables of a database URL: host:port. */
