@@ -95,8 +95,9 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         if (r->restart_at < now)
             r->restart_at = now;
         log_at(LOG_ERROR, LOG_FIELDS("error", rd_kafka_err2name(ferr), "reason", fatal),
-               "fatal producer error; its messages are purged and published again by a new "
-               "producer (same message-id)");
+               "fatal producer error; its messages are purged and published again (same "
+               "message-id) by a new producer, %lld ms after the last one at the earliest",
+               (long long)r->restart_backoff_ms);
         metrics_counter_add("relay_producer_restarts_total", NULL, 1);
         ev_timer_set(&r->producer_restart, 0, 0); /* the purge at once, from the loop */
         ev_timer_start(r->loop, &r->producer_restart);

@@ -914,6 +914,38 @@ Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
     e2e_teardown(&e);
 }
 
+/* A fatal error that fails no message: the broker refuses the producer id
+ * (CLUSTER_AUTHORIZATION_FAILED on InitProducerId, as without the IdempotentWrite ACL). No
+ * table pauses (nothing failed), so the relay spaces its new producers itself: 100, 200,
+ * 400 ms while none delivers (it made a new producer every 100 ms); once the broker accepts,
+ * every row arrives. */
+Test(relay_faults, refused_producer_id_backs_off)
+{
+    struct e2e e;
+    e2e_setup(&e, "pidrefused", 4);
+    const char *topics[] = {e.topic_a, e.topic_b, NULL};
+    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    devbroker_command(&e.broker, "errors InitProducerId 3 CLUSTER_AUTHORIZATION_FAILED");
+    e2e_insert(&e, 0, 20);
+    struct proc relay;
+    e2e_relay_start(&e, &relay, NULL);
+    size_t at = 0;
+    const char *pauses[] = {"100 ms after the last one", "200 ms after the last one",
+                            "400 ms after the last one"};
+    for (int i = 0; i < 3; i++)
+        if (!proc_wait_log(&relay, pauses[i], &at, 15000, NULL, 0)) {
+            proc_dump(&relay, "relay", 8000);
+            cr_assert_fail("refusal %d: no \"%s\"", i + 1, pauses[i]);
+        }
+    cr_assert(e2e_wait_all(c, 20, 30000, NULL), "the rows did not arrive once accepted");
+    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
+    e2e_verify(&e, c, 20, false);
+    e2e_relay_stop(&relay);
+    proc_cleanup(&relay);
+    kconsumer_stop(c);
+    e2e_teardown(&e);
+}
+
 /* A Produce error that keeps coming back (a broker policy rejecting every request, here four
  * in a row) makes the relay start over each time, after a pause that doubles (100, 200, 400,
  * 800 ms: it was a hot loop of claims), and back to 100 ms after a success. Nothing is lost. */
