@@ -1588,7 +1588,10 @@ bool outbox_table_drained(const struct outbox_table *t)
 {
     if (t->phase != PHASE_LEADING)
         return true; /* nothing of ours can be deleted without the lock anyway */
-    return t->inflight == 0 && !pgloop_busy(t->pg) && !pgloop_busy(t->cpg);
+    /* Rejected rows whose moves a reset kept are waited for too, unless those moves fail:
+     * else the next leader would meet the rejection again. */
+    bool orphans = (t->orphan_count || t->orphan_inflight) && !t->dead_retry_ms;
+    return t->inflight == 0 && !orphans && !pgloop_busy(t->pg) && !pgloop_busy(t->cpg);
 }
 
 static const char *const phase_names[] = {"disconnected", "connecting", "locking",
