@@ -9,6 +9,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "log.h"
+
 extern char **environ;
 
 int kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, const char *what,
@@ -97,4 +99,22 @@ void kafka_limit_malloc_arenas(void)
      * threads apart. An operator's MALLOC_ARENA_MAX wins. */
     if (!getenv("MALLOC_ARENA_MAX"))
         (void)mallopt(M_ARENA_MAX, 2);
+}
+
+static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    enum log_level l = level <= 3   ? LOG_ERROR
+                       : level == 4 ? LOG_WARN
+                       : level <= 6 ? LOG_INFO
+                                    : LOG_DEBUG;
+    /* A property marked experimental that the relay sets on purpose (outbox-relay's
+     * producer.c): not worth a warning at every start. */
+    if (!strcmp(fac, "CONFWARN") && strstr(buf, "enable.gapless.guarantee"))
+        l = LOG_DEBUG;
+    log_at(l, LOG_FIELDS("facility", fac, "client", rd_kafka_name(rk)), "kafka: %s", buf);
+}
+
+void kafka_conf_log_json(rd_kafka_conf_t *conf)
+{
+    rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
 }

@@ -25,6 +25,11 @@ __attribute__((warn_unused_result)) int kafka_conf_set(rd_kafka_conf_t *conf, co
  * every broker is down, never that one came back; readiness reads this instead. */
 bool kafka_stats_any_broker_up(const char *json, size_t len);
 
+/* Routes librdkafka's own log lines (configuration warnings, broker state) to log.h as JSON
+ * lines ("kafka: ..." with facility and client), instead of its "%4|..." text on stderr.
+ * librdkafka calls it from its threads; log_write is safe there. */
+void kafka_conf_log_json(rd_kafka_conf_t *conf);
+
 /* Limits glibc's malloc arenas to two (unless MALLOC_ARENA_MAX is set): less resident memory
  * with librdkafka's threads. Call at the start of main, before any thread starts. */
 void kafka_limit_malloc_arenas(void);

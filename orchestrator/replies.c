@@ -383,6 +383,7 @@ static rd_kafka_conf_t *consumer_conf_new(const struct orch_settings *st, char *
         rd_kafka_conf_destroy(conf);
         return NULL;
     }
+    kafka_conf_log_json(conf);
     /* /readyz learns that Kafka is reachable again after an outage from the statistics only
      * (stats_cb): with them off it would say "kafka down" for good after the first outage.
      * Refused at start rather than a readiness that cannot recover. */
@@ -410,7 +411,8 @@ int replies_check_config(const struct orch_settings *st, char *err, size_t errle
     /* Some settings are only checked when the client is made: the TLS files
      * (KAFKA_SSL_CA_LOCATION and the like are read then), the SASL mechanism's
      * availability. Made and destroyed here, before the migrations, so that such an error is
-     * an exit 2 that changes nothing. It connects to nothing (not subscribed). */
+     * an exit 2 that changes nothing. Not subscribed: it joins no group, but librdkafka may
+     * start a coordinator lookup at a bootstrap broker before the destroy (~10 ms). */
     char reason[512];
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, reason, sizeof(reason));
     if (!rk) {

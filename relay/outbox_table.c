@@ -478,13 +478,26 @@ static void claim_state_cb(struct pgloop *pg, bool ok, void *arg)
 
 static void give_up_leadership(struct outbox_table *t);
 
+/* True when the leader has had no working claim session for long enough to let the table go:
+ * CLAIM_GIVE_UP_RETRIES leader retries, and RELAY_RECONNECT_MAX at least (a short leader
+ * retry must not give a table up while a slow connect is still under way), and only while
+ * claiming (a SIGTERM drain or a removed table needs no claim session). */
+static bool claim_session_hopeless(const struct outbox_table *t)
+{
+    if (!t->claim_down_since || !t->claiming || t->cphase == CLAIM_READY)
+        return false;
+    int64_t bound = CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms;
+    if (bound < t->relay->settings.reconnect_max_ms)
+        bound = t->relay->settings.reconnect_max_ms;
+    return now_ms() - t->claim_down_since >= bound;
+}
+
 static void ctimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct outbox_table *t = w->data;
     if (t->phase != PHASE_LEADING || t->cphase != CLAIM_DOWN)
         return;
-    if (t->claim_down_since && now_ms() - t->claim_down_since >=
-                                   CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms)
+    if (claim_session_hopeless(t))
         give_up_leadership(t);
     else
         claim_connect(t);
@@ -1298,9 +1311,7 @@ static void step(struct outbox_table *t)
     }
     /* A claim session that stays not ready (a connect or a PREPARE that hangs, behind a
      * pooler's queue or a lock) is checked here too, not only when it fails (ctimer_cb). */
-    if (t->cphase != CLAIM_READY && t->claim_down_since &&
-        now_ms() - t->claim_down_since >=
-            CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms) {
+    if (claim_session_hopeless(t)) {
         give_up_leadership(t);
         return;
     }

@@ -139,20 +139,6 @@ static void kafka_poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
     serve(w->data); /* a safety net; the io-event does the real work */
 }
 
-/* librdkafka's own log lines (configuration warnings, broker state) as JSON lines like the
- * relay's, rather than its "%4|..." text on stderr. Called from librdkafka's threads:
- * log_write formats on the stack and writes one line per call. */
-static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
-{
-    enum log_level l = level <= 3   ? LOG_ERROR
-                       : level == 4 ? LOG_WARN
-                       : level <= 6 ? LOG_INFO
-                                    : LOG_DEBUG;
-    if (!strcmp(fac, "CONFWARN") && strstr(buf, "enable.gapless.guarantee"))
-        l = LOG_DEBUG; /* "experimental": chosen, see producer_new */
-    log_at(l, LOG_FIELDS("facility", fac, "client", rd_kafka_name(rk)), "kafka: %s", buf);
-}
-
 /* A producer with the relay's configuration, its reports served through the io-event pipe.
  * NULL with err on failure. */
 static rd_kafka_t *producer_new(struct relay *r, char *err, size_t errlen)
@@ -206,7 +192,7 @@ static rd_kafka_t *producer_new(struct relay *r, char *err, size_t errlen)
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
     rd_kafka_conf_set_error_cb(conf, error_cb);
     rd_kafka_conf_set_stats_cb(conf, stats_cb);
-    rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
+    kafka_conf_log_json(conf);
     rd_kafka_conf_set_opaque(conf, r);
     char reason[512];
     rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, reason, sizeof(reason));

@@ -97,5 +97,5 @@ system_wait_finished() { # timeout_seconds
             PERFORM pg_sleep(0.05);
             COMMIT; -- no snapshot held across the wait (it would hold back vacuum)
         END LOOP;
-    END \$\$" >/dev/null 2>&1
+    END \$\$" >/dev/null
 }

@@ -663,6 +663,7 @@ static int consumer_start(char *err, size_t errlen)
         rd_kafka_conf_destroy(conf);
         return -1;
     }
+    kafka_conf_log_json(conf); /* librdkafka's lines as JSON lines, like ours */
     rd_kafka_conf_set_error_cb(conf, error_cb);
     rd_kafka_conf_set_offset_commit_cb(conf, commit_cb);
     char reason[512];

@@ -196,7 +196,7 @@ Test(relay_faults, leader_without_claim_session_hands_over)
     snprintf(url, sizeof(url), "RELAY_DATABASE_URL=postgresql://%s@%s", role, host);
     const char *topics[] = {e.topic_a, e.topic_b, NULL};
     struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    const char *env_one[] = {url, "RELAY_LEADER_RETRY=200ms", NULL};
+    const char *env_one[] = {url, "RELAY_LEADER_RETRY=200ms", "RELAY_RECONNECT_MAX=1s", NULL};
     const char *env[] = {"RELAY_LEADER_RETRY=200ms", NULL};
     struct proc one, other;
     e2e_relay_start(&e, &one, env_one);
