@@ -175,7 +175,6 @@ struct outbox_table {
 };
 
 static void step(struct outbox_table *t);
-static int64_t now_ms(void);
 
 static uint32_t topic_index(struct outbox_table *t, const char *topic)
 {
@@ -239,7 +238,7 @@ static void orphan_push(struct outbox_table *t, int64_t seq, const char *error)
         if (t->orphans[i].seq == seq)
             return; /* known already */
     if (!t->orphan_count && !t->orphan_inflight)
-        t->orphan_gate_ms = now_ms(); /* see claim_due in step */
+        t->orphan_gate_ms = relay_now_ms(); /* see claim_due in step */
     if (t->orphan_count == t->orphan_cap) {
         size_t cap = t->orphan_cap ? t->orphan_cap * 2 : 16;
         struct dead_orphan *o = realloc(t->orphans, cap * sizeof(*o));
@@ -352,7 +351,7 @@ static int64_t low_watermark(struct outbox_table *t)
     return low;
 }
 
-static int64_t now_ms(void)
+int64_t relay_now_ms(void)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
@@ -364,7 +363,7 @@ static int64_t now_ms(void)
  * also goes back when the failed row is delivered (fail_seq). */
 static int64_t next_fail_backoff(struct outbox_table *t, int64_t seq)
 {
-    int64_t now = now_ms(), max = t->relay->settings.reconnect_max_ms;
+    int64_t now = relay_now_ms(), max = t->relay->settings.reconnect_max_ms;
     if (t->fail_backoff_ms && now - t->fail_last_ms > max + t->fail_backoff_ms)
         t->fail_backoff_ms = 0;
     t->fail_backoff_ms = t->fail_backoff_ms ? t->fail_backoff_ms * 2 : 100;
@@ -420,7 +419,7 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
         log_at(LOG_ERROR, LOG_FIELDS("table", t->label, "error", PQresultErrorMessage(res)),
                "preparing the claim failed");
         if (!t->claim_down_since)
-            t->claim_down_since = now_ms(); /* also when it had been ready (prepared again) */
+            t->claim_down_since = relay_now_ms(); /* also when it had been ready (prepared again) */
         claim_close(t);
         /* Again after the doubling claim backoff (not a hot loop of PREPAREs, but tried
          * again before give_up_leadership's bound). */
@@ -438,7 +437,7 @@ static void claim_prepared_cb(struct pgloop *pg, PGresult *res, void *arg)
         log_at(LOG_WARN, LOG_FIELDS("table", t->label),
                "the previous leader's claim session still holds the claim lock; waiting for it "
                "to end before publishing");
-        t->claim_down_since = now_ms(); /* a wait no other relay would end sooner */
+        t->claim_down_since = relay_now_ms(); /* a wait no other relay would end sooner */
         claim_close(t);
         ev_timer_set(&t->ctimer, (double)t->relay->settings.leader_retry_ms / 1000.0, 0.0);
         ev_timer_start(t->relay->loop, &t->ctimer);
@@ -464,7 +463,7 @@ static void claim_state_cb(struct pgloop *pg, bool ok, void *arg)
     log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->cpg)),
            "lost the claim connection; reconnecting (leadership kept)");
     if (!t->claim_down_since)
-        t->claim_down_since = now_ms();
+        t->claim_down_since = relay_now_ms();
     claim_close(t);
     metrics_counter_add("relay_db_reconnects_total", t->mlabels, 1);
     if (t->phase != PHASE_LEADING)
@@ -489,7 +488,7 @@ static bool claim_session_hopeless(const struct outbox_table *t)
     int64_t bound = CLAIM_GIVE_UP_RETRIES * t->relay->settings.leader_retry_ms;
     if (bound < t->relay->settings.reconnect_max_ms)
         bound = t->relay->settings.reconnect_max_ms;
-    return now_ms() - t->claim_down_since >= bound;
+    return relay_now_ms() - t->claim_down_since >= bound;
 }
 
 static void ctimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -535,7 +534,7 @@ static void give_up_leadership(struct outbox_table *t)
     log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", pgloop_error(t->cpg)),
            "no claim session for %lld ms; leadership released so that another relay can "
            "publish this table (claimed rows will be published again)",
-           (long long)(now_ms() - t->claim_down_since));
+           (long long)(relay_now_ms() - t->claim_down_since));
     dead_moves_abandon(t);
     pgloop_close(t->pg);
     claim_close(t);
@@ -640,7 +639,7 @@ static void listen_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     reset_state(t);
     set_phase(t, PHASE_LEADING);
     if (t->cphase != CLAIM_READY)
-        t->claim_down_since = now_ms();
+        t->claim_down_since = relay_now_ms();
     if (t->cphase == CLAIM_DOWN)
         claim_connect(t);
     kick(t);
@@ -798,7 +797,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
             }
             t->cphase = CLAIM_PREPARING;
             if (!t->claim_down_since)
-                t->claim_down_since = now_ms(); /* a PREPARE that hangs counts too */
+                t->claim_down_since = relay_now_ms(); /* a PREPARE that hangs counts too */
             if (pgloop_query_simple(t->cpg, sql, claim_prepared_cb, t))
                 log_at(LOG_WARN, LOG_FIELDS("table", t->label),
                        "cannot send the claim's preparation; the claim session reconnects");
@@ -959,7 +958,7 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
                LOG_FIELDS("table", t->label, "topic", topic, "error", rd_kafka_err2str(err)),
                "the producer refused a message; claiming it again in %" PRId64 " ms", pause);
         t->more = false;
-        t->claim_hold_until = now_ms() + pause; /* a NOTIFY does not cut the pause short */
+        t->claim_hold_until = relay_now_ms() + pause; /* a NOTIFY does not cut the pause short */
         schedule(t, pause);
         break;
     }
@@ -1007,7 +1006,7 @@ static void sweep_result_cb(struct pgloop *pg, PGresult *res, void *arg)
                    "serial sequence): seq values may commit far out of order, so skipped ones "
                    "are searched for ever; set CACHE 1 on the outbox's seq");
         t->cache_warned = true;
-        t->sweep_ms = now_ms() + 60000;
+        t->sweep_ms = relay_now_ms() + 60000;
         kick(t);
         return;
     }
@@ -1060,7 +1059,7 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
              * stop the table: claims go on meanwhile, and the row may be published again. */
             orphan_push(t, o.seq, o.error);
             if (res) {
-                t->dead_retry_ms = now_ms() + 1000;
+                t->dead_retry_ms = relay_now_ms() + 1000;
                 schedule(t, 1000);
             }
             free(o.error);
@@ -1097,7 +1096,7 @@ static void dead_result_cb(struct pgloop *pg, PGresult *res, void *arg)
     if (!result_ok(t, res, "dead-letter move")) {
         if (res && r) {
             vec_push(&t->dead, r); /* again in a second, not at every step */
-            t->dead_retry_ms = now_ms() + 1000;
+            t->dead_retry_ms = relay_now_ms() + 1000;
             schedule(t, 1000);
         } else if (r) {
             /* The session is gone (a reset follows and lets the row's batch go): the row
@@ -1196,7 +1195,7 @@ static void send_dead(struct outbox_table *t)
 #define CAPPED_CLAIMS_ROWS 4
 static int64_t claim_room(const struct outbox_table *t)
 {
-    if (t->claim_hold_until && now_ms() < t->claim_hold_until)
+    if (t->claim_hold_until && relay_now_ms() < t->claim_hold_until)
         return 0;
     int64_t max = t->relay->settings.max_inflight;
     if ((int64_t)t->inflight >= ACKED_FACTOR * max)
@@ -1324,14 +1323,15 @@ static void step(struct outbox_table *t)
      * of the producer. */
     bool claim_due = t->claiming && t->more && !t->relay->stopping && !t->relay->producer_down &&
                      (!(t->orphan_count || t->orphan_inflight) || t->dead_retry_ms ||
-                      now_ms() - t->orphan_gate_ms >= 1000) &&
+                      relay_now_ms() - t->orphan_gate_ms >= 1000) &&
                      claim_room(t) > 0;
     if (!busy) {
         if (t->acked.count) {
             send_delete(t);
-        } else if ((t->dead.count || t->orphan_count) && now_ms() >= t->dead_retry_ms) {
+        } else if ((t->dead.count || t->orphan_count) && relay_now_ms() >= t->dead_retry_ms) {
             send_dead(t);
-        } else if (holes_want_sweep(t->holes) && now_ms() - t->sweep_ms >= t->sweep_every_ms) {
+        } else if (holes_want_sweep(t->holes) &&
+                   relay_now_ms() - t->sweep_ms >= t->sweep_every_ms) {
             /* Only while holes wait for one (see holes.h), every SWEEP_MIN_MS while holes
              * come and go, less often while the oldest stays: a transaction that keeps a
              * writer's lock on the table for minutes made it 50 reads of pg_locks a second
@@ -1347,13 +1347,13 @@ static void step(struct outbox_table *t)
             }
             t->sweep_floor = have ? floor : INT64_MIN;
             metrics_counter_add("relay_writers_sweeps_total", t->mlabels, 1);
-            t->sweep_ms = now_ms();
+            t->sweep_ms = relay_now_ms();
             t->sweep_gen = t->gen;
             t->sweep_no = holes_sweep_sent(t->holes);
             if (pgloop_query_prepared(t->pg, "relay_writers", 0, NULL, sweep_result_cb, t))
                 t->sweep_ms = 0;
         } else if (!claim_due) {
-            int64_t now = now_ms();
+            int64_t now = relay_now_ms();
             if (now - t->backlog_ms >= 5000) {
                 t->backlog_ms = now;
                 if (pgloop_query_prepared(t->pg, "relay_backlog", 0, NULL, backlog_result_cb, t))
@@ -1390,7 +1390,7 @@ static void note_failure(struct outbox_table *t, rd_kafka_resp_err_t err, int64_
     next_fail_backoff(t, seq);
     if (t->phase != PHASE_LEADING)
         return; /* its timer is the reconnect's or the standby's now: leave it alone */
-    t->claim_hold_until = now_ms() + t->fail_backoff_ms;
+    t->claim_hold_until = relay_now_ms() + t->fail_backoff_ms;
     log_at(LOG_WARN, LOG_FIELDS("table", t->label, "error", rd_kafka_err2str(err)),
            "delivery failed; publishing the table again from its first row, retrying in "
            "%" PRId64 " ms",
@@ -1456,52 +1456,46 @@ void outbox_table_delivered(void *row_opaque, rd_kafka_resp_err_t err, const cha
     kick(t);
 }
 
-/* The name of the database a conninfo connects to, as libpq picks it: its dbname, else
- * PGDATABASE, else the user name (its user, PGUSER, or the system user's). Never the rest of
- * the conninfo (a password). Two services often have the same schema.table in their own
- * databases: this label tells their series apart. */
-static void database_name(const char *conninfo, char *out, size_t len)
+/* The metrics' database and server labels of a conninfo, as libpq picks them: the database
+ * is its dbname, else PGDATABASE, else the user name (its user, PGUSER, or the system user's);
+ * the server is host:port from the conninfo or PGHOST/PGPORT ("local" for the default Unix
+ * socket, 5432 for the default port; a multi-host list kept whole). Never the rest of the
+ * conninfo (a password). Two services often have the same schema.table in their own
+ * databases: these labels tell their series apart. */
+static void conninfo_labels(const char *conninfo, char *database, size_t dblen, char *server,
+                            size_t serverlen)
 {
-    const char *dbname = NULL, *user = NULL;
+    const char *dbname = NULL, *user = NULL, *host = NULL, *port = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
     for (PQconninfoOption *o = opts; o && o->keyword; o++) {
-        if (!strcmp(o->keyword, "dbname") && o->val && *o->val)
+        if (!o->val || !*o->val)
+            continue;
+        if (!strcmp(o->keyword, "dbname"))
             dbname = o->val;
-        if (!strcmp(o->keyword, "user") && o->val && *o->val)
+        else if (!strcmp(o->keyword, "user"))
             user = o->val;
+        else if (!strcmp(o->keyword, "host"))
+            host = o->val;
+        else if (!strcmp(o->keyword, "hostaddr") && !host)
+            host = o->val;
+        else if (!strcmp(o->keyword, "port"))
+            port = o->val;
     }
-    if (!dbname && getenv("PGDATABASE") && *getenv("PGDATABASE"))
-        dbname = getenv("PGDATABASE");
-    if (!dbname && !user && getenv("PGUSER") && *getenv("PGUSER"))
-        user = getenv("PGUSER");
+    const char *env;
+    if (!dbname && (env = getenv("PGDATABASE")) && *env)
+        dbname = env;
+    if (!dbname && !user && (env = getenv("PGUSER")) && *env)
+        user = env;
     if (!dbname && !user) {
         struct passwd *pw = getpwuid(geteuid());
         user = pw ? pw->pw_name : NULL;
     }
-    snprintf(out, len, "%s", dbname ? dbname : user ? user : "");
-    PQconninfoFree(opts);
-}
-
-/* The server of a conninfo for the metrics' server label: host:port as libpq would pick them
- * from the conninfo or PGHOST/PGPORT ("local" for the default Unix socket, 5432 for the
- * default port); a multi-host list is kept whole. Never anything else of the conninfo. */
-static void server_name(const char *conninfo, char *out, size_t len)
-{
-    const char *host = NULL, *port = NULL;
-    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
-    for (PQconninfoOption *o = opts; o && o->keyword; o++) {
-        if (!strcmp(o->keyword, "host") && o->val && *o->val)
-            host = o->val;
-        if (!strcmp(o->keyword, "hostaddr") && o->val && *o->val && !host)
-            host = o->val;
-        if (!strcmp(o->keyword, "port") && o->val && *o->val)
-            port = o->val;
-    }
-    if (!host && getenv("PGHOST") && *getenv("PGHOST"))
-        host = getenv("PGHOST");
-    if (!port && getenv("PGPORT") && *getenv("PGPORT"))
-        port = getenv("PGPORT");
-    snprintf(out, len, "%s:%s", host ? host : "local", port ? port : "5432");
+    if (!host && (env = getenv("PGHOST")) && *env)
+        host = env;
+    if (!port && (env = getenv("PGPORT")) && *env)
+        port = env;
+    snprintf(database, dblen, "%s", dbname ? dbname : user ? user : "");
+    snprintf(server, serverlen, "%s:%s", host ? host : "local", port ? port : "5432");
     PQconninfoFree(opts);
 }
 
@@ -1515,9 +1509,8 @@ struct outbox_table *outbox_table_create(struct relay *relay, const struct outbo
     snprintf(t->label, sizeof(t->label), "%s.%s", src->schema, src->table);
     char table_label[300], database[128], database_label[300], server[300], server_label[400];
     metrics_label(table_label, sizeof(table_label), "table", t->label);
-    database_name(src->conninfo, database, sizeof(database));
+    conninfo_labels(src->conninfo, database, sizeof(database), server, sizeof(server));
     metrics_label(database_label, sizeof(database_label), "database", database);
-    server_name(src->conninfo, server, sizeof(server));
     metrics_label(server_label, sizeof(server_label), "server", server);
     snprintf(t->mlabels, sizeof(t->mlabels), "%s,%s,%s", table_label, database_label, server_label);
     t->ack_latency = metrics_series("relay_commit_to_ack_seconds", t->mlabels, "histogram");

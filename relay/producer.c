@@ -50,15 +50,6 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 /* The least time between two new producers (see error_cb). */
 #define RESTART_GAP_MS 100
 
-/* Monotonic milliseconds: the restart's timing must not follow a wall clock step (libev's
- * ev_now is wall time). */
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 {
     struct relay *r = opaque;
@@ -86,7 +77,7 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
          * to RELAY_RECONNECT_MAX: a fatal error that fails no message (the producer id
          * refused: an ACL, a broker without idempotence) pauses no table, and made this a
          * new producer ten times a second. */
-        int64_t now = mono_ms();
+        int64_t now = relay_now_ms();
         if (r->delivered_since_restart || !r->restart_backoff_ms)
             r->restart_backoff_ms = RESTART_GAP_MS;
         else if ((r->restart_backoff_ms *= 2) > r->settings.reconnect_max_ms)
@@ -238,7 +229,7 @@ static void join_destroyer(struct relay *r)
 static void restart_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     struct relay *r = w->data;
-    int64_t now_ms = mono_ms();
+    int64_t now_ms = relay_now_ms();
     if (!r->old_producer) {
         r->old_producer = r->producer;
         rd_kafka_purge(r->old_producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT |

@@ -131,6 +131,10 @@ struct relay {
     bool destroyer_running;
 };
 
+/* Monotonic milliseconds (not libev's ev_now, which is wall time): the relay's pauses and
+ * deadlines must not follow a wall clock step. */
+int64_t relay_now_ms(void);
+
 /* Runs the table's next step from the loop (after a new producer, say). */
 void outbox_table_kick(struct outbox_table *t);
 
