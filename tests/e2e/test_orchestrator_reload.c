@@ -104,6 +104,21 @@ static bool wait_count(PGconn *conn, const char *sql, long want, int timeout_ms)
     return false;
 }
 
+/* Starts a saga of `name` and waits (bounded) until the outbox holds `want` commands of type
+ * `command`; on failure dumps the orchestrator and fails with `why`. */
+static void start_and_expect(struct fixture *f, struct proc *p, const char *name,
+                             const char *command, long want, const char *why)
+{
+    char sql[200];
+    snprintf(sql, sizeof(sql), "SELECT saga.start('%s', '{}')", name);
+    PQclear(pgtest_query(f->conn, sql, 0, NULL));
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM saga.outbox WHERE event_type = '%s'", command);
+    if (!wait_count(f->conn, sql, want, 20000)) {
+        proc_dump(p, "orchestrator", 16384);
+        cr_assert_fail("%s", why);
+    }
+}
+
 Test(orchestrator_reload, sighup_loads_new_definitions_and_keeps_old_on_error)
 {
     struct fixture f;
@@ -342,9 +357,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     /* The reply partitions change the claim (reply timeouts wait without them): once they are
      * assigned, the claim's text stays the same until the next reload. */
     cr_assert(proc_wait_log(&p, "partition(s) assigned", NULL, 30000, NULL, 0));
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    cr_assert(
-        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1, 20000));
+    start_and_expect(&f, &p, "alpha", "DoA", 1, "no command for the first saga");
     size_t prepared = proc_count_log(&p, "claim statement prepared");
     cr_assert(prepared >= 1, "the claim was never prepared");
     char line[2048];
@@ -352,9 +365,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     cr_assert(strstr(line, "\"definition_versions\":\"1\""), "%s", line);
 
     /* More claims (a saga, each poll): the same statement. */
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    cr_assert(
-        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 2, 20000));
+    start_and_expect(&f, &p, "alpha", "DoA", 2, "no command for the second saga");
     cr_assert_eq(proc_count_log(&p, "claim statement prepared"), prepared,
                  "the claim was prepared again without a change");
 
@@ -363,9 +374,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     write_def(f.dir, "b.json", "beta", 1, "DoB");
     proc_signal(&p, SIGHUP);
     cr_assert(proc_wait_log(&p, "2 definition version(s) loaded", &from, 20000, NULL, 0));
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('beta', '{}')", 0, NULL));
-    cr_assert(
-        wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoB'", 1, 20000));
+    start_and_expect(&f, &p, "beta", "DoB", 1, "no command for the reloaded version");
     cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, line, sizeof(line)),
               "the claim was not prepared again after a reload");
     cr_assert(strstr(line, "\"definition_versions\":\"2\""), "%s", line);
@@ -377,12 +386,8 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
     PQclear(pgtest_query(
         f.conn, "ALTER TABLE saga.instances ALTER COLUMN request_reason TYPE varchar(2000)", 0,
         NULL));
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 3,
-                    20000)) {
-        proc_dump(&p, "orchestrator", 16384);
-        cr_assert_fail("no claim after a column the claim returns changed its type");
-    }
+    start_and_expect(&f, &p, "alpha", "DoA", 3,
+                     "no claim after a column the claim returns changed its type");
     cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, NULL, 0),
               "the claim was not prepared again after it failed");
 
@@ -392,12 +397,7 @@ Test(orchestrator_reload, the_claim_is_prepared_once_per_session_and_set_of_vers
                          "current_database() AND pid <> pg_backend_pid()",
                          0, NULL));
     cr_assert(proc_wait_log(&p, "database connection lost", &from, 20000, NULL, 0));
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 4,
-                    20000)) {
-        proc_dump(&p, "orchestrator", 16384);
-        cr_assert_fail("no claim after the session was lost");
-    }
+    start_and_expect(&f, &p, "alpha", "DoA", 4, "no claim after the session was lost");
     cr_assert(proc_wait_log(&p, "claim statement prepared", &from, 1000, NULL, 0),
               "the claim was not prepared on the new session");
 
@@ -525,12 +525,8 @@ Test(orchestrator_reload, a_failed_session_setup_reconnects, .fini = standby_cle
 
     /* The primary is back: a new session sets up in full, and sagas are claimed. */
     write_service(services, host && *host ? host : "127.0.0.1", port, f.db.name);
-    PQclear(pgtest_query(f.conn, "SELECT saga.start('alpha', '{}')", 0, NULL));
-    if (!wait_count(f.conn, "SELECT count(*) FROM saga.outbox WHERE event_type = 'DoA'", 1,
-                    20000)) {
-        proc_dump(&p, "orchestrator", 16384);
-        cr_assert_fail("the claim worker did not come back after its session set-up failed");
-    }
+    start_and_expect(&f, &p, "alpha", "DoA", 1,
+                     "the claim worker did not come back after its session set-up failed");
 
     stop_orchestrator(&p);
     standby_stop(standby);
