@@ -18,8 +18,12 @@
 -- which are also the names of two parameters: #variable_conflict use_column reads them as
 -- the columns; everywhere else the function qualifies its parameters as start.<name>).
 --
--- Building the index blocks writes to saga.instances for the time it takes (seconds for
--- millions of sagas); the orchestrators apply migrations at start-up, under their lock.
+-- Every statement on saga.instances, reads included, waits until this migration commits
+-- (DROP CONSTRAINT takes the table's ACCESS EXCLUSIVE lock, then the index is built under
+-- it: seconds for millions of sagas), and the migration itself waits for any transaction
+-- that already uses the table. The orchestrators apply migrations at start-up, under their
+-- lock. (Building the index first and dropping the constraint after would upgrade a SHARE
+-- lock to ACCESS EXCLUSIVE, which can deadlock with a claim.)
 
 ALTER TABLE saga.instances DROP CONSTRAINT instances_idempotency_key;
 CREATE UNIQUE INDEX instances_idempotency_key ON saga.instances (saga_name, idempotency_key)
