@@ -205,7 +205,9 @@ static int schema_install(char *err, size_t errlen)
     }
     /* Several replicas may start at once: CREATE OR REPLACE FUNCTION run concurrently can fail
      * with "tuple concurrently updated", so the schema is applied under an advisory lock. The
-     * schema text is one implicit transaction (PQexec of several statements). */
+     * contract and then the service's schema are each one implicit transaction (PQexec of several
+     * statements); a stop between the two leaves the contract alone, and the next start
+     * applies both again (idempotent). */
     char lock[160];
     snprintf(lock, sizeof(lock), "SELECT pg_advisory_lock(hashtext('example-participant/%s'))",
              p.cfg.service);
@@ -214,7 +216,12 @@ static int schema_install(char *err, size_t errlen)
         snprintf(err, errlen, "schema %s: %s", p.cfg.service, msg);
         goto out;
     }
-    if (exec_ok(conn, find_schema(p.cfg.service)->sql, msg, sizeof(msg))) {
+    const struct participant_schema *schema = find_schema(p.cfg.service);
+    if (exec_ok(conn, schema->contract, msg, sizeof(msg))) {
+        snprintf(err, errlen, "examples/contract.sql (for %s): %s", p.cfg.service, msg);
+        goto out;
+    }
+    if (exec_ok(conn, schema->sql, msg, sizeof(msg))) {
         snprintf(err, errlen, "examples/%s/schema.sql: %s", p.cfg.service, msg);
         goto out;
     }

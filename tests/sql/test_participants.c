@@ -1,6 +1,6 @@
-/* The example participants' SQL (examples/<service>/schema.sql): <service>.handle_commands
- * against a real PostgreSQL, without Kafka. Each test gets a fresh database with the saga
- * schema and one service's schema. */
+/* The example participants' SQL (examples/contract.sql, examples/<service>/schema.sql):
+ * <service>.handle_commands against a real PostgreSQL, without Kafka. Each test gets a fresh
+ * database with the saga schema and one service's schema. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,12 +34,12 @@ static void teardown(void)
 
 TestSuite(participants, .init = setup, .fini = teardown, .timeout = 120);
 
-static char *read_schema(const char *service)
+static char *read_file(const char *rel)
 {
     const char *root = getenv("SAGA_SOURCE_ROOT");
     cr_assert(root, "SAGA_SOURCE_ROOT is not set");
     char path[1024];
-    snprintf(path, sizeof(path), "%s/examples/%s/schema.sql", root, service);
+    snprintf(path, sizeof(path), "%s/%s", root, rel);
     FILE *f = fopen(path, "r");
     cr_assert(f, "cannot read %s", path);
     fseek(f, 0, SEEK_END);
@@ -52,9 +52,40 @@ static char *read_schema(const char *service)
     return text;
 }
 
+/* examples/contract.sql with __SERVICE__ replaced by service, as example-participant applies
+ * it (examples/embed-schemas.py). Caller frees. */
+static char *read_contract(const char *service)
+{
+    char *text = read_file("examples/contract.sql");
+    const char *mark = "__SERVICE__";
+    size_t count = 0;
+    for (const char *at = text; (at = strstr(at, mark)) != NULL; at += strlen(mark))
+        count++;
+    cr_assert(count > 0, "examples/contract.sql has no %s", mark);
+    char *out = malloc(strlen(text) + count * strlen(service) + 1);
+    cr_assert(out);
+    char *w = out;
+    const char *r = text;
+    for (const char *at; (at = strstr(r, mark)) != NULL; r = at + strlen(mark)) {
+        memcpy(w, r, (size_t)(at - r));
+        w += at - r;
+        memcpy(w, service, strlen(service));
+        w += strlen(service);
+    }
+    strcpy(w, r);
+    free(text);
+    return out;
+}
+
+/* The contract, then the service's own schema, as example-participant applies them. */
 static void install(const char *service)
 {
-    char *sql = read_schema(service);
+    char *contract = read_contract(service);
+    pgtest_exec(conn, contract);
+    free(contract);
+    char rel[256];
+    snprintf(rel, sizeof(rel), "examples/%s/schema.sql", service);
+    char *sql = read_file(rel);
     pgtest_exec(conn, sql);
     free(sql);
 }
