@@ -73,10 +73,26 @@ __attribute__((warn_unused_result)) int store_read_row(const struct registry *re
                                                        size_t errlen);
 void store_row_clear(struct saga_row *row);
 
-/* Accumulates one batch's persistence document for saga.apply_batch. */
+/* Accumulates one batch's persistence document for saga.apply_batch: one JSON text per
+ * array of the document (the sections), joined by store_batch_finish. Every add function
+ * returns 0, or -1 when out of memory (the batch must then be cleared). */
+enum store_section {
+    STORE_INSTANCES,
+    STORE_SENT,
+    STORE_RESOLVED,
+    STORE_OUTBOX,
+    STORE_IGNORED,
+    STORE_INBOX,
+    STORE_DEAD_LETTERS,
+    STORE_SECTIONS
+};
+struct store_text {
+    char *text; /* owned: the array's elements, comma-separated, without the brackets */
+    size_t len, cap;
+    bool failed; /* an append ran out of memory */
+};
 struct store_batch {
-    cJSON *doc;
-    cJSON *instances, *sent, *resolved, *outbox, *ignored, *inbox, *dead_letters;
+    struct store_text sec[STORE_SECTIONS];
 };
 __attribute__((warn_unused_result)) int store_batch_init(struct store_batch *b);
 /* Adds the effects of one applied event (fx borrowed). */
@@ -86,7 +102,23 @@ __attribute__((warn_unused_result)) int store_batch_add_effects(struct store_bat
 /* Adds the final state of a touched saga. */
 __attribute__((warn_unused_result)) int store_batch_add_instance(struct store_batch *b,
                                                                  const struct saga_row *row);
-/* Renders the document (caller frees) and clears the batch. */
+/* A reply's inbox record; disposition: applied, ignored or unknown. */
+__attribute__((warn_unused_result)) int
+store_batch_add_inbox(struct store_batch *b, const char *message_id, const char *in_reply_to,
+                      const char *saga_id, const char *topic, int partition, int64_t offset,
+                      const char *disposition);
+/* A reply the saga was not waiting for (reply borrowed, may be NULL). */
+__attribute__((warn_unused_result)) int store_batch_add_ignored(struct store_batch *b,
+                                                                const char *in_reply_to,
+                                                                const char *saga_id,
+                                                                const cJSON *reply);
+/* A malformed reply for saga.dead_letters (key_text and payload may be NULL: omitted;
+ * headers borrowed). */
+__attribute__((warn_unused_result)) int
+store_batch_add_dead_letter(struct store_batch *b, const char *topic, int partition, int64_t offset,
+                            const char *key_text, const cJSON *headers, const char *payload,
+                            const char *error);
+/* Renders the document (caller frees; NULL when out of memory) and clears the batch. */
 char *store_batch_finish(struct store_batch *b);
 void store_batch_clear(struct store_batch *b);
 

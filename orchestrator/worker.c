@@ -820,6 +820,17 @@ static void check_trace(struct worker *w, const struct reply_msg *r, const struc
            "%s; applied all the same%s", what[kind], more);
 }
 
+/* The inbox record of reply r (its disposition known once the engine has seen it). */
+static void add_inbox(struct store_batch *b, const struct reply_msg *r, const char *disposition)
+{
+    rd_kafka_message_t *m = r->msg;
+    if (store_batch_add_inbox(b, r->message_id, r->in_reply_to, r->saga_id,
+                              rd_kafka_topic_name(m->rkt), m->partition, m->offset, disposition)) {
+        log_error("out of memory building a batch");
+        abort();
+    }
+}
+
 static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
 {
     struct worker *w = arg;
@@ -838,22 +849,18 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
         struct reply_msg *r = &w->o->pending[i];
         rd_kafka_message_t *m = r->msg;
         if (r->error) {
-            cJSON *d = cJSON_CreateObject();
-            cJSON_AddItemToArray(b.dead_letters, d);
-            cJSON_AddStringToObject(d, "topic", rd_kafka_topic_name(m->rkt));
-            cJSON_AddNumberToObject(d, "partition", m->partition);
-            cJSON_AddNumberToObject(d, "offset", (double)m->offset);
-            if (m->key) {
-                char *k = reply_text(m->key, m->key_len);
-                cJSON_AddStringToObject(d, "key", k ? k : "");
-                free(k);
-            }
-            cJSON_AddItemToObject(d, "headers", headers_json(m));
+            char *k = m->key ? reply_text(m->key, m->key_len) : NULL;
             char *p = m->payload ? reply_text(m->payload, m->len) : NULL;
-            if (p)
-                cJSON_AddStringToObject(d, "payload", p);
+            cJSON *h = headers_json(m);
+            if (store_batch_add_dead_letter(&b, rd_kafka_topic_name(m->rkt), m->partition,
+                                            m->offset, m->key ? (k ? k : "") : NULL, h, p,
+                                            r->error)) {
+                log_error("out of memory building a batch");
+                abort();
+            }
+            cJSON_Delete(h);
+            free(k);
             free(p);
-            cJSON_AddStringToObject(d, "error", r->error);
             w->malformed++;
             log_at(LOG_WARN, LOG_FIELDS("topic", rd_kafka_topic_name(m->rkt), "error", r->error),
                    "malformed reply moved to saga.dead_letters");
@@ -868,20 +875,12 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
             w->duplicates++;
             continue;
         }
-        cJSON *in = cJSON_CreateObject();
-        cJSON_AddItemToArray(b.inbox, in);
-        cJSON_AddStringToObject(in, "message_id", r->message_id);
-        cJSON_AddStringToObject(in, "in_reply_to", r->in_reply_to);
-        cJSON_AddStringToObject(in, "saga_id", r->saga_id);
-        cJSON_AddStringToObject(in, "topic", rd_kafka_topic_name(m->rkt));
-        cJSON_AddNumberToObject(in, "partition", m->partition);
-        cJSON_AddNumberToObject(in, "offset", (double)m->offset);
         struct saga_row *row = NULL;
         for (size_t k = 0; k < w->row_count && !row; k++)
             if (!strcmp(w->rows[k].state.id, r->saga_id))
                 row = &w->rows[k];
         if (!row) {
-            cJSON_AddStringToObject(in, "disposition", "unknown");
+            add_inbox(&b, r, "unknown");
             w->unknown++;
             log_at(LOG_WARN, LOG_FIELDS("saga_id", r->saga_id, "message_id", r->message_id),
                    "reply for an unknown saga recorded and ignored");
@@ -900,18 +899,17 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
         enum saga_outcome out;
         apply_event(w, row, &ev, &b, &out);
         if (out == SAGA_APPLIED) {
-            cJSON_AddStringToObject(in, "disposition", "applied");
+            add_inbox(&b, r, "applied");
             w->applied++;
             if (sent_ms > 0 && now >= sent_ms)
                 metrics_histogram_observe("saga_step_latency_seconds", NULL,
                                           (double)(now - sent_ms) / 1000.0);
         } else {
-            cJSON_AddStringToObject(in, "disposition", "ignored");
-            cJSON *g = cJSON_CreateObject();
-            cJSON_AddItemToArray(b.ignored, g);
-            cJSON_AddStringToObject(g, "in_reply_to", r->in_reply_to);
-            cJSON_AddStringToObject(g, "saga_id", r->saga_id);
-            cJSON_AddItemToObject(g, "reply", cJSON_Duplicate(r->data, 1));
+            add_inbox(&b, r, "ignored");
+            if (store_batch_add_ignored(&b, r->in_reply_to, r->saga_id, r->data)) {
+                log_error("out of memory building a batch");
+                abort();
+            }
             w->late++;
             log_at(LOG_INFO,
                    LOG_FIELDS("saga_id", r->saga_id, "message_id", r->message_id, "in_reply_to",

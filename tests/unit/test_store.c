@@ -1,0 +1,153 @@
+/* The orchestrator's saga.apply_batch document (orchestrator/store.c): written as JSON text
+ * directly, so what it writes must parse, and every string must come back as it went in,
+ * whatever bytes it holds (error texts, header values and reply data come from outside). */
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <criterion/criterion.h>
+
+#include "orchestrator.h"
+
+/* Quotes, backslashes, every control character, a DEL and UTF-8. */
+static const char nasty[] = "q\" b\\ n\n r\r t\t b\b f\f \x01\x02\x1f del\x7f / é ∑ 😀 end";
+
+static const char *get_str(const cJSON *o, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+    cr_assert(cJSON_IsString(v), "%s is not a string", name);
+    return v->valuestring;
+}
+
+static const cJSON *only(const cJSON *doc, const char *section)
+{
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(doc, section);
+    cr_assert(cJSON_IsArray(a), "%s is not an array", section);
+    cr_assert_eq(cJSON_GetArraySize(a), 1, "%s holds %d elements", section, cJSON_GetArraySize(a));
+    return cJSON_GetArrayItem(a, 0);
+}
+
+Test(store, an_empty_batch_is_seven_empty_arrays)
+{
+    struct store_batch b;
+    cr_assert_eq(store_batch_init(&b), 0);
+    char *text = store_batch_finish(&b);
+    cr_assert_str_eq(text, "{\"instances\":[],\"sent\":[],\"resolved\":[],\"outbox\":[],"
+                           "\"ignored\":[],\"inbox\":[],\"dead_letters\":[]}");
+    free(text);
+}
+
+Test(store, every_string_comes_back_as_it_went_in)
+{
+    struct saga_step_def steps[1];
+    memset(steps, 0, sizeof(steps));
+    steps[0].name = "reserve_inventory";
+    struct saga_definition def;
+    memset(&def, 0, sizeof(def));
+    def.steps = steps;
+    def.step_count = 1;
+
+    struct saga_row row;
+    memset(&row, 0, sizeof(row));
+    row.def = &def;
+    strcpy(row.state.id, "11111111-2222-3333-4444-555555555555");
+    row.state.status = SAGA_RUNNING;
+    row.state.wait = SAGA_WAIT_REPLY;
+    strcpy(row.state.waiting_message_id, "aaaaaaaa-2222-3333-4444-555555555555");
+    row.state.deadline_ms = 1795676434123LL;
+    row.state.attempt = 2;
+    row.state.error = (char *)nasty;
+    row.state.replies = cJSON_CreateObject();
+    cJSON_AddStringToObject(row.state.replies, "reserve_inventory", nasty);
+
+    struct saga_header headers[] = {{"message-id", "skipped"},
+                                    {"event-type", "skipped"},
+                                    {"correlation-id", (char *)nasty},
+                                    {"saga-id", row.state.id}};
+    struct saga_message msg;
+    memset(&msg, 0, sizeof(msg));
+    strcpy(msg.message_id, "bbbbbbbb-2222-3333-4444-555555555555");
+    msg.topic = "inventory.commands";
+    msg.key = (char *)nasty;
+    msg.type = "ReserveStock";
+    msg.payload = "{\"orderId\":\"o-1\",\"n\":[1,2.5,null]}";
+    msg.headers = headers;
+    msg.header_count = sizeof(headers) / sizeof(headers[0]);
+    cJSON *reply = cJSON_CreateObject();
+    cJSON_AddStringToObject(reply, "reason", nasty);
+    struct saga_history_entry hist[2];
+    memset(hist, 0, sizeof(hist));
+    hist[0].status = SAGA_HIST_SENT;
+    hist[0].attempt = 2;
+    strcpy(hist[0].message_id, msg.message_id);
+    hist[1].status = SAGA_HIST_FAILED;
+    hist[1].reply = reply;
+    strcpy(hist[1].message_id, "cccccccc-2222-3333-4444-555555555555");
+    struct saga_effects fx;
+    memset(&fx, 0, sizeof(fx));
+    fx.messages = &msg;
+    fx.message_count = 1;
+    fx.history = hist;
+    fx.history_count = 2;
+
+    struct store_batch b;
+    cr_assert_eq(store_batch_init(&b), 0);
+    cr_assert_eq(store_batch_add_effects(&b, &row, &fx), 0);
+    cr_assert_eq(store_batch_add_instance(&b, &row), 0);
+    cr_assert_eq(store_batch_add_inbox(&b, "m-1", "r-1", row.state.id, nasty, 7, 9007199254740993LL,
+                                       "ignored"),
+                 0);
+    cr_assert_eq(store_batch_add_ignored(&b, "r-1", row.state.id, reply), 0);
+    cJSON *dl_headers = cJSON_CreateObject();
+    cJSON_AddStringToObject(dl_headers, "h", nasty);
+    cr_assert_eq(
+        store_batch_add_dead_letter(&b, "saga.replies", 3, 42, NULL, dl_headers, nasty, nasty), 0);
+    char *text = store_batch_finish(&b);
+    cr_assert(text);
+    cJSON *doc = cJSON_Parse(text);
+    cr_assert(doc, "not JSON: %s", text);
+
+    const cJSON *in = only(doc, "instances");
+    cr_assert_str_eq(get_str(in, "error"), nasty);
+    cr_assert_str_eq(get_str(in, "status"), "running");
+    cr_assert_str_eq(get_str(in, "wait"), "reply");
+    cr_assert_str_eq(get_str(in, "current_step"), "reserve_inventory");
+    cr_assert_str_eq(get_str(cJSON_GetObjectItemCaseSensitive(in, "replies"), "reserve_inventory"),
+                     nasty);
+    /* Integers as digits: a double would round 2^53 + 1 (the offset below) and the deadline. */
+    cr_assert(strstr(text, "\"deadline_ms\":1795676434123"));
+    cr_assert(strstr(text, "\"offset\":9007199254740993"));
+    cr_assert(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(in, "pivot_sent")));
+
+    const cJSON *out = only(doc, "outbox");
+    cr_assert_str_eq(get_str(out, "key"), nasty);
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(out, "headers");
+    cr_assert_str_eq(get_str(h, "correlation-id"), nasty);
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(h, "message-id"));
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(h, "event-type"));
+    const cJSON *payload = cJSON_GetObjectItemCaseSensitive(out, "payload");
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(payload, "n")), 3);
+
+    const cJSON *sent = only(doc, "sent");
+    cr_assert_str_eq(get_str(sent, "step"), "reserve_inventory");
+    cr_assert_eq(cJSON_GetObjectItemCaseSensitive(sent, "attempt")->valueint, 2);
+    const cJSON *res = only(doc, "resolved");
+    cr_assert_str_eq(get_str(res, "status"), "failed");
+    cr_assert_str_eq(get_str(cJSON_GetObjectItemCaseSensitive(res, "reply"), "reason"), nasty);
+
+    cr_assert_str_eq(get_str(only(doc, "inbox"), "topic"), nasty);
+    cr_assert_str_eq(get_str(only(doc, "inbox"), "disposition"), "ignored");
+    cr_assert_str_eq(
+        get_str(cJSON_GetObjectItemCaseSensitive(only(doc, "ignored"), "reply"), "reason"), nasty);
+    const cJSON *dl = only(doc, "dead_letters");
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(dl, "key"));
+    cr_assert_str_eq(get_str(dl, "payload"), nasty);
+    cr_assert_str_eq(get_str(dl, "error"), nasty);
+    cr_assert_str_eq(get_str(cJSON_GetObjectItemCaseSensitive(dl, "headers"), "h"), nasty);
+
+    cJSON_Delete(doc);
+    cJSON_Delete(dl_headers);
+    cJSON_Delete(reply);
+    cJSON_Delete(row.state.replies);
+    free(text);
+}
