@@ -441,6 +441,58 @@ static inline void e2e_relay_stop(struct proc *p)
                  "the relay waited for a producer's destruction at exit");
 }
 
+/* ---- a test's usual start and end -------------------------------------------------------- */
+
+/* One relay under test and the consumer that watches it. */
+struct e2e_run {
+    struct kconsumer *c; /* owned; e2e_finish stops it */
+    struct proc relay;   /* owned; e2e_finish stops it (SIGTERM, exit 0) and cleans it up */
+    int port;            /* the relay's admin port (e2e_start reads it) */
+};
+
+/* A consumer of both of e's topics; the caller stops it (kconsumer_stop). */
+static inline struct kconsumer *e2e_consume(struct e2e *e)
+{
+    const char *topics[] = {e->topic_a, e->topic_b, NULL};
+    return kconsumer_start(e->broker.bootstrap, topics);
+}
+
+/* The usual start: a consumer of both topics (subscribed before the relay publishes), the
+ * relay with env added (NULL-terminated, may be NULL), and its admin port (waits, bounded).
+ * r's consumer and relay are the caller's to end, with e2e_finish. */
+static inline void e2e_start(struct e2e *e, struct e2e_run *r, const char *const env[])
+{
+    r->c = e2e_consume(e);
+    e2e_relay_start(e, &r->relay, env);
+    r->port = e2e_admin_port(&r->relay);
+}
+
+/* The usual check that rows [0, total) went out: each arrived within timeout_ms (else the
+ * relay's log and a failure), e's table (e->table) emptied within 20 s, and e2e_verify with
+ * exactly_once. Returns the number of duplicates. */
+static inline size_t e2e_expect_all(struct e2e *e, struct e2e_run *r, long total, int timeout_ms,
+                                    bool exactly_once)
+{
+    long distinct = 0;
+    if (!e2e_wait_all(r->c, total, timeout_ms, &distinct)) {
+        proc_dump(&r->relay, "relay", 6000);
+        cr_assert_fail("%ld of %ld rows arrived within %d ms", distinct, total, timeout_ms);
+    }
+    cr_assert(e2e_wait_table_empty(e, e->table, 20000), "%ld rows left in %s",
+              e2e_table_count(e, e->table), e->table);
+    return e2e_verify(e, r->c, total, exactly_once);
+}
+
+/* The usual end: stops the relay (e2e_relay_stop: SIGTERM, exit 0, bounded), cleans it up,
+ * stops the consumer and tears e down. */
+static inline void e2e_finish(struct e2e *e, struct e2e_run *r)
+{
+    e2e_relay_stop(&r->relay);
+    proc_cleanup(&r->relay);
+    kconsumer_stop(r->c);
+    e2e_teardown(e);
+}
+
 /* The server label the relay gives the tables of a database URL: host:port. */
 static inline void e2e_server_of(const char *url, char *out, size_t len)
 {

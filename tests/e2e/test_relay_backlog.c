@@ -14,35 +14,33 @@ Test(relay_backlog, gauges_show_rows_waiting_and_their_age)
 {
     struct e2e e;
     e2e_setup(&e, "backlog", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     devbroker_command(&e.broker, "down 1");
     e2e_insert(&e, 0, 300);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
-    cr_assert(e2e_wait_metric(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}"),
+    e2e_relay_start(&e, &run.relay, NULL);
+    run.port = e2e_admin_port(&run.relay);
+    cr_assert(e2e_wait_metric(run.port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}"),
                               300, 20000),
               "relay_backlog_rows did not reach the 300 rows waiting");
-    cr_assert(e2e_wait_metric(port,
+    cr_assert(e2e_wait_metric(run.port,
                               e2e_series(&e, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}"),
                               1, 20000),
               "relay_backlog_oldest_seconds did not report the waiting rows' age");
 
     devbroker_command(&e.broker, "up 1");
-    cr_assert(e2e_wait_all(c, 300, 60000, NULL), "the backlog did not drain");
+    cr_assert(e2e_wait_all(run.c, 300, 60000, NULL), "the backlog did not drain");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     int64_t end = proc_now_ms() + 20000;
     while (proc_now_ms() < end &&
-           metric_now(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")) != 0)
+           metric_now(run.port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")) != 0)
         usleep(100 * 1000);
-    cr_assert_eq(metric_now(port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")), 0);
+    cr_assert_eq(metric_now(run.port, e2e_series(&e, "relay_backlog_rows{table=\"saga.outbox\"}")),
+                 0);
     cr_assert_eq(
-        metric_now(port, e2e_series(&e, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}")), 0);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+        metric_now(run.port, e2e_series(&e, "relay_backlog_oldest_seconds{table=\"saga.outbox\"}")),
+        0);
+    e2e_finish(&e, &run);
 }
 
 /* A backlog drains without waiting for the fallback poll when RELAY_MAX_INFLIGHT is not a
@@ -53,22 +51,18 @@ Test(relay_backlog, drains_without_the_poll_when_claims_are_limited_by_inflight)
 {
     struct e2e e;
     e2e_setup(&e, "roomclaim", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     e2e_insert(&e, 0, 2000); /* before the relay starts: no NOTIFY wakes it */
-    struct proc relay;
     const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_MAX_INFLIGHT=150",
                          "RELAY_POLL_INTERVAL=60s", NULL};
-    e2e_relay_start(&e, &relay, env);
+    e2e_relay_start(&e, &run.relay, env);
     long distinct = 0;
-    if (!e2e_wait_all(c, 2000, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 4000);
+    if (!e2e_wait_all(run.c, 2000, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 4000);
         cr_assert_fail("%ld of 2000 rows arrived within 30 s (the poll is 60 s)", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 2000, true);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify(&e, run.c, 2000, true);
+    e2e_finish(&e, &run);
 }

@@ -268,6 +268,16 @@ static void start_with_config(struct e2e *e, struct proc *p, const char *path,
     e2e_relay_start(e, p, env);
 }
 
+/* As e2e_start, with RELAY_CONFIG=path (see start_with_config): a consumer of both topics,
+ * the relay, its admin port. run's consumer and relay are the caller's to end (e2e_finish). */
+static void start_run_with_config(struct e2e *e, struct e2e_run *run, const char *path,
+                                  const char *const more[])
+{
+    run->c = e2e_consume(e);
+    start_with_config(e, &run->relay, path, more);
+    run->port = e2e_admin_port(&run->relay);
+}
+
 /* Waits (15 s each) for times more lines of p's log with needle, from *from on (moved past
  * them). */
 static void wait_log_times(struct proc *p, const char *needle, int times, size_t *from)
@@ -358,23 +368,20 @@ Test(relay_config, sighup_adds_a_table)
     char path[256];
     snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-add.json", (int)getpid());
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    start_with_config(&e, &relay, path, NULL);
-    int port = e2e_admin_port(&relay);
-    cr_assert(proc_wait_log(&relay, "leading: publishing", NULL, 15000, NULL, 0));
+    struct e2e_run run;
+    start_run_with_config(&e, &run, path, NULL);
+    cr_assert(proc_wait_log(&run.relay, "leading: publishing", NULL, 15000, NULL, 0));
     insert_into(&e, "saga.outbox", 0, 200);
-    cr_assert(e2e_wait_all(c, 200, 30000, NULL), "saga.outbox is not published");
+    cr_assert(e2e_wait_all(run.c, 200, 30000, NULL), "saga.outbox is not published");
     /* Rows of the second table before it is in the file stay there. */
     insert_into(&e, "inventory.outbox", 200, 400);
 
     write_config(path, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
     size_t from = 0;
-    proc_signal(&relay, SIGHUP);
+    proc_signal(&run.relay, SIGHUP);
     char line[2048];
-    if (!proc_wait_log(&relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("no reload logged within 15 s of SIGHUP");
     }
     cr_assert(strstr(line, "\"added\":\"1\"") && strstr(line, "\"removed\":\"0\"") &&
@@ -384,30 +391,27 @@ Test(relay_config, sighup_adds_a_table)
     insert_into(&e, "inventory.outbox", 400, 600);
     insert_into(&e, "saga.outbox", 600, 800);
     long distinct = 0;
-    if (!e2e_wait_all(c, 800, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 800, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 800 rows arrived after the table was added", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify_opts(&e, c, 800, true, false);
-    cr_assert_eq(leading_lines(&relay, "inventory.outbox"), 1);
-    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
-    cr_assert_eq(proc_count_log(&relay, "lost the"), 0, "a session was lost");
+    e2e_verify_opts(&e, run.c, 800, true, false);
+    cr_assert_eq(leading_lines(&run.relay, "inventory.outbox"), 1);
+    cr_assert_eq(leading_lines(&run.relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
+    cr_assert_eq(proc_count_log(&run.relay, "lost the"), 0, "a session was lost");
     /* No reconnect: the counter is absent (never counted) or 0; -2 would be a failed GET. */
     double reconnects =
-        metric_now(port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"));
+        metric_now(run.port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"));
     cr_assert(reconnects == 0 || reconnects == -1, "relay_db_reconnects_total is %g", reconnects);
-    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
-    char *body = e2e_wait_ready(port, 15000);
+    cr_assert_eq(metric_now(run.port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
+    char *body = e2e_wait_ready(run.port, 15000);
     cr_assert(strstr(body, "saga.outbox leading") && strstr(body, "inventory.outbox leading"), "%s",
               body);
     free(body);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
+    e2e_finish(&e, &run);
     unlink(path);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
 }
 
 /* (b) A table removed from the file and SIGHUP while rows of it are in flight (every broker
@@ -422,14 +426,11 @@ Test(relay_config, sighup_removes_a_table)
     char path[256];
     snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-del.json", (int)getpid());
     write_config(path, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
     const char *env[] = {"RELAY_BATCH_SIZE=50", "RELAY_MAX_INFLIGHT=200", NULL};
-    start_with_config(&e, &relay, path, env);
-    int port = e2e_admin_port(&relay);
+    start_run_with_config(&e, &run, path, env);
     size_t from = 0;
-    wait_log_times(&relay, "leading: publishing", 2, &from);
+    wait_log_times(&run.relay, "leading: publishing", 2, &from);
     cr_assert_eq(lock_holders(&e, "inventory.outbox"), 1);
 
     devbroker_command(&e.broker, "rtt 1 300");
@@ -439,7 +440,7 @@ Test(relay_config, sighup_removes_a_table)
     bool inflight = false;
     for (int64_t deadline = proc_now_ms() + 20000; !inflight && proc_now_ms() < deadline;) {
         char *body;
-        if (e2e_http_get(port, "/readyz", &body)) {
+        if (e2e_http_get(run.port, "/readyz", &body)) {
             const char *at = body ? strstr(body, "inventory.outbox leading inflight=") : NULL;
             inflight = at && atol(at + strlen("inventory.outbox leading inflight=")) > 0;
         }
@@ -452,17 +453,17 @@ Test(relay_config, sighup_removes_a_table)
     cr_assert(inflight, "no row of inventory.outbox in flight within 20 s");
 
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
-    proc_signal(&relay, SIGHUP);
+    proc_signal(&run.relay, SIGHUP);
     char line[2048];
-    if (!proc_wait_log(&relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "sources reloaded", &from, 15000, line, sizeof(line))) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("no reload logged within 15 s of SIGHUP");
     }
     cr_assert(strstr(line, "\"added\":\"0\"") && strstr(line, "\"removed\":\"1\"") &&
                   strstr(line, "\"unchanged\":\"1\""),
               "%s", line);
-    if (!proc_wait_log(&relay, "letting the table go", &from, 30000, line, sizeof(line))) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "letting the table go", &from, 30000, line, sizeof(line))) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("the removed table was not let go within 30 s");
     }
     cr_assert(strstr(line, "every claimed row is acknowledged and deleted") &&
@@ -493,11 +494,11 @@ Test(relay_config, sighup_removes_a_table)
     }
     PQclear(res);
     cr_assert(left < first, "nothing of inventory.outbox was deleted");
-    if (!kconsumer_wait_until(c, deleted_rows_seen, &d, 20000))
+    if (!kconsumer_wait_until(run.c, deleted_rows_seen, &d, 20000))
         cr_assert_fail("%ld of the %ld rows deleted from inventory.outbox were published", d.count,
                        first - left);
     size_t n;
-    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    struct kmsg **msgs = kconsumer_snapshot(run.c, &n);
     for (size_t i = 0; i < n; i++) {
         long g = id_row(kmsg_header(msgs[i], "message-id", NULL));
         cr_assert(g < 0 || g >= first || !d.in_table[g],
@@ -512,7 +513,7 @@ Test(relay_config, sighup_removes_a_table)
     insert_into(&e, "saga.outbox", first + 100, first + 200);
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "saga.outbox no longer published");
     cr_assert_eq(e2e_table_count(&e, "inventory.outbox"), left + 100);
-    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
+    cr_assert_eq(leading_lines(&run.relay, "saga.outbox"), 1, "saga.outbox led again after SIGHUP");
 
     /* Another relay takes the table over and publishes the rest: each row exactly once. */
     struct proc second;
@@ -521,19 +522,19 @@ Test(relay_config, sighup_removes_a_table)
     cr_assert(proc_wait_log(&second, "leading: publishing", NULL, 15000, NULL, 0),
               "the second relay does not take the table");
     long distinct = 0;
-    if (!e2e_wait_all(c, first + 200, 30000, &distinct)) {
+    if (!e2e_wait_all(run.c, first + 200, 30000, &distinct)) {
         proc_dump(&second, "second relay", 6000);
         cr_assert_fail("%ld of %ld rows arrived", distinct, first + 200);
     }
     cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
-    e2e_verify_opts(&e, c, first + 200, true, false);
-    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
+    e2e_verify_opts(&e, run.c, first + 200, true, false);
+    cr_assert_eq(metric_now(run.port, "relay_config_reloads_total{result=\"ok\"}"), 1.0);
     e2e_relay_stop(&second);
-    e2e_relay_stop(&relay);
+    e2e_relay_stop(&run.relay);
     proc_cleanup(&second);
-    proc_cleanup(&relay);
+    proc_cleanup(&run.relay);
     unlink(path);
-    kconsumer_stop(c);
+    kconsumer_stop(run.c);
     e2e_teardown(&e);
 }
 
@@ -551,16 +552,15 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     char path[256];
     snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-down.json", (int)getpid());
     write_config(path, &e, (const char *[]){"saga.outbox", "inventory.outbox", NULL});
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     const char *env[] = {"RELAY_DRAIN_TIMEOUT=1s", "RELAY_LOG_LEVEL=debug", NULL};
-    start_with_config(&e, &relay, path, env);
+    start_with_config(&e, &run.relay, path, env);
     size_t from = 0;
-    wait_log_times(&relay, "leading: publishing", 2, &from);
+    wait_log_times(&run.relay, "leading: publishing", 2, &from);
     /* Both topics known to the producer before the broker goes. */
     insert_into(&e, "saga.outbox", 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 100, 30000, NULL));
 
     devbroker_command(&e.broker, "down 1");
     /* A transaction left open with a row of inventory.outbox: a hole below the rows after it. */
@@ -575,10 +575,10 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
                          1, hole_params));
     insert_into(&e, "inventory.outbox", 100, 300);
     /* Claimed (so in the producer): wait (bounded) for the claim counter. */
-    int port = e2e_admin_port(&relay);
+    run.port = e2e_admin_port(&run.relay);
     cr_assert(e2e_wait_metric(
-                  port, e2e_series(&e, "relay_rows_claimed_total{table=\"inventory.outbox\"}"), 200,
-                  20000),
+                  run.port, e2e_series(&e, "relay_rows_claimed_total{table=\"inventory.outbox\"}"),
+                  200, 20000),
               "the rows of inventory.outbox were not claimed");
     /* The gauges of the table, measured (the backlog every 5 s). */
     static const char *const gauges[] = {
@@ -590,14 +590,15 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     static const double measured[] = {200, 1, 1, 1};
     for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++) {
         const char *series = e2e_series(&e, gauges[i]);
-        cr_assert(e2e_wait_metric(port, series, measured[i], 20000), "%s never reached %g (now %g)",
-                  series, measured[i], metric_now(port, series));
+        cr_assert(e2e_wait_metric(run.port, series, measured[i], 20000),
+                  "%s never reached %g (now %g)", series, measured[i],
+                  metric_now(run.port, series));
     }
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
-    proc_signal(&relay, SIGHUP);
+    proc_signal(&run.relay, SIGHUP);
     char line[2048];
-    if (!proc_wait_log(&relay, "letting the table go", &from, 20000, line, sizeof(line))) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "letting the table go", &from, 20000, line, sizeof(line))) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("the removed table was not let go within 20 s");
     }
     cr_assert(strstr(line, "drain timeout") && strstr(line, "\"level\":\"warn\""), "%s", line);
@@ -605,8 +606,8 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
      * led: its gauges read 0 (a series cannot be removed; they are set when it is let go). */
     for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++) {
         const char *series = e2e_series(&e, gauges[i]);
-        cr_assert(metric_now(port, series) == 0, "%s is %g after the table was let go", series,
-                  metric_now(port, series));
+        cr_assert(metric_now(run.port, series) == 0, "%s is %g after the table was let go", series,
+                  metric_now(run.port, series));
     }
     long holders = 1;
     for (int64_t deadline = proc_now_ms() + 10000;
@@ -615,13 +616,13 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
         nanosleep(&ts, NULL);
     }
     cr_assert_eq(holders, 0, "the removed table's lock is still held after 10 s");
-    cr_assert_eq(proc_count_log(&relay, "removed table freed"), 0,
+    cr_assert_eq(proc_count_log(&run.relay, "removed table freed"), 0,
                  "freed while its messages are in the producer");
 
     devbroker_command(&e.broker, "up 1");
     insert_into(&e, "saga.outbox", 300, 400);
-    if (!proc_wait_log(&relay, "removed table freed", &from, 60000, NULL, 0)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "removed table freed", &from, 60000, NULL, 0)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("the removed table was not freed within 60 s of the broker's return");
     }
     /* Its rows were delivered after it let go: none was deleted. */
@@ -630,13 +631,10 @@ Test(relay_config, sighup_removes_a_table_while_the_broker_is_down)
     cr_assert_eq(e2e_table_count(&e, "inventory.outbox"), 200);
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 30000), "saga.outbox is not published");
     long distinct = 0;
-    if (!e2e_wait_all(c, 300, 30000, &distinct))
+    if (!e2e_wait_all(run.c, 300, 30000, &distinct))
         cr_assert_fail("%ld of 300 rows arrived", distinct); /* inventory's late deliveries */
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
+    e2e_finish(&e, &run);
     unlink(path);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
 }
 
 /* (c) A broken file and SIGHUP: an ERROR naming the file and the place in it, nothing changes,
@@ -649,15 +647,12 @@ Test(relay_config, sighup_rejects_a_broken_file)
     char path[256];
     snprintf(path, sizeof(path), "/tmp/saga-e2e-%d-hup-bad.json", (int)getpid());
     write_config(path, &e, (const char *[]){"saga.outbox", NULL});
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    start_with_config(&e, &relay, path, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    start_run_with_config(&e, &run, path, NULL);
     size_t from = 0;
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&run.relay, "leading: publishing", &from, 15000, NULL, 0));
     insert_into(&e, "saga.outbox", 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 100, 30000, NULL));
 
     char text[2048];
     snprintf(text, sizeof(text),
@@ -665,10 +660,10 @@ Test(relay_config, sighup_rejects_a_broken_file)
              "  \"colour\": \"red\"}]}\n",
              e.db.url);
     write_text(path, text);
-    proc_signal(&relay, SIGHUP);
+    proc_signal(&run.relay, SIGHUP);
     char line[4096];
-    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line))) {
-        proc_dump(&relay, "relay", 6000);
+    if (!proc_wait_log(&run.relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line))) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("no rejection logged within 15 s of SIGHUP");
     }
     cr_assert(strstr(line, "\"level\":\"error\"") && strstr(line, path) &&
@@ -676,14 +671,14 @@ Test(relay_config, sighup_rejects_a_broken_file)
               "%s", line);
 
     write_text(path, "{\"sources\": [\n");
-    proc_signal(&relay, SIGHUP);
-    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
+    proc_signal(&run.relay, SIGHUP);
+    if (!proc_wait_log(&run.relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
         cr_assert_fail("no rejection of invalid JSON logged within 15 s of SIGHUP");
     cr_assert(strstr(line, path) && strstr(line, "invalid JSON"), "%s", line);
 
     write_config(path, &e, (const char *[]){"saga.outbox", "nosuch.outbox", NULL});
-    proc_signal(&relay, SIGHUP);
-    if (!proc_wait_log(&relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
+    proc_signal(&run.relay, SIGHUP);
+    if (!proc_wait_log(&run.relay, "RELAY_CONFIG rejected", &from, 15000, line, sizeof(line)))
         cr_assert_fail("no rejection of a missing table logged within 15 s of SIGHUP");
     cr_assert(strstr(line, path) && strstr(line, "nosuch.outbox") && strstr(line, "does not exist"),
               "%s", line);
@@ -694,21 +689,18 @@ Test(relay_config, sighup_rejects_a_broken_file)
     /* Still publishing, never reloaded, never led again. */
     insert_into(&e, "saga.outbox", 100, 300);
     long distinct = 0;
-    if (!e2e_wait_all(c, 300, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 300, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 300 rows arrived after the rejected reloads", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 300, true);
-    cr_assert_eq(proc_count_log(&relay, "sources reloaded"), 0);
-    cr_assert_eq(leading_lines(&relay, "saga.outbox"), 1);
-    cr_assert_eq(metric_now(port, "relay_config_reloads_total{result=\"error\"}"), 3.0);
-    cr_assert(metric_now(port, "relay_config_reloads_total{result=\"ok\"}") <= 0);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
+    e2e_verify(&e, run.c, 300, true);
+    cr_assert_eq(proc_count_log(&run.relay, "sources reloaded"), 0);
+    cr_assert_eq(leading_lines(&run.relay, "saga.outbox"), 1);
+    cr_assert_eq(metric_now(run.port, "relay_config_reloads_total{result=\"error\"}"), 3.0);
+    cr_assert(metric_now(run.port, "relay_config_reloads_total{result=\"ok\"}") <= 0);
+    e2e_finish(&e, &run);
     unlink(path);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
 }
 
 /* ---- a database that never answers -------------------------------------------------------- */
@@ -931,13 +923,10 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
              "  {\"database_url\": \"%s\", \"tables\": [\"saga.outbox\"]}]}\n",
              e.db.url, other_url);
     write_text(path, text);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    start_with_config(&e, &relay, path, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    start_run_with_config(&e, &run, path, NULL);
     size_t from = 0;
-    wait_log_times(&relay, "leading: publishing", 2, &from);
+    wait_log_times(&run.relay, "leading: publishing", 2, &from);
     insert_into(&e, "saga.outbox", 0, 100);
     const char *params[] = {e.topic_a};
     PQclear(pgtest_query(other_conn,
@@ -963,15 +952,15 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
     snprintf(published, sizeof(published),
              "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
     snprintf(series[2], sizeof(series[2]), "%s", e2e_series_db(&other, published));
-    cr_assert(e2e_wait_metric(port, series[0], 100, 20000), "%s: %g", series[0],
-              metric_now(port, series[0]));
-    cr_assert(e2e_wait_metric(port, series[1], 40, 20000), "%s: %g", series[1],
-              metric_now(port, series[1]));
-    cr_assert_eq(metric_now(port, series[0]), 100);
-    cr_assert_eq(metric_now(port, series[1]), 40);
-    cr_assert_eq(metric_now(port, series[2]), 40);
+    cr_assert(e2e_wait_metric(run.port, series[0], 100, 20000), "%s: %g", series[0],
+              metric_now(run.port, series[0]));
+    cr_assert(e2e_wait_metric(run.port, series[1], 40, 20000), "%s: %g", series[1],
+              metric_now(run.port, series[1]));
+    cr_assert_eq(metric_now(run.port, series[0]), 100);
+    cr_assert_eq(metric_now(run.port, series[1]), 40);
+    cr_assert_eq(metric_now(run.port, series[2]), 40);
     char *body;
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     cr_assert(!strstr(body, "{table=\"saga.outbox\"}"), "a series without its database: %s", body);
     cr_assert(!strstr(body, SECRET), "the password is in /metrics");
     /* Every series with a table label has a database label. */
@@ -985,11 +974,8 @@ Test(relay_config, same_table_in_two_databases_has_two_series)
     }
     cr_assert(per_table > 10, "%zu per-table series", per_table);
     free(body);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
+    e2e_finish(&e, &run);
     unlink(path);
-    kconsumer_stop(c);
     PQfinish(other_conn);
     pgtest_db_drop(&other);
-    e2e_teardown(&e);
 }

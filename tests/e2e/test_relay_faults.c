@@ -33,8 +33,8 @@ Test(relay_faults, kill9_at_random_moments)
             seed, seed);
     struct e2e e;
     e2e_setup(&e, "kill", 64);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     const long max_rows = 12000;
     long inserted = 0;
     int kills = 10 + (int)(rand_r(&seed) % 5);
@@ -42,15 +42,14 @@ Test(relay_faults, kill9_at_random_moments)
      * rows in flight at each kill. */
     devbroker_command(&e.broker, "rtt 1 30");
     const char *env[] = {"RELAY_BATCH_SIZE=200", "RELAY_LINGER=2ms", NULL};
-    struct proc relay;
     size_t mid_flight = 0;
     for (int i = 0; i < kills; i++) {
-        e2e_relay_start(&e, &relay, env);
+        e2e_relay_start(&e, &run.relay, env);
         /* Kill after 0..2.5 s: some kills land while the relay starts or takes the lock, most
          * while it publishes (its first message to a topic waits up to a second for
          * librdkafka's metadata). A burst, then rows keep coming in small transactions. */
         int64_t until = proc_now_ms() + (int64_t)(rand_r(&seed) % 2500);
-        size_t before = kconsumer_count(c);
+        size_t before = kconsumer_count(run.c);
         long burst = 100 + (long)(rand_r(&seed) % 400);
         do {
             if (inserted < max_rows) {
@@ -63,17 +62,17 @@ Test(relay_faults, kill9_at_random_moments)
             }
             pause_ms(20);
         } while (proc_now_ms() < until);
-        size_t after = kconsumer_count(c);
+        size_t after = kconsumer_count(run.c);
         long left = e2e_table_count(&e, "saga.outbox");
         fprintf(stderr, "kill %d: %zu messages, %ld rows inserted, %ld in the table\n", i, after,
                 inserted, left);
         if (after > before && left > 0)
             mid_flight++;
-        proc_signal(&relay, SIGKILL);
-        cr_assert(proc_wait_exit(&relay, 10000), "the relay survived SIGKILL");
-        cr_assert_eq(proc_exit_code(&relay), 128 + SIGKILL, "the relay exited %d before the kill",
-                     proc_exit_code(&relay));
-        proc_cleanup(&relay);
+        proc_signal(&run.relay, SIGKILL);
+        cr_assert(proc_wait_exit(&run.relay, 10000), "the relay survived SIGKILL");
+        cr_assert_eq(proc_exit_code(&run.relay), 128 + SIGKILL,
+                     "the relay exited %d before the kill", proc_exit_code(&run.relay));
+        proc_cleanup(&run.relay);
     }
     fprintf(stderr,
             "kill9_at_random_moments: %d kills, %ld rows, %zu kills while rows were flowing\n",
@@ -81,21 +80,18 @@ Test(relay_faults, kill9_at_random_moments)
     cr_assert(mid_flight > 0, "no kill landed while rows were flowing (seed %u)", first_seed);
 
     /* A last run publishes what is left. */
-    e2e_relay_start(&e, &relay, env);
+    e2e_relay_start(&e, &run.relay, env);
     long distinct = 0;
-    if (!e2e_wait_all(c, inserted, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, inserted, 60000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of %ld rows arrived (seed %u)", distinct, inserted, first_seed);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left (seed %u)",
               e2e_table_count(&e, "saga.outbox"), first_seed);
-    size_t dups = e2e_verify(&e, c, inserted, false);
-    fprintf(stderr, "kill9_at_random_moments: %zu messages, %zu duplicates\n", kconsumer_count(c),
-            dups);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    size_t dups = e2e_verify(&e, run.c, inserted, false);
+    fprintf(stderr, "kill9_at_random_moments: %zu messages, %zu duplicates\n",
+            kconsumer_count(run.c), dups);
+    e2e_finish(&e, &run);
 }
 
 /* Which of two relays logs needle first (bounded): 0, 1, or -1. */
@@ -129,8 +125,7 @@ Test(relay_faults, standby_takes_over)
 {
     struct e2e e;
     e2e_setup(&e, "standby", 40);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = e2e_consume(&e);
     const char *env[] = {"RELAY_LEADER_RETRY=200ms", "RELAY_BATCH_SIZE=200", NULL};
     struct proc relays[2];
     e2e_relay_start(&e, &relays[0], env);
@@ -194,8 +189,7 @@ Test(relay_faults, leader_without_claim_session_hands_over)
     const char *host = strchr(at + 3, '@');
     host = host ? host + 1 : at + 3;
     snprintf(url, sizeof(url), "RELAY_DATABASE_URL=postgresql://%s@%s", role, host);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = e2e_consume(&e);
     const char *env_one[] = {url, "RELAY_LEADER_RETRY=200ms", "RELAY_RECONNECT_MAX=1s", NULL};
     const char *env[] = {"RELAY_LEADER_RETRY=200ms", NULL};
     struct proc one, other;
@@ -240,8 +234,7 @@ Test(relay_faults, new_leader_waits_for_the_old_claim_session)
 {
     struct e2e e;
     e2e_setup(&e, "fence", 20);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = e2e_consume(&e);
     const char *env[] = {"RELAY_LEADER_RETRY=200ms", "RELAY_BATCH_SIZE=100", NULL};
     struct proc old, next;
     e2e_relay_start(&e, &old, env);
@@ -307,9 +300,7 @@ Test(relay_faults, broker_down_and_request_errors)
 {
     struct e2e e;
     e2e_setup(&e, "down", 30);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
     /* One request in flight per connection. librdkafka 2.0.2's mock broker appends a batch
      * without checking the idempotent producer's sequence numbers: when an injected error
      * fails one request while the next one of the same partition succeeds, the client
@@ -318,25 +309,24 @@ Test(relay_faults, broker_down_and_request_errors)
      * refusing the later batch (OUT_OF_ORDER_SEQUENCE_NUMBER); the mock just lost them. */
     const char *env[] = {"RELAY_BATCH_SIZE=100", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
                          NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_start(&e, &run, env);
     e2e_insert(&e, 0, 500);
-    cr_assert(e2e_wait_all(c, 500, 30000, NULL), "the first rows did not arrive");
+    cr_assert(e2e_wait_all(run.c, 500, 30000, NULL), "the first rows did not arrive");
 
     /* Down: the relay claims the new rows (they wait in the producer), then the broker is
      * back and they arrive. */
     devbroker_command(&e.broker, "down 1");
     for (long from = 500; from < 1500; from += 100)
         e2e_insert(&e, from, from + 100);
-    cr_assert(e2e_wait_metric(port,
+    cr_assert(e2e_wait_metric(run.port,
                               e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"),
                               1500, 20000),
               "the relay did not claim the rows inserted while the broker was down");
     cr_assert_gt(e2e_table_count(&e, "saga.outbox"), 0, "rows deleted while the broker was down");
     devbroker_command(&e.broker, "up 1");
     long distinct = 0;
-    if (!e2e_wait_all(c, 1500, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 1500, 60000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("after the broker came back, %ld of 1500 rows arrived", distinct);
     }
 
@@ -349,18 +339,15 @@ Test(relay_faults, broker_down_and_request_errors)
     devbroker_command(&e.broker, "errors Produce 4 NOT_ENOUGH_REPLICAS LEADER_NOT_AVAILABLE "
                                  "REQUEST_TIMED_OUT NOT_LEADER_FOR_PARTITION");
     e2e_insert(&e, 3000, 3500);
-    if (!e2e_wait_all(c, 3500, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        e2e_dump_state(&e, port);
+    if (!e2e_wait_all(run.c, 3500, 60000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
+        e2e_dump_state(&e, run.port);
         cr_assert_fail("with request errors, %ld of 3500 rows arrived", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    size_t dups = e2e_verify(&e, c, 3500, false);
+    size_t dups = e2e_verify(&e, run.c, 3500, false);
     fprintf(stderr, "broker_down_and_request_errors: %zu duplicates\n", dups);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* A row larger than message.max.bytes moves to the dead-letter table with the error; the rows
@@ -369,8 +356,8 @@ Test(relay_faults, poison_row_dead_lettered)
 {
     struct e2e e;
     e2e_setup(&e, "poison", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     e2e_insert(&e, 0, 100);
     const char *params[] = {e.topic_b};
     PQclear(pgtest_query(e.conn,
@@ -379,18 +366,17 @@ Test(relay_faults, poison_row_dead_lettered)
                          "jsonb_build_object('blob', repeat('x', 50000)))",
                          1, params));
     e2e_insert(&e, 100, 200);
-    struct proc relay;
     const char *env[] = {"KAFKA_MESSAGE_MAX_BYTES=10000", NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_relay_start(&e, &run.relay, env);
+    run.port = e2e_admin_port(&run.relay);
     long distinct = 0;
-    if (!e2e_wait_all(c, 200, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 200, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 200 good rows arrived", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left in the outbox",
               e2e_table_count(&e, "saga.outbox"));
-    e2e_verify(&e, c, 200, true);
+    e2e_verify(&e, run.c, 200, true);
     PGresult *res = pgtest_query(e.conn,
                                  "SELECT id::text, key, topic, event_type, "
                                  "length(payload->>'blob'), error FROM saga.outbox_dead_letters",
@@ -403,13 +389,10 @@ Test(relay_faults, poison_row_dead_lettered)
     cr_assert_str_eq(PQgetvalue(res, 0, 4), "50000");
     cr_assert(strstr(PQgetvalue(res, 0, 5), "too large"), "error text: %s", PQgetvalue(res, 0, 5));
     PQclear(res);
-    cr_assert(proc_wait_log(&relay, "moved to the dead-letter table", NULL, 5000, NULL, 0));
+    cr_assert(proc_wait_log(&run.relay, "moved to the dead-letter table", NULL, 5000, NULL, 0));
     cr_assert(e2e_wait_metric(
-        port, e2e_series(&e, "relay_dead_letters_total{table=\"saga.outbox\"}"), 1, 10000));
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+        run.port, e2e_series(&e, "relay_dead_letters_total{table=\"saga.outbox\"}"), 1, 10000));
+    e2e_finish(&e, &run);
 }
 
 /* A topic the broker rejects for good (Kafka answers an invalid topic name with
@@ -424,8 +407,8 @@ Test(relay_faults, rejected_topic_dead_lettered)
     char forbidden[80];
     snprintf(forbidden, sizeof(forbidden), "%s.forbidden", e.topic_a);
     devbroker_command(&e.broker, "topic-error %s TOPIC_EXCEPTION", forbidden);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     e2e_insert(&e, 0, 100);
     const char *params[] = {forbidden};
     PQclear(pgtest_query(e.conn,
@@ -436,19 +419,18 @@ Test(relay_faults, rejected_topic_dead_lettered)
                          "'BadName', '{\"r\": 2}')",
                          1, params));
     e2e_insert(&e, 100, 200);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
+    e2e_relay_start(&e, &run.relay, NULL);
+    run.port = e2e_admin_port(&run.relay);
     long distinct = 0;
-    if (!e2e_wait_all(c, 200, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 200, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 200 good rows arrived", distinct);
     }
     if (!e2e_wait_table_empty(&e, "saga.outbox", 20000)) {
-        proc_dump(&relay, "relay", 6000);
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
     }
-    e2e_verify(&e, c, 200, true);
+    e2e_verify(&e, run.c, 200, true);
     const char *id[] = {"ffffffff-0000-4000-8000-000000000002"};
     char *error = pgtest_value(e.conn,
                                "SELECT error FROM saga.outbox_dead_letters WHERE id = $1::uuid "
@@ -462,17 +444,14 @@ Test(relay_faults, rejected_topic_dead_lettered)
                              "WHERE id = 'ffffffff-0000-4000-8000-000000000003'",
                              0, NULL);
     char *body;
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     double published = e2e_metric(
         body,
         e2e_series(&e, "relay_rows_published_total{table=\"saga.outbox\",topic=\"bad topic!\"}"));
     free(body);
     cr_assert(dead == 1 || published == 1, "the 'bad topic!' row: dead %ld, published %g", dead,
               published);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* The relay's database session is terminated (pg_terminate_backend) again and again while
@@ -482,25 +461,24 @@ Test(relay_faults, database_session_terminated)
 {
     struct e2e e;
     e2e_setup(&e, "pgkill", 30);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     devbroker_command(&e.broker, "rtt 1 20"); /* keeps rows in flight */
-    struct proc relay;
     const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_RECONNECT_MAX=500ms", NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_relay_start(&e, &run.relay, env);
+    run.port = e2e_admin_port(&run.relay);
     const long total = 5000;
     long inserted = 0;
     const int terminations = 6;
     size_t log_at = 0;
     for (int i = 0; i < terminations; i++) {
         /* Leading again (a new session holds the lock) before the next termination. */
-        cr_assert(proc_wait_log(&relay, "leading: publishing", &log_at, 20000, NULL, 0),
+        cr_assert(proc_wait_log(&run.relay, "leading: publishing", &log_at, 20000, NULL, 0),
                   "round %d: the relay does not lead again", i);
-        size_t before = kconsumer_count(c);
+        size_t before = kconsumer_count(run.c);
         e2e_insert(&e, inserted, inserted + total / terminations);
         inserted += total / terminations;
-        cr_assert(kconsumer_wait_count(c, before + 50, 30000), "round %d: no flow", i);
+        cr_assert(kconsumer_wait_count(run.c, before + 50, 30000), "round %d: no flow", i);
         const char *dbname[] = {e.db.name};
         long n = pgtest_count(e.conn,
                               "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -509,21 +487,12 @@ Test(relay_faults, database_session_terminated)
         cr_assert_geq(n, 1, "round %d: no relay session to terminate", i);
     }
     e2e_insert(&e, inserted, total);
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    size_t dups = e2e_verify(&e, c, total, false);
+    size_t dups = e2e_expect_all(&e, &run, total, 60000, false);
     fprintf(stderr, "database_session_terminated: %zu duplicates\n", dups);
-    cr_assert_geq(proc_count_log(&relay, "lost the database connection"), 1);
+    cr_assert_geq(proc_count_log(&run.relay, "lost the database connection"), 1);
     cr_assert(e2e_wait_metric(
-        port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"), 1, 5000));
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+        run.port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"), 1, 5000));
+    e2e_finish(&e, &run);
 }
 
 /* Only the relay's claim session (the one that runs relay_claim) is terminated, again and
@@ -534,23 +503,22 @@ Test(relay_faults, claim_session_terminated)
 {
     struct e2e e;
     e2e_setup(&e, "claimkill", 30);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     devbroker_command(&e.broker, "rtt 1 20"); /* keeps rows in flight */
-    struct proc relay;
     const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_RECONNECT_MAX=500ms", NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_relay_start(&e, &run.relay, env);
+    run.port = e2e_admin_port(&run.relay);
     size_t log_at = 0;
-    cr_assert(proc_wait_log(&relay, "leading: publishing", &log_at, 20000, NULL, 0));
+    cr_assert(proc_wait_log(&run.relay, "leading: publishing", &log_at, 20000, NULL, 0));
     const long total = 5000;
     long inserted = 0;
     const int terminations = 5;
     for (int i = 0; i < terminations; i++) {
-        size_t before = kconsumer_count(c);
+        size_t before = kconsumer_count(run.c);
         e2e_insert(&e, inserted, inserted + total / terminations);
         inserted += total / terminations;
-        cr_assert(kconsumer_wait_count(c, before + 50, 30000), "round %d: no flow", i);
+        cr_assert(kconsumer_wait_count(run.c, before + 50, 30000), "round %d: no flow", i);
         const char *dbname[] = {e.db.name};
         /* The claim session, once it is back (bounded: 1,000 polls of 20 ms). */
         long n = 0;
@@ -563,25 +531,16 @@ Test(relay_faults, claim_session_terminated)
                 1, dbname);
         cr_assert_eq(n, 1, "round %d: expected one claim session to terminate", i);
         cr_assert(e2e_wait_metric(
-                      port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"),
+                      run.port, e2e_series(&e, "relay_db_reconnects_total{table=\"saga.outbox\"}"),
                       (double)(i + 1), 20000),
                   "round %d: the loss was not counted", i);
     }
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, total, false);
-    cr_assert_geq(proc_count_log(&relay, "lost the claim connection"), 1);
-    cr_assert_eq(proc_count_log(&relay, "lost the database connection"), 0,
+    e2e_expect_all(&e, &run, total, 60000, false);
+    cr_assert_geq(proc_count_log(&run.relay, "lost the claim connection"), 1);
+    cr_assert_eq(proc_count_log(&run.relay, "lost the database connection"), 0,
                  "the lock connection was never lost");
-    cr_assert_eq(proc_count_log(&relay, "leading: publishing"), 1, "leadership was kept");
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    cr_assert_eq(proc_count_log(&run.relay, "leading: publishing"), 1, "leadership was kept");
+    e2e_finish(&e, &run);
 }
 
 /* SIGTERM while the broker is down: the relay cannot get its rows acknowledged, gives up
@@ -591,57 +550,44 @@ Test(relay_faults, sigterm_with_broker_down)
 {
     struct e2e e;
     e2e_setup(&e, "termdown", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
     const char *env[] = {"RELAY_DRAIN_TIMEOUT=1s", NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_start(&e, &run, env);
     e2e_insert(&e, 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 100, 30000, NULL));
     devbroker_command(&e.broker, "down 1");
     e2e_insert(&e, 100, 300);
     cr_assert(e2e_wait_metric(
-        port, e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"), 300, 20000));
-    e2e_relay_stop(&relay);
-    cr_assert(proc_wait_log(&relay, "drain timeout", NULL, 1000, NULL, 0));
+        run.port, e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"), 300, 20000));
+    e2e_relay_stop(&run.relay);
+    cr_assert(proc_wait_log(&run.relay, "drain timeout", NULL, 1000, NULL, 0));
     long left = e2e_table_count(&e, "saga.outbox");
     cr_assert_eq(left, 200, "%ld rows left after SIGTERM, expected the 200 never acknowledged",
                  left);
-    proc_cleanup(&relay);
+    proc_cleanup(&run.relay);
     devbroker_command(&e.broker, "up 1");
-    e2e_relay_start(&e, &relay, NULL);
-    long distinct = 0;
-    if (!e2e_wait_all(c, 300, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of 300 rows arrived", distinct);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 300, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_relay_start(&e, &run.relay, NULL);
+    e2e_expect_all(&e, &run, 300, 60000, false);
+    e2e_finish(&e, &run);
 }
 
 /* The set-up of the tests of failed batches: a table of `keys` keys, a consumer, the broker
  * answering after rtt_ms, a relay with 50-row claims and one request in flight (see
- * non_retriable_produce_error for why one), and `warm` rows published first. */
-static int start_one_in_flight(struct e2e *e, const char *name, int keys, int rtt_ms, long warm,
-                               struct kconsumer **c, struct proc *relay)
+ * non_retriable_produce_error for why one), and `warm` rows published first. run's consumer
+ * and relay are the caller's to end (e2e_finish). */
+static void start_one_in_flight(struct e2e *e, const char *name, int keys, int rtt_ms, long warm,
+                                struct e2e_run *run)
 {
     e2e_setup(e, name, keys);
-    const char *topics[] = {e->topic_a, e->topic_b, NULL};
-    *c = kconsumer_start(e->broker.bootstrap, topics);
+    run->c = e2e_consume(e);
     devbroker_command(&e->broker, "rtt 1 %d", rtt_ms);
     const char *env[] = {"RELAY_BATCH_SIZE=50", "KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=1",
                          NULL};
-    e2e_relay_start(e, relay, env);
-    int port = e2e_admin_port(relay);
+    e2e_relay_start(e, &run->relay, env);
+    run->port = e2e_admin_port(&run->relay);
     e2e_insert(e, 0, warm);
-    cr_assert(e2e_wait_all(*c, warm, 30000, NULL));
+    cr_assert(e2e_wait_all(run->c, warm, 30000, NULL));
     cr_assert(e2e_wait_table_empty(e, "saga.outbox", 20000));
-    return port;
 }
 
 /* A Produce request fails with an error that librdkafka does not retry and the relay does
@@ -658,29 +604,19 @@ static int start_one_in_flight(struct e2e *e, const char *name, int keys, int rt
 Test(relay_faults, non_retriable_produce_error)
 {
     struct e2e e;
-    struct kconsumer *c;
-    struct proc relay;
-    int port = start_one_in_flight(&e, "nonretry", 20, 50, 200, &c, &relay);
+    struct e2e_run run;
+    start_one_in_flight(&e, "nonretry", 20, 50, 200, &run);
     const long total = 3000;
     for (long from = 200; from < total; from += 400) {
         devbroker_command(&e.broker, "errors Produce 1 POLICY_VIOLATION");
         e2e_insert(&e, from, from + 400 < total ? from + 400 : total);
     }
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    size_t dups = e2e_verify(&e, c, total, false);
-    cr_assert(e2e_wait_metric(port, "relay_producer_restarts_total", 1, 5000),
+    size_t dups = e2e_expect_all(&e, &run, total, 60000, false);
+    cr_assert(e2e_wait_metric(run.port, "relay_producer_restarts_total", 1, 5000),
               "no producer was replaced after the refused requests");
     fprintf(stderr, "non_retriable_produce_error: %zu duplicates, %zu producer restarts\n", dups,
-            proc_count_log(&relay, "a new producer replaces"));
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+            proc_count_log(&run.relay, "a new producer replaces"));
+    e2e_finish(&e, &run);
 }
 
 /* Waits (bounded) until at least total - missing distinct rows of [0, total) arrived. */
@@ -793,33 +729,29 @@ static void verify_all_but_dead(struct e2e *e, struct kconsumer *c, long total, 
 Test(relay_faults, permanent_rejection_with_rows_behind)
 {
     struct e2e e;
-    struct kconsumer *c;
-    struct proc relay;
-    int port = start_one_in_flight(&e, "permbehind", 10, 10, 100, &c, &relay);
+    struct e2e_run run;
+    start_one_in_flight(&e, "permbehind", 10, 10, 100, &run);
     const long total = 600;
     devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
     e2e_insert(&e, 100, total);
     if (!e2e_wait_table_empty(&e, "saga.outbox", 30000)) {
-        proc_dump(&relay, "relay", 6000);
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
     }
     long ndead;
     bool *dead = read_dead_letters(&e, 100, total, &ndead);
     if (ndead == 0) {
-        proc_dump(&relay, "relay", 12000);
+        proc_dump(&run.relay, "relay", 12000);
         cr_assert_fail("no row in the dead-letter table");
     }
-    cr_assert(e2e_wait_metric(port, "relay_producer_restarts_total", 1, 5000),
+    cr_assert(e2e_wait_metric(run.port, "relay_producer_restarts_total", 1, 5000),
               "no producer was replaced after the rejection");
-    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
-                 rejected_in_log(&relay));
-    verify_all_but_dead(&e, c, total, dead);
+    cr_assert_eq(ndead, rejected_in_log(&run.relay), "%ld dead letters, %ld rejected messages",
+                 ndead, rejected_in_log(&run.relay));
+    verify_all_but_dead(&e, run.c, total, dead);
     fprintf(stderr, "permanent_rejection_with_rows_behind: %ld dead letters\n", ndead);
     free(dead);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* As above, with dead-letter moves that take 50 ms each (a trigger that sleeps, as a busy
@@ -830,9 +762,8 @@ Test(relay_faults, permanent_rejection_with_rows_behind)
 Test(relay_faults, slow_dead_letter_moves_keep_rejected_rows_out)
 {
     struct e2e e;
-    struct kconsumer *c;
-    struct proc relay;
-    (void)start_one_in_flight(&e, "deadslow", 10, 10, 100, &c, &relay);
+    struct e2e_run run;
+    start_one_in_flight(&e, "deadslow", 10, 10, 100, &run);
     pgtest_exec(e.conn, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
                         "$$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$; "
                         "CREATE TRIGGER slow BEFORE INSERT ON saga.outbox_dead_letters "
@@ -841,20 +772,17 @@ Test(relay_faults, slow_dead_letter_moves_keep_rejected_rows_out)
     devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
     e2e_insert(&e, 100, total);
     if (!e2e_wait_table_empty(&e, "saga.outbox", 30000)) {
-        proc_dump(&relay, "relay", 6000);
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
     }
     long ndead;
     bool *dead = read_dead_letters(&e, 100, total, &ndead);
     cr_assert_gt(ndead, 0, "no row in the dead-letter table");
-    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
-                 rejected_in_log(&relay));
-    verify_all_but_dead(&e, c, total, dead);
+    cr_assert_eq(ndead, rejected_in_log(&run.relay), "%ld dead letters, %ld rejected messages",
+                 ndead, rejected_in_log(&run.relay));
+    verify_all_but_dead(&e, run.c, total, dead);
     free(dead);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* As above, but the dead-letter moves fail for a while (a trigger refuses the inserts, as a
@@ -865,9 +793,8 @@ Test(relay_faults, slow_dead_letter_moves_keep_rejected_rows_out)
 Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
 {
     struct e2e e;
-    struct kconsumer *c;
-    struct proc relay;
-    int port = start_one_in_flight(&e, "deadfail", 10, 10, 100, &c, &relay);
+    struct e2e_run run;
+    start_one_in_flight(&e, "deadfail", 10, 10, 100, &run);
     pgtest_exec(e.conn, "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
                         "$$ BEGIN RAISE EXCEPTION 'dead letters refused for the test'; END $$; "
                         "CREATE TRIGGER refuse BEFORE INSERT ON saga.outbox_dead_letters "
@@ -876,13 +803,13 @@ Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
     devbroker_command(&e.broker, "errors Produce 1 INVALID_RECORD");
     e2e_insert(&e, 100, total);
     size_t at = 0;
-    cr_assert(proc_wait_log(&relay, "dead letters refused for the test", &at, 20000, NULL, 0),
+    cr_assert(proc_wait_log(&run.relay, "dead letters refused for the test", &at, 20000, NULL, 0),
               "no dead-letter move was refused");
     /* The rows behind arrive while the moves fail (all but the rejected ones, fewer than 100:
      * the rows of the failed request); the rejected ones wait in the outbox. */
     long arrived = 0;
-    if (!e2e_wait_all_but(c, total, 100, 30000, &arrived)) {
-        proc_dump(&relay, "relay", 12000);
+    if (!e2e_wait_all_but(run.c, total, 100, 30000, &arrived)) {
+        proc_dump(&run.relay, "relay", 12000);
         cr_assert_fail("%ld of %ld rows arrived while the dead-letter moves failed", arrived,
                        total);
     }
@@ -890,28 +817,25 @@ Test(relay_faults, rejected_rows_stay_out_while_their_moves_fail)
     cr_assert_eq(e2e_table_count(&e, "saga.outbox_dead_letters"), 0);
     double restarts = 0;
     char *body = NULL;
-    if (e2e_http_get(port, "/metrics", &body) == 200)
+    if (e2e_http_get(run.port, "/metrics", &body) == 200)
         restarts = e2e_metric(body, "relay_producer_restarts_total");
     free(body);
     cr_assert(restarts >= 1 && restarts <= 2, "%.0f producer restarts", restarts);
     /* The moves work again: the rejected rows end in the dead-letter table, never delivered. */
     pgtest_exec(e.conn, "DROP TRIGGER refuse ON saga.outbox_dead_letters");
     if (!e2e_wait_table_empty(&e, "saga.outbox", 20000)) {
-        proc_dump(&relay, "relay", 12000);
+        proc_dump(&run.relay, "relay", 12000);
         cr_assert_fail("%ld rows left in the outbox", e2e_table_count(&e, "saga.outbox"));
     }
     long ndead;
     bool *dead = read_dead_letters(&e, 100, total, &ndead);
     cr_assert_gt(ndead, 0, "the rejected rows are not in the dead-letter table");
-    cr_assert_eq(ndead, rejected_in_log(&relay), "%ld dead letters, %ld rejected messages", ndead,
-                 rejected_in_log(&relay));
-    verify_all_but_dead(&e, c, total, dead);
+    cr_assert_eq(ndead, rejected_in_log(&run.relay), "%ld dead letters, %ld rejected messages",
+                 ndead, rejected_in_log(&run.relay));
+    verify_all_but_dead(&e, run.c, total, dead);
     fprintf(stderr, "rejected_rows_stay_out_while_their_moves_fail: %ld dead letters\n", ndead);
     free(dead);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* A fatal error that fails no message: the broker refuses the producer id
@@ -923,27 +847,23 @@ Test(relay_faults, refused_producer_id_backs_off)
 {
     struct e2e e;
     e2e_setup(&e, "pidrefused", 4);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     devbroker_command(&e.broker, "errors InitProducerId 3 CLUSTER_AUTHORIZATION_FAILED");
     e2e_insert(&e, 0, 20);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
+    e2e_relay_start(&e, &run.relay, NULL);
     size_t at = 0;
     const char *pauses[] = {"100 ms after the last one", "200 ms after the last one",
                             "400 ms after the last one"};
     for (int i = 0; i < 3; i++)
-        if (!proc_wait_log(&relay, pauses[i], &at, 15000, NULL, 0)) {
-            proc_dump(&relay, "relay", 8000);
+        if (!proc_wait_log(&run.relay, pauses[i], &at, 15000, NULL, 0)) {
+            proc_dump(&run.relay, "relay", 8000);
             cr_assert_fail("refusal %d: no \"%s\"", i + 1, pauses[i]);
         }
-    cr_assert(e2e_wait_all(c, 20, 30000, NULL), "the rows did not arrive once accepted");
+    cr_assert(e2e_wait_all(run.c, 20, 30000, NULL), "the rows did not arrive once accepted");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 20, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify(&e, run.c, 20, false);
+    e2e_finish(&e, &run);
 }
 
 /* A Produce error that keeps coming back (a broker policy rejecting every request, here four
@@ -953,32 +873,26 @@ Test(relay_faults, repeated_delivery_failures_back_off)
 {
     struct e2e e;
     e2e_setup(&e, "failpause", 4);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
+    e2e_relay_start(&e, &run.relay, NULL);
     e2e_insert(&e, 0, 10);
-    cr_assert(e2e_wait_all(c, 10, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 10, 30000, NULL));
     devbroker_command(&e.broker, "errors Produce 4 POLICY_VIOLATION");
     e2e_insert(&e, 10, 11); /* one row: one Produce request per attempt */
     size_t at = 0;
     const char *pauses[] = {"retrying in 100 ms", "retrying in 200 ms", "retrying in 400 ms",
                             "retrying in 800 ms"};
     for (int i = 0; i < 4; i++)
-        cr_assert(proc_wait_log(&relay, pauses[i], &at, 15000, NULL, 0), "attempt %d: no \"%s\"",
-                  i + 1, pauses[i]);
-    cr_assert(e2e_wait_all(c, 11, 30000, NULL), "the row did not arrive after the errors");
+        cr_assert(proc_wait_log(&run.relay, pauses[i], &at, 15000, NULL, 0),
+                  "attempt %d: no \"%s\"", i + 1, pauses[i]);
+    cr_assert(e2e_wait_all(run.c, 11, 30000, NULL), "the row did not arrive after the errors");
     devbroker_command(&e.broker, "errors Produce 1 POLICY_VIOLATION");
     e2e_insert(&e, 11, 12);
-    cr_assert(proc_wait_log(&relay, "retrying in 100 ms", &at, 15000, NULL, 0),
+    cr_assert(proc_wait_log(&run.relay, "retrying in 100 ms", &at, 15000, NULL, 0),
               "the pause did not start again from 100 ms after a success");
-    cr_assert(e2e_wait_all(c, 12, 30000, NULL));
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 12, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_expect_all(&e, &run, 12, 30000, false);
+    e2e_finish(&e, &run);
 }
 
 /* Kafka refuses the relay's writes to a topic (TOPIC_AUTHORIZATION_FAILED: an ACL missing,
@@ -989,14 +903,11 @@ Test(relay_faults, topic_authorization_failed_waits)
 {
     struct e2e e;
     e2e_setup(&e, "acl", 4);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
     const char *env[] = {"RELAY_RECONNECT_MAX=2s", NULL};
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    e2e_start(&e, &run, env);
     e2e_insert(&e, 0, 10);
-    cr_assert(e2e_wait_all(c, 10, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 10, 30000, NULL));
     devbroker_command(&e.broker, "errors Produce 3 TOPIC_AUTHORIZATION_FAILED");
     e2e_insert(&e, 10, 11);
     /* librdkafka reports the refusal as a failed delivery and, with the gapless guarantee,
@@ -1004,22 +915,19 @@ Test(relay_faults, topic_authorization_failed_waits)
      * refusal refuses the topic at produce time until its next metadata refresh. Every path
      * pauses, doubling: "... in 200 ms" comes after the first refusal. */
     size_t at = 0;
-    cr_assert(proc_wait_log(&relay, "Topic authorization failed", &at, 15000, NULL, 0),
+    cr_assert(proc_wait_log(&run.relay, "Topic authorization failed", &at, 15000, NULL, 0),
               "the refusal was not logged");
-    if (!proc_wait_log(&relay, " in 200 ms", &at, 15000, NULL, 0)) {
-        proc_dump(&relay, "relay", 12000);
+    if (!proc_wait_log(&run.relay, " in 200 ms", &at, 15000, NULL, 0)) {
+        proc_dump(&run.relay, "relay", 12000);
         cr_assert_fail("the pause does not grow");
     }
-    cr_assert(e2e_wait_all(c, 11, 30000, NULL), "the row did not arrive once allowed");
+    cr_assert(e2e_wait_all(run.c, 11, 30000, NULL), "the row did not arrive once allowed");
     cr_assert(e2e_wait_metric(
-        port, e2e_series(&e, "relay_publish_errors_total{table=\"saga.outbox\"}"), 1, 5000));
+        run.port, e2e_series(&e, "relay_publish_errors_total{table=\"saga.outbox\"}"), 1, 5000));
     cr_assert_eq(e2e_table_count(&e, "saga.outbox_dead_letters"), 0, "nothing dead-lettered");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 11, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify(&e, run.c, 11, false);
+    e2e_finish(&e, &run);
 }
 
 /* First delivery of the message whose id is given, as an index into the consumer's arrival
@@ -1047,14 +955,11 @@ Test(relay_faults, claim_in_flight_during_reset)
 {
     struct e2e e;
     e2e_setup(&e, "stale", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    e2e_start(&e, &run, NULL);
     /* Warm up (topic metadata, producer id) with a model row. */
     e2e_insert(&e, 0, 1);
-    cr_assert(e2e_wait_all(c, 1, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 1, 30000, NULL));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
 
     /* Row A: its Produce request fails (not retriable), but only after a delay. */
@@ -1065,7 +970,7 @@ Test(relay_faults, claim_in_flight_during_reset)
                          "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
                          "('ffffffff-0000-4000-8000-00000000000a', $1, 'same', 'A', '{}')",
                          1, params));
-    cr_assert(e2e_wait_metric(port,
+    cr_assert(e2e_wait_metric(run.port,
                               e2e_series(&e, "relay_rows_claimed_total{table=\"saga.outbox\"}"), 2,
                               15000),
               "row A was not claimed");
@@ -1088,7 +993,7 @@ Test(relay_faults, claim_in_flight_during_reset)
         nanosleep(&ts, NULL);
     }
     /* The failure of A arrives while the claim waits. */
-    cr_assert(proc_wait_log(&relay, "publishing the table again", NULL, 15000, NULL, 0),
+    cr_assert(proc_wait_log(&run.relay, "publishing the table again", NULL, 15000, NULL, 0),
               "no delivery failure");
     devbroker_command(&e.broker, "rtt 1 0");
     pgtest_exec(locker, "COMMIT");
@@ -1096,20 +1001,17 @@ Test(relay_faults, claim_in_flight_during_reset)
 
     int64_t until = proc_now_ms() + 30000;
     long a, b;
-    while (((a = first_delivery(c, "ffffffff-0000-4000-8000-00000000000a")) < 0 ||
-            (b = first_delivery(c, "ffffffff-0000-4000-8000-00000000000b")) < 0) &&
+    while (((a = first_delivery(run.c, "ffffffff-0000-4000-8000-00000000000a")) < 0 ||
+            (b = first_delivery(run.c, "ffffffff-0000-4000-8000-00000000000b")) < 0) &&
            proc_now_ms() < until)
-        kconsumer_wait_count(c, kconsumer_count(c) + 1, 200);
-    b = first_delivery(c, "ffffffff-0000-4000-8000-00000000000b");
+        kconsumer_wait_count(run.c, kconsumer_count(run.c) + 1, 200);
+    b = first_delivery(run.c, "ffffffff-0000-4000-8000-00000000000b");
     if (a < 0 || b < 0)
-        proc_dump(&relay, "relay", 6000);
+        proc_dump(&run.relay, "relay", 6000);
     cr_assert(a >= 0 && b >= 0, "A or B never arrived (A at %ld, B at %ld)", a, b);
     cr_assert_lt(a, b, "B (later seq, same key) was delivered before A");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* Three brokers: partition leaders move, and a broker that leads some partitions goes down
@@ -1120,14 +1022,13 @@ Test(relay_faults, leaders_move_and_a_broker_fails)
     struct e2e e;
     const char *brokers[] = {"--brokers", "3", NULL};
     e2e_setup_broker(&e, "leaders", 24, brokers);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     const char *env[] = {"RELAY_BATCH_SIZE=100", "KAFKA_TOPIC_METADATA_REFRESH_INTERVAL_MS=1000",
                          "KAFKA_RECONNECT_BACKOFF_MAX_MS=500", NULL};
-    e2e_relay_start(&e, &relay, env);
+    e2e_relay_start(&e, &run.relay, env);
     e2e_insert(&e, 0, 300);
-    cr_assert(e2e_wait_all(c, 300, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 300, 30000, NULL));
     const long total = 3300;
     long from = 300;
     for (int round = 0; round < 6; round++) {
@@ -1141,24 +1042,15 @@ Test(relay_faults, leaders_move_and_a_broker_fails)
         e2e_insert(&e, from, from + 500);
         from += 500;
     }
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 90000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    size_t dups = e2e_verify(&e, c, total, false);
+    size_t dups = e2e_expect_all(&e, &run, total, 90000, false);
     fprintf(stderr, "leaders_move_and_a_broker_fails: %zu duplicates, %zu resets\n", dups,
-            proc_count_log(&relay, "publishing the table again"));
+            proc_count_log(&run.relay, "publishing the table again"));
     if (dups) {
-        char *log = proc_read_stdout(&relay);
+        char *log = proc_read_stdout(&run.relay);
         fprintf(stderr, "%s\n", log);
         free(log);
     }
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* A rolling restart: the leader gets SIGTERM while rows flow, finishes what it claimed and
@@ -1167,8 +1059,7 @@ Test(relay_faults, sigterm_leader_hands_over)
 {
     struct e2e e;
     e2e_setup(&e, "rolling", 20);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct kconsumer *c = e2e_consume(&e);
     const char *env[] = {"RELAY_LEADER_RETRY=200ms", "RELAY_BATCH_SIZE=100",
                          "RELAY_MAX_INFLIGHT=300", NULL};
     struct proc relays[2];

@@ -15,32 +15,22 @@ Test(relay_flow, every_row_exactly_once_in_order)
     /* A first part before the relay starts (read from the table's head), the rest while it
      * runs (found through NOTIFY). */
     e2e_insert(&e, 0, 3000);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    e2e_start(&e, &run, NULL);
     for (long from = 3000; from < total; from += 1480)
         e2e_insert(&e, from, from + 1480 < total ? from + 1480 : total);
 
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived within 60 s", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left in the outbox",
-              e2e_table_count(&e, "saga.outbox"));
-    e2e_verify(&e, c, total, true);
+    e2e_expect_all(&e, &run, total, 60000, true);
 
     /* /metrics: published rows per table and topic (rows of even keys go to topic a). */
     char series[512];
     snprintf(series, sizeof(series),
              "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
     snprintf(series, sizeof(series), "%s", e2e_series(&e, series));
-    cr_assert(e2e_wait_metric(port, series, (double)(total / 2), 10000), "%s never reached %ld",
+    cr_assert(e2e_wait_metric(run.port, series, (double)(total / 2), 10000), "%s never reached %ld",
               series, total / 2);
     char *body;
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     cr_assert_eq(e2e_metric(body, series), (double)(total / 2), "%s", body);
     snprintf(series, sizeof(series),
              "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_b);
@@ -55,10 +45,7 @@ Test(relay_flow, every_row_exactly_once_in_order)
         (double)total, "%s", body);
     free(body);
 
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* /healthz, /readyz and /metrics answer; /readyz says ready once the table is led and Kafka
@@ -67,34 +54,30 @@ Test(relay_flow, admin_endpoint)
 {
     struct e2e e;
     e2e_setup(&e, "admin", 4);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    e2e_relay_start(&e, &run.relay, NULL);
+    run.port = e2e_admin_port(&run.relay);
     char *body;
-    cr_assert_eq(e2e_http_get(port, "/healthz", &body), 200, "/healthz: %s", body ? body : "");
+    cr_assert_eq(e2e_http_get(run.port, "/healthz", &body), 200, "/healthz: %s", body ? body : "");
     free(body);
     /* Ready once leading and the producer saw a broker (its statistics come every second). */
-    body = e2e_wait_ready(port, 15000);
+    body = e2e_wait_ready(run.port, 15000);
     cr_assert(strstr(body, "saga.outbox leading"), "/readyz: %s", body);
     free(body);
     e2e_insert(&e, 0, 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    cr_assert(e2e_wait_all(c, 10, 20000, NULL));
+    run.c = e2e_consume(&e);
+    cr_assert(e2e_wait_all(run.c, 10, 20000, NULL));
     char series[512];
     snprintf(series, sizeof(series),
              "relay_rows_published_total{table=\"saga.outbox\",topic=\"%s\"}", e.topic_a);
     snprintf(series, sizeof(series), "%s", e2e_series(&e, series));
-    cr_assert(e2e_wait_metric(port, series, 5, 10000), "%s never reached 5", series);
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert(e2e_wait_metric(run.port, series, 5, 10000), "%s never reached 5", series);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     cr_assert(strstr(body, "# TYPE relay_rows_published_total counter"), "%s", body);
     free(body);
-    cr_assert_eq(e2e_http_get(port, "/no-such-page", &body), 404);
+    cr_assert_eq(e2e_http_get(run.port, "/no-such-page", &body), 404);
     free(body);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 struct deleted_rows {
@@ -126,17 +109,17 @@ Test(relay_flow, sigterm_while_rows_flow)
     struct e2e e;
     e2e_setup(&e, "term", 50);
     const long total = 8000;
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     /* Small claims so that a good part of the table is still there at SIGTERM. */
     const char *env[] = {"RELAY_BATCH_SIZE=100", "RELAY_MAX_INFLIGHT=400", NULL};
-    e2e_relay_start(&e, &relay, env);
+    e2e_relay_start(&e, &run.relay, env);
     for (long from = 0; from < total; from += 500)
         e2e_insert(&e, from, from + 500);
-    cr_assert(kconsumer_wait_count(c, 1500, 30000), "no flow: %zu messages", kconsumer_count(c));
-    e2e_relay_stop(&relay);
-    cr_assert(proc_wait_log(&relay, "outbox-relay stopped", NULL, 1000, NULL, 0),
+    cr_assert(kconsumer_wait_count(run.c, 1500, 30000), "no flow: %zu messages",
+              kconsumer_count(run.c));
+    e2e_relay_stop(&run.relay);
+    cr_assert(proc_wait_log(&run.relay, "outbox-relay stopped", NULL, 1000, NULL, 0),
               "no final log line");
 
     /* Every row no longer in the table must have arrived. */
@@ -155,27 +138,18 @@ Test(relay_flow, sigterm_while_rows_flow)
     /* Deleted means acknowledged: wait (bounded) until the consumer has read them all. */
     struct deleted_rows d = {total, left, 0, total - remaining, calloc((size_t)total, 1)};
     cr_assert(d.seen);
-    bool all = kconsumer_wait_until(c, deleted_seen, &d, 20000);
+    bool all = kconsumer_wait_until(run.c, deleted_seen, &d, 20000);
     for (long g = 0; g < total; g++)
         cr_assert(left[g] || d.seen[g], "row %ld was deleted but never arrived", g);
     cr_assert(all);
     free(d.seen);
     free(left);
-    proc_cleanup(&relay);
+    proc_cleanup(&run.relay);
 
     /* The next run publishes the rest. */
-    e2e_relay_start(&e, &relay, NULL);
-    long distinct = 0;
-    if (!e2e_wait_all(c, total, 60000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived", distinct, total);
-    }
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, total, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_relay_start(&e, &run.relay, NULL);
+    e2e_expect_all(&e, &run, total, 60000, false);
+    e2e_finish(&e, &run);
 }
 
 /* With the fallback poll out of the way (1 h), rows inserted while the relay is idle arrive
@@ -185,15 +159,14 @@ Test(relay_flow, notify_wakes_each_of_two_tables)
     struct e2e e;
     e2e_setup(&e, "notify", 10);
     pgtest_exec(e.conn, "SELECT saga.create_outbox('inventory')");
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     const char *env[] = {"RELAY_POLL_INTERVAL=1h",
                          "RELAY_OUTBOX_TABLES=saga.outbox,inventory.outbox", NULL};
-    e2e_relay_start(&e, &relay, env);
+    e2e_relay_start(&e, &run.relay, env);
     size_t from = 0;
-    cr_assert(proc_wait_log(&relay, "leading", &from, 15000, NULL, 0));
-    cr_assert(proc_wait_log(&relay, "leading", &from, 15000, NULL, 0), "not both tables led");
+    cr_assert(proc_wait_log(&run.relay, "leading", &from, 15000, NULL, 0));
+    cr_assert(proc_wait_log(&run.relay, "leading", &from, 15000, NULL, 0), "not both tables led");
     /* Rounds: each waits for the previous one to arrive, so the relay is idle when the next
      * rows come and only their notification can wake it. */
     static const struct {
@@ -206,8 +179,8 @@ Test(relay_flow, notify_wakes_each_of_two_tables)
         snprintf(e.table, sizeof(e.table), "%s", rounds[i].table);
         e2e_insert(&e, rounds[i].from, rounds[i].to);
         long distinct = 0;
-        if (!e2e_wait_all(c, rounds[i].to, 15000, &distinct)) {
-            proc_dump(&relay, "relay", 6000);
+        if (!e2e_wait_all(run.c, rounds[i].to, 15000, &distinct)) {
+            proc_dump(&run.relay, "relay", 6000);
             cr_assert_fail("round %zu (%s): %ld of %ld rows arrived", i, rounds[i].table, distinct,
                            rounds[i].to);
         }
@@ -215,11 +188,8 @@ Test(relay_flow, notify_wakes_each_of_two_tables)
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
     /* Two tables are two publishers: order holds per table, not across them. */
-    e2e_verify_opts(&e, c, 600, true, false);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify_opts(&e, run.c, 600, true, false);
+    e2e_finish(&e, &run);
 }
 
 /* Waits (bounded) until the relay tracks no hole. */
@@ -248,13 +218,10 @@ Test(relay_flow, rolled_back_seq_forgotten)
 {
     struct e2e e;
     e2e_setup(&e, "rollback", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    e2e_start(&e, &run, NULL);
     e2e_insert(&e, 0, 100);
-    cr_assert(e2e_wait_all(c, 100, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 100, 30000, NULL));
     const char *params[] = {e.topic_a};
     for (int i = 0; i < 3; i++) {
         pgtest_exec(e.conn, "BEGIN");
@@ -266,14 +233,9 @@ Test(relay_flow, rolled_back_seq_forgotten)
         pgtest_exec(e.conn, "ROLLBACK");
         e2e_insert(&e, 100 + i * 100, 200 + i * 100);
     }
-    cr_assert(e2e_wait_all(c, 400, 30000, NULL));
-    cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 400, true);
-    cr_assert(wait_holes_zero(&e, port, 10000), "rolled-back seq values are still searched");
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_expect_all(&e, &run, 400, 30000, true);
+    cr_assert(wait_holes_zero(&e, run.port, 10000), "rolled-back seq values are still searched");
+    e2e_finish(&e, &run);
 }
 
 /* Waits (bounded) for the message whose message-id is id. */
@@ -316,32 +278,28 @@ Test(relay_flow, cached_sequence_values_committed_late)
     struct e2e e;
     e2e_setup(&e, "seqcache", 10);
     pgtest_exec(e.conn, "ALTER TABLE saga.outbox ALTER COLUMN seq SET CACHE 20");
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     PGconn *b1 = pgtest_connect(e.db.url), *b2 = pgtest_connect(e.db.url);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    cr_assert(proc_wait_log(&relay, "leading: publishing", NULL, 15000, NULL, 0));
+    e2e_relay_start(&e, &run.relay, NULL);
+    cr_assert(proc_wait_log(&run.relay, "leading: publishing", NULL, 15000, NULL, 0));
     cr_assert_eq(insert_one(b1, "eeeeeeee-0000-4000-8000-000000000001", e.topic_a), 1);
-    cr_assert(wait_message(c, "eeeeeeee-0000-4000-8000-000000000001", 20000));
+    cr_assert(wait_message(run.c, "eeeeeeee-0000-4000-8000-000000000001", 20000));
     /* b1 keeps 2..20 in its cache: b2 gets 21 */
     cr_assert_eq(insert_one(b2, "eeeeeeee-0000-4000-8000-000000000002", e.topic_a), 21);
-    cr_assert(wait_message(c, "eeeeeeee-0000-4000-8000-000000000002", 20000));
-    cr_assert(proc_wait_log(&relay, "does not have CACHE 1", NULL, 20000, NULL, 0),
+    cr_assert(wait_message(run.c, "eeeeeeee-0000-4000-8000-000000000002", 20000));
+    cr_assert(proc_wait_log(&run.relay, "does not have CACHE 1", NULL, 20000, NULL, 0),
               "the relay did not notice the cached sequence");
     cr_assert_eq(insert_one(b1, "eeeeeeee-0000-4000-8000-000000000003", e.topic_a), 2,
                  "the scenario needs seq 2 to commit after 21");
-    if (!wait_message(c, "eeeeeeee-0000-4000-8000-000000000003", 20000)) {
-        proc_dump(&relay, "relay", 4000);
+    if (!wait_message(run.c, "eeeeeeee-0000-4000-8000-000000000003", 20000)) {
+        proc_dump(&run.relay, "relay", 4000);
         cr_assert_fail("the row with seq 2, committed after seq 21, never arrived");
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     PQfinish(b1);
     PQfinish(b2);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* A transaction that took its seq early and commits after later rows were published and
@@ -350,8 +308,8 @@ Test(relay_flow, late_commit_published)
 {
     struct e2e e;
     e2e_setup(&e, "late", 10);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     PGconn *late = pgtest_connect(e.db.url);
     pgtest_exec(late, "BEGIN");
     const char *params[] = {e.topic_a};
@@ -360,23 +318,22 @@ Test(relay_flow, late_commit_published)
                          "('ffffffff-0000-4000-8000-000000000010', $1, 'late', 'Late', "
                          "'{\"late\": true}') RETURNING seq",
                          1, params));
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
+    e2e_relay_start(&e, &run.relay, NULL);
     e2e_insert(&e, 0, 300);
-    cr_assert(e2e_wait_all(c, 300, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 300, 30000, NULL));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     /* The open transaction's seq is a hole the relay keeps looking for (sweeps see the
      * transaction holding its lock on the table). */
-    int port = e2e_admin_port(&relay);
-    cr_assert(e2e_wait_metric(port, e2e_series(&e, "relay_claim_holes{table=\"saga.outbox\"}"), 1,
-                              10000));
+    run.port = e2e_admin_port(&run.relay);
+    cr_assert(e2e_wait_metric(run.port, e2e_series(&e, "relay_claim_holes{table=\"saga.outbox\"}"),
+                              1, 10000));
     /* While the same transaction keeps the oldest hole open, the sweeps back off (they read
      * pg_locks, which takes every lock-manager partition lock) although rows keep coming
      * (each wakes the relay): over ~2 s of one-row inserts, ~5-10 sweeps (20, 40, ... 500 ms
      * apart); every 20 ms, as before, was 99 (measured). A window, not a wait. */
     const char *sweeps = e2e_series(&e, "relay_writers_sweeps_total{table=\"saga.outbox\"}");
     char *body = NULL;
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     double before = e2e_metric(body, sweeps);
     free(body);
     int64_t t0 = proc_now_ms();
@@ -384,7 +341,7 @@ Test(relay_flow, late_commit_published)
         e2e_insert(&e, g, g + 1);
         usleep(20000);
     }
-    cr_assert_eq(e2e_http_get(port, "/metrics", &body), 200);
+    cr_assert_eq(e2e_http_get(run.port, "/metrics", &body), 200);
     double swept = e2e_metric(body, sweeps) - before;
     free(body);
     /* At most one per 250 ms over the window (however long a slow machine made it), plus the
@@ -396,13 +353,13 @@ Test(relay_flow, late_commit_published)
               "%.0f writers sweeps in %.0f ms while one hole waited", swept, elapsed);
     pgtest_exec(late, "COMMIT");
     e2e_insert(&e, 400, 500);
-    cr_assert(e2e_wait_all(c, 500, 30000, NULL));
+    cr_assert(e2e_wait_all(run.c, 500, 30000, NULL));
     /* The late row: wait for it (bounded). */
     bool found = false;
     int64_t deadline = proc_now_ms() + 20000;
     while (!found && proc_now_ms() < deadline) {
         size_t n;
-        struct kmsg **msgs = kconsumer_snapshot(c, &n);
+        struct kmsg **msgs = kconsumer_snapshot(run.c, &n);
         for (size_t i = 0; i < n && !found; i++) {
             const char *id = kmsg_header(msgs[i], "message-id", NULL);
             found = id && !strcmp(id, "ffffffff-0000-4000-8000-000000000010");
@@ -413,20 +370,17 @@ Test(relay_flow, late_commit_published)
         }
         free(msgs);
         if (!found)
-            kconsumer_wait_count(c, n + 1, 200);
+            kconsumer_wait_count(run.c, n + 1, 200);
     }
     if (!found)
-        proc_dump(&relay, "relay", 6000);
+        proc_dump(&run.relay, "relay", 6000);
     cr_assert(found, "the row committed late never arrived");
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000), "%ld rows left",
               e2e_table_count(&e, "saga.outbox"));
-    e2e_verify(&e, c, 500, true);
-    cr_assert(wait_holes_zero(&e, port, 10000), "the filled hole was not forgotten");
+    e2e_verify(&e, run.c, 500, true);
+    cr_assert(wait_holes_zero(&e, run.port, 10000), "the filled hole was not forgotten");
     PQfinish(late);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* RELAY_CONFIG: one relay publishes three tables of two databases (one named by its URL, one
@@ -454,11 +408,8 @@ Test(relay_flow, config_file_two_databases)
     snprintf(config, sizeof(config), "RELAY_CONFIG=%s", path);
     snprintf(second, sizeof(second), "E2E_SECOND_DB=%s", db2.url);
     const char *env[] = {config, second, "RELAY_DATABASE_URL", "RELAY_OUTBOX_TABLES", NULL};
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, env);
-    int port = e2e_admin_port(&relay);
+    struct e2e_run run;
+    e2e_start(&e, &run, env);
     e2e_insert(&e, 0, 300);
     PGconn *first = e.conn;
     e.conn = conn2;
@@ -466,30 +417,27 @@ Test(relay_flow, config_file_two_databases)
     snprintf(e.table, sizeof(e.table), "inventory.outbox");
     e2e_insert(&e, 600, 900);
     long distinct = 0;
-    if (!e2e_wait_all(c, 900, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 900, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 900 rows arrived", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     cr_assert(e2e_wait_table_empty(&e, "inventory.outbox", 20000));
     e.conn = first;
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify_opts(&e, c, 900, true, false);
-    cr_assert_eq(proc_count_log(&relay, "leading: publishing"), 3);
-    char *body = e2e_wait_ready(port, 15000);
+    e2e_verify_opts(&e, run.c, 900, true, false);
+    cr_assert_eq(proc_count_log(&run.relay, "leading: publishing"), 3);
+    char *body = e2e_wait_ready(run.port, 15000);
     cr_assert(strstr(body, "inventory.outbox leading"), "%s", body);
     size_t saga_leading = 0; /* one per database */
     for (const char *at = body; (at = strstr(at, "saga.outbox leading")); at++)
         saga_leading++;
     cr_assert_eq(saga_leading, 2, "%s", body);
     free(body);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
+    e2e_finish(&e, &run);
     unlink(path);
-    kconsumer_stop(c);
     PQfinish(conn2);
     pgtest_db_drop(&db2);
-    e2e_teardown(&e);
 }
 
 /* A notification that arrives while a claim runs must not be forgotten when that claim
@@ -512,12 +460,11 @@ Test(relay_flow, notify_during_claim_not_lost)
                 "$$ BEGIN PERFORM pg_notify('saga_outbox', 'slow.outbox'); RETURN NULL; END $$; "
                 "CREATE TRIGGER notify AFTER INSERT ON slow.base "
                 "FOR EACH STATEMENT EXECUTE FUNCTION slow.notify()");
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
     const char *env[] = {"RELAY_POLL_INTERVAL=1h", "RELAY_OUTBOX_TABLES=slow.outbox", NULL};
-    e2e_relay_start(&e, &relay, env);
-    cr_assert(proc_wait_log(&relay, "leading", NULL, 15000, NULL, 0));
+    e2e_relay_start(&e, &run.relay, env);
+    cr_assert(proc_wait_log(&run.relay, "leading", NULL, 15000, NULL, 0));
     snprintf(e.table, sizeof(e.table), "slow.base");
     /* Row 0 wakes the relay; its claim sleeps in the view's filter. */
     e2e_insert(&e, 0, 1);
@@ -534,17 +481,14 @@ Test(relay_flow, notify_during_claim_not_lost)
     /* Row 1 commits (and notifies) while that claim, which cannot see it, still runs. */
     e2e_insert(&e, 1, 2);
     long distinct = 0;
-    if (!e2e_wait_all(c, 2, 20000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 2, 20000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("%ld of 2 rows arrived: the notification during the claim was lost",
                        distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "slow.base", 20000));
-    e2e_verify(&e, c, 2, true);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify(&e, run.c, 2, true);
+    e2e_finish(&e, &run);
 }
 
 /* Values exactly as PostgreSQL stores them: the value is payload::text (any JSON value, also a
@@ -578,13 +522,14 @@ Test(relay_flow, values_exactly_as_stored)
         0, NULL);
     cr_assert_eq(PQntuples(rows), 3);
     const char *topics[] = {e.topic_a, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
-    cr_assert(kconsumer_wait_count(c, 3, 30000), "%zu of 3 rows arrived", kconsumer_count(c));
+    struct e2e_run run;
+    run.c = kconsumer_start(e.broker.bootstrap, topics);
+    e2e_relay_start(&e, &run.relay, NULL);
+    cr_assert(kconsumer_wait_count(run.c, 3, 30000), "%zu of 3 rows arrived",
+              kconsumer_count(run.c));
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
     size_t n;
-    struct kmsg **msgs = kconsumer_snapshot(c, &n);
+    struct kmsg **msgs = kconsumer_snapshot(run.c, &n);
     cr_assert_eq(n, 3);
     for (int i = 0; i < 3; i++) {
         const struct kmsg *m = msgs[i];
@@ -636,10 +581,7 @@ Test(relay_flow, values_exactly_as_stored)
     }
     free(msgs);
     PQclear(rows);
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_finish(&e, &run);
 }
 
 /* A column the prepared claim returns changes its type under the running relay (typmod only,
@@ -650,26 +592,23 @@ Test(relay_flow, claim_prepared_again_after_a_column_type_change)
 {
     struct e2e e;
     e2e_setup(&e, "retype", 20);
-    const char *topics[] = {e.topic_a, e.topic_b, NULL};
-    struct kconsumer *c = kconsumer_start(e.broker.bootstrap, topics);
-    struct proc relay;
-    e2e_relay_start(&e, &relay, NULL);
+    struct e2e_run run;
+    run.c = e2e_consume(&e);
+    e2e_relay_start(&e, &run.relay, NULL);
     e2e_insert(&e, 0, 200);
-    cr_assert(e2e_wait_all(c, 200, 30000, NULL), "the first rows did not arrive");
+    cr_assert(e2e_wait_all(run.c, 200, 30000, NULL), "the first rows did not arrive");
     PQclear(pgtest_query(
         e.conn, "ALTER TABLE saga.outbox ALTER COLUMN created_at TYPE timestamptz(3)", 0, NULL));
     e2e_insert(&e, 200, 400);
     long distinct = 0;
-    if (!e2e_wait_all(c, 400, 30000, &distinct)) {
-        proc_dump(&relay, "relay", 6000);
+    if (!e2e_wait_all(run.c, 400, 30000, &distinct)) {
+        proc_dump(&run.relay, "relay", 6000);
         cr_assert_fail("after the column type change, %ld of 400 rows arrived", distinct);
     }
     cr_assert(e2e_wait_table_empty(&e, "saga.outbox", 20000));
-    e2e_verify(&e, c, 400, false);
-    cr_assert_eq(proc_count_log(&relay, "the prepared claim no longer runs; preparing it again"), 1,
-                 "the claim was not prepared again exactly once");
-    e2e_relay_stop(&relay);
-    proc_cleanup(&relay);
-    kconsumer_stop(c);
-    e2e_teardown(&e);
+    e2e_verify(&e, run.c, 400, false);
+    cr_assert_eq(
+        proc_count_log(&run.relay, "the prepared claim no longer runs; preparing it again"), 1,
+        "the claim was not prepared again exactly once");
+    e2e_finish(&e, &run);
 }
