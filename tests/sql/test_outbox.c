@@ -216,6 +216,38 @@ Test(outbox, an_insert_statement_notifies_once)
     PQfinish(listener);
 }
 
+/* saga.apply_batch (sql/007) runs a statement only for the document's non-empty arrays: a
+ * batch without commands inserts nothing into saga.outbox and so does not wake the relay (the
+ * outbox's NOTIFY trigger fires per statement, even for no rows); one with a command does. */
+Test(outbox, apply_batch_without_commands_does_not_notify)
+{
+    create_outbox("inventory");
+    PGconn *listener = pgtest_connect(db.url);
+    pgtest_exec(listener, "LISTEN saga_outbox");
+    pgtest_exec(conn, "SELECT saga.apply_batch('{\"instances\": [], \"sent\": [], "
+                      "\"resolved\": [], \"outbox\": [], \"ignored\": [], \"inbox\": [], "
+                      "\"dead_letters\": []}')");
+    pgtest_exec(conn, "SELECT saga.apply_batch('{}')"); /* every array missing: the same */
+    /* A marker on another table: the first notification the listener gets must be its. */
+    pgtest_exec(conn, "INSERT INTO inventory.outbox (id, topic, event_type, payload) "
+                      "VALUES (gen_random_uuid(), 't', 'E', '{}')");
+    PGnotify *note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note);
+    cr_assert_str_eq(note->extra, "inventory.outbox", "a batch without commands notified %s",
+                     note->extra);
+    PQfreemem(note);
+
+    pgtest_exec(conn, "SELECT saga.apply_batch(jsonb_build_object('outbox', jsonb_build_array("
+                      "jsonb_build_object('id', gen_random_uuid(), 'topic', 't', 'key', 'k', "
+                      "'event_type', 'E', 'payload', '{}'::jsonb, 'headers', '{}'::jsonb))))");
+    note = pgtest_wait_notify(listener, 10000);
+    cr_assert_not_null(note, "a batch with a command did not notify");
+    cr_assert_str_eq(note->extra, "saga.outbox");
+    PQfreemem(note);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.outbox", 0, NULL), 1);
+    PQfinish(listener);
+}
+
 /* saga.set_outbox_notify (sql/003): off stops the notifications and survives create_outbox
  * running again; on brings them back; idempotent; NULL is refused. */
 Test(outbox, notify_can_be_turned_off_and_on)
