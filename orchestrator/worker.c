@@ -852,9 +852,11 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
             char *k = m->key ? reply_text(m->key, m->key_len) : NULL;
             char *p = m->payload ? reply_text(m->payload, m->len) : NULL;
             cJSON *h = headers_json(m);
-            if (store_batch_add_dead_letter(&b, rd_kafka_topic_name(m->rkt), m->partition,
-                                            m->offset, m->key ? (k ? k : "") : NULL, h, p,
-                                            r->error)) {
+            /* As dead_letter(): a dead letter without its key, payload or headers would lose
+             * what an operator needs to see. */
+            if ((m->key && !k) || (m->payload && !p) || !h ||
+                store_batch_add_dead_letter(&b, rd_kafka_topic_name(m->rkt), m->partition,
+                                            m->offset, k, h, p, r->error)) {
                 log_error("out of memory building a batch");
                 abort();
             }
