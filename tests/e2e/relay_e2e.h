@@ -476,7 +476,36 @@ static inline size_t e2e_expect_all(struct e2e *e, struct e2e_run *r, long total
     long distinct = 0;
     if (!e2e_wait_all(r->c, total, timeout_ms, &distinct)) {
         proc_dump(&r->relay, "relay", 6000);
-        cr_assert_fail("%ld of %ld rows arrived within %d ms", distinct, total, timeout_ms);
+        /* Still in the table (not published yet) or gone from it (deleted unpublished, or
+         * published and not consumed): different bugs. The first missing rows say which. */
+        size_t n;
+        struct kmsg **msgs = kconsumer_snapshot(r->c, &n);
+        char *seen = calloc((size_t)total, 1);
+        cr_assert(seen, "out of memory");
+        for (size_t i = 0; i < n; i++) {
+            long g = id_row(kmsg_header(msgs[i], "message-id", NULL));
+            if (g >= 0 && g < total)
+                seen[g] = 1;
+        }
+        free(msgs);
+        char missing[512] = "";
+        size_t len = 0;
+        for (long g = 0, shown = 0; g < total && shown < 5; g++) {
+            if (seen[g])
+                continue;
+            char sql[256], id[64];
+            snprintf(id, sizeof(id), "00000000-0000-4000-8000-%012lx", (unsigned long)g);
+            snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s WHERE id = $1::uuid", e->table);
+            const char *params[] = {id};
+            len += (size_t)snprintf(missing + len, sizeof(missing) - len, " row %ld (%s)", g,
+                                    pgtest_count(e->conn, sql, 1, params) ? "in the table"
+                                                                          : "not in the table");
+            shown++;
+        }
+        free(seen);
+        cr_assert_fail("%ld of %ld rows arrived within %d ms; %ld rows still in %s; missing:%s",
+                       distinct, total, timeout_ms, e2e_table_count(e, e->table), e->table,
+                       missing);
     }
     cr_assert(e2e_wait_table_empty(e, e->table, 20000), "%ld rows left in %s",
               e2e_table_count(e, e->table), e->table);
