@@ -186,6 +186,11 @@ struct kconsumer *kconsumer_start(const char *brokers, const char *const topics[
     set(conf, "reconnect.backoff.ms", "20");
     set(conf, "reconnect.backoff.max.ms", "300");
     set(conf, "allow.auto.create.topics", "true");
+    /* Should the consumer lose its place in a partition (an offset reset after a leader
+     * change, say), it reads the partition again from the start (duplicates, which the
+     * tests tell apart) rather than from its end: the default, "latest", would skip
+     * messages and make a row the relay did publish look lost. */
+    set(conf, "auto.offset.reset", "earliest");
     set(conf, "log_level", "0"); /* the broker going down on purpose is no news */
     char err[512];
     c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
