@@ -227,3 +227,34 @@ Test(relay_claim, one_claim_session_at_a_time)
     cr_assert(second, "the claim lock is free once the first claim session ended");
     PQfinish(c);
 }
+
+/* The claims are prepared once per session, typically when the outbox is empty and has no
+ * statistics yet, and their generic plans kept while the backlog grows: those plans must read
+ * the outbox through its seq index (a sequential scan would read the whole backlog at every
+ * claim). */
+Test(relay_claim, plans_made_on_an_empty_outbox_use_the_seq_index)
+{
+    bool locked;
+    PGconn *c = claimer_session(&locked);
+    cr_assert(locked);
+    char seqs[64];
+    for (int i = 0; i < 8; i++) /* past the 5 custom plans: the generic one from now on */
+        claim(c, "1", "0", seqs, sizeof(seqs));
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, key, event_type, payload) "
+                      "SELECT gen_random_uuid(), 't', 'k', 'e', '{\"a\": 1}' "
+                      "FROM generate_series(1, 20000)");
+    const char *plans[] = {"EXPLAIN EXECUTE relay_claim(1, 0, 100, 1)",
+                           "EXPLAIN EXECUTE relay_claim_capped(1, 0, 100, 1, 1000000)"};
+    for (size_t i = 0; i < 2; i++) {
+        PGresult *r = PQexec(c, plans[i]);
+        cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+        char plan[4096] = "";
+        size_t len = 0;
+        for (int k = 0; k < PQntuples(r) && len < sizeof(plan) - 1; k++)
+            len += (size_t)snprintf(plan + len, sizeof(plan) - len, "%s\n", PQgetvalue(r, k, 0));
+        PQclear(r);
+        cr_expect(!strstr(plan, "Seq Scan"), "%s:\n%s", plans[i], plan);
+        cr_expect(strstr(plan, "outbox_seq_key"), "%s:\n%s", plans[i], plan);
+    }
+    PQfinish(c);
+}
