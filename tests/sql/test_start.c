@@ -617,3 +617,41 @@ Test(start, claim_branches_do_not_scan_the_idempotency_index)
     cr_assert_str_neq(c, d);
     free(a), free(b), free(c), free(d);
 }
+
+/* A registered version is kept (sql/008, in place of a foreign key from saga.instances): no
+ * DELETE, TRUNCATE or change of its name or version, whatever the sagas. */
+Test(definitions, a_registered_version_is_never_deleted_or_renamed)
+{
+    const char *refused[] = {
+        "DELETE FROM saga.definitions WHERE name = 'order_fulfillment'",
+        "UPDATE saga.definitions SET version = 2 WHERE name = 'order_fulfillment'",
+        "UPDATE saga.definitions SET name = 'other' WHERE name = 'order_fulfillment'",
+        "TRUNCATE saga.definitions",
+    };
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        PGresult *res = PQexec(conn, refused[i]);
+        cr_assert_eq(PQresultStatus(res), PGRES_FATAL_ERROR, "%s was allowed", refused[i]);
+        cr_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "SG021", "%s: %s", refused[i],
+                         PQresultErrorMessage(res));
+        PQclear(res);
+    }
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 1);
+}
+
+/* saga.start takes no lock on its definition's row: with the foreign key it took there
+ * before sql/008, every start held a KEY SHARE lock on the one row all starts of that saga
+ * share, which concurrent callers turned into a MultiXact extended at each start. Shown with
+ * a start left uncommitted and a FOR UPDATE NOWAIT of the row from another session. */
+Test(start, does_not_lock_its_definition_row)
+{
+    pgtest_exec(conn, "BEGIN");
+    free(start_saga(conn, "order_fulfillment", good_input, NULL));
+    PGconn *other = pgtest_connect(db.url);
+    PGresult *res = PQexec(other, "SELECT 1 FROM saga.definitions WHERE name = "
+                                  "'order_fulfillment' FOR UPDATE NOWAIT");
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "the definition's row is locked: %s",
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(other);
+    pgtest_exec(conn, "COMMIT");
+}
