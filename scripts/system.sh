@@ -79,13 +79,11 @@ system_start() { # [extra orchestrator env...]
     system_wait_log "$logdir/relay.log" "leading" 30 || return 1
 }
 
-# Returns 0 once no saga is left unfinished, or 1 after timeout seconds. Asked with the
-# statuses of unfinished sagas (an index range): a NOT IN of the finished ones read the whole
-# table at every poll (17 ms a poll in a 2,000-saga run), which the saga benchmark counted as
-# the system's CPU.
-# Waits (at most timeout_seconds) until no saga is pending, running or compensating; 1 on
-# timeout. One session polling every 50 ms inside the server, committing between polls: a
-# psql process every 0.2 s (before) took CPU from the system that saga-bench measures.
+# Waits (at most timeout_seconds) until no saga is pending, running or compensating; non-zero
+# on timeout. Asked with the statuses of unfinished sagas (an index range: a NOT IN of the
+# finished ones read the whole table at every poll), from one session polling every 50 ms
+# inside the server and committing between polls (a psql process every 0.2 s took CPU from
+# the system that saga-bench measures).
 system_wait_finished() { # timeout_seconds
     psql -qAt -v ON_ERROR_STOP=1 "$orch" -c "DO \$\$ DECLARE t0 timestamptz := clock_timestamp();
     BEGIN
