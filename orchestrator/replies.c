@@ -368,7 +368,8 @@ static rd_kafka_conf_t *consumer_conf_new(const struct orch_settings *st, char *
         {"enable.auto.offset.store", "false"},
         {"auto.offset.reset", "earliest"},
         {"client.id", "saga-orchestrator"},
-        {"fetch.wait.max.ms", "10"},
+        /* fetch.wait.max.ms stays librdkafka's 500 ms: a broker answers a Fetch as soon as
+         * data arrives, so the wait only spaces out the Fetches of an idle consumer. */
         {"statistics.interval.ms", "1000"}, /* stats_cb: is Kafka reachable? */
     };
     for (size_t i = 0; i < sizeof(props) / sizeof(props[0]); i++) {

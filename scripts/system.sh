@@ -39,10 +39,6 @@ system_start() { # [extra orchestrator env...]
     # The mock broker keeps a consumer group rebalancing for session.timeout.ms after a
     # member leaves; a short session keeps restarts quick.
     export KAFKA_SESSION_TIMEOUT_MS=6000
-    # librdkafka's mock broker answers a Fetch only when fetch.wait.max.ms has passed, even
-    # when data arrives sooner (a real broker answers at once): a short wait keeps each hop
-    # of a saga from paying it. Development only: with a real Kafka keep the default.
-    export KAFKA_FETCH_WAIT_MAX_MS=${KAFKA_FETCH_WAIT_MAX_MS:-1}
 
     env SAGA_DATABASE_URL="$orch" SAGA_KAFKA_BROKERS="$brokers" SAGA_DEFINITIONS_DIR=sagas \
         SAGA_ADMIN_ADDR=127.0.0.1:0 "$@" "$build/orchestrator/saga-orchestrator" \

@@ -10,6 +10,10 @@
  *   --brokers N     number of brokers in the cluster, 1..32 (default 1).
  *   --partitions N  partition count for --topic flags without ":PARTITIONS" (default 4).
  *   --topic T[:P]   create topic T (with P partitions) before reporting ready. Repeatable.
+ *   --no-long-poll  answer an empty Fetch after its whole MaxWait, as the mock itself does
+ *                   (also DEV_BROKER_LONG_POLL=0). By default a Fetch that finds no data is
+ *                   answered as soon as a Produce to one of its topics is acknowledged, as a
+ *                   real broker does (longpoll.h).
  *
  * Once the cluster accepts connections, prints exactly one line to stdout and flushes it:
  *   bootstrap=127.0.0.1:PORT
@@ -44,6 +48,7 @@
  * requests in flight its replies wait ~40 ms for the client's delayed ACK. nodelay.c,
  * linked into this executable, interposes accept() to set it (see nodelay.h). --port works
  * the same way: bind() below rewrites the port of the first listener the mock creates. */
+#include "longpoll.h"
 #include "nodelay.h"
 
 #include <ctype.h>
@@ -83,7 +88,8 @@ struct dev_broker_options {
     int partitions;
     struct dev_broker_topic *topics; /* owned */
     size_t topic_count;
-    int help; /* --help given: print usage, exit 0 */
+    int help;      /* --help given: print usage, exit 0 */
+    int long_poll; /* 0: --no-long-poll (or DEV_BROKER_LONG_POLL=0) */
 };
 
 struct dev_broker {
@@ -283,7 +289,7 @@ static int dev_broker_parse_broker(const char *text, int32_t *id)
 static void dev_broker_usage(FILE *out)
 {
     fprintf(out, "usage: dev-broker [--port N] [--brokers N] [--partitions N] "
-                 "[--topic NAME[:PARTITIONS]]...\n");
+                 "[--topic NAME[:PARTITIONS]]... [--no-long-poll]\n");
 }
 
 /* Fills *opts from argv. Returns 0, or 2 (the exit status) after printing a message that
@@ -298,6 +304,8 @@ dev_broker_parse_args(int argc, char **argv, struct dev_broker_options *opts)
     opts->topics = NULL;
     opts->topic_count = 0;
     opts->help = 0;
+    opts->long_poll =
+        !(getenv("DEV_BROKER_LONG_POLL") && strcmp(getenv("DEV_BROKER_LONG_POLL"), "0") == 0);
 
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -309,6 +317,10 @@ dev_broker_parse_args(int argc, char **argv, struct dev_broker_options *opts)
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             opts->help = 1;
             return 0;
+        }
+        if (strcmp(arg, "--no-long-poll") == 0) {
+            opts->long_poll = 0;
+            continue;
         }
         if (strncmp(arg, "--", 2) != 0 || (eq && (size_t)(eq - arg) >= sizeof(flag))) {
             fprintf(stderr, "dev-broker: unknown argument '%s'\n", arg);
@@ -618,6 +630,12 @@ dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opt
      * detected here first, with the same SO_REUSEADDR the mock sets. */
     if (opts->port && dev_broker_port_free(opts->port) != 0)
         return -1;
+
+    if (opts->long_poll) {
+        if (longpoll_start() != 0)
+            return -1;
+        nodelay_set_accept_hook(longpoll_wrap);
+    }
 
     atomic_store(&requested_port, opts->port);
     broker->cluster = rd_kafka_mock_cluster_new(broker->rk, opts->brokers);

@@ -40,6 +40,27 @@ int nodelay_enabled(void)
     return state;
 }
 
+static _Atomic(nodelay_accept_hook) nodelay_hook;
+
+static void nodelay_apply(int fd);
+
+void nodelay_set_accept_hook(nodelay_accept_hook hook)
+{
+    atomic_store(&nodelay_hook, hook);
+}
+
+/* Applies TCP_NODELAY (when enabled) and the hook to a socket accept() returned. */
+static int nodelay_accepted(int fd, int flags)
+{
+    nodelay_accept_hook hook;
+    if (fd < 0)
+        return fd;
+    if (nodelay_enabled())
+        nodelay_apply(fd);
+    hook = atomic_load(&nodelay_hook);
+    return hook ? hook(fd, flags) : fd;
+}
+
 /* dlsym() returns void *; converting it to a function pointer is what POSIX requires to work,
  * but ISO C (and -Wpedantic) objects to the cast, hence the memcpy. */
 static void *nodelay_next(const char *name)
@@ -78,10 +99,7 @@ int accept(int sockfd, __SOCKADDR_ARG addr, socklen_t *__restrict addrlen)
         atomic_store(&real_accept, fn);
     }
 
-    int fd = fn(sockfd, addr, addrlen);
-    if (fd >= 0 && nodelay_enabled())
-        nodelay_apply(fd);
-    return fd;
+    return nodelay_accepted(fn(sockfd, addr, addrlen), 0);
 }
 
 int accept4(int sockfd, __SOCKADDR_ARG addr, socklen_t *__restrict addrlen, int flags)
@@ -94,8 +112,5 @@ int accept4(int sockfd, __SOCKADDR_ARG addr, socklen_t *__restrict addrlen, int 
         atomic_store(&real_accept4, fn);
     }
 
-    int fd = fn(sockfd, addr, addrlen, flags);
-    if (fd >= 0 && nodelay_enabled())
-        nodelay_apply(fd);
-    return fd;
+    return nodelay_accepted(fn(sockfd, addr, addrlen, flags), flags);
 }

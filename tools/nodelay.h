@@ -21,4 +21,10 @@ void nodelay_set_enabled(int enabled);
 /* Returns 1 if sockets accepted now get TCP_NODELAY, else 0. */
 int nodelay_enabled(void);
 
+/* A function every accepted socket then goes through (after TCP_NODELAY): it gets the socket
+ * and the accept4() flags (0 for accept()) and returns the socket to give the caller (dev-broker
+ * installs longpoll_wrap). NULL: none (the default). Set it before sockets are accepted. */
+typedef int (*nodelay_accept_hook)(int fd, int flags);
+void nodelay_set_accept_hook(nodelay_accept_hook hook);
+
 #endif

@@ -566,3 +566,109 @@ Test(dev_broker, binary_reports_a_busy_port)
     child_stderr(&child, text, sizeof(text));
     cr_assert_not_null(strstr(text, "--port"), "stderr: %s", text);
 }
+
+/* ---- long polling (tools/longpoll.c) -------------------------------------------------------
+ */
+
+/* A consumer of partition 0 of topic from its beginning, whose fetches wait up to wait_ms. */
+static rd_kafka_t *waiting_consumer(const char *bootstraps, const char *topic, const char *wait_ms)
+{
+    char errstr[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *settings[][2] = {
+        {"bootstrap.servers", bootstraps}, {"log_level", "3"},
+        {"group.id", "longpoll"},          {"enable.auto.commit", "false"},
+        {"fetch.wait.max.ms", wait_ms},    {"socket.timeout.ms", "120000"},
+    };
+    for (size_t i = 0; i < sizeof(settings) / sizeof(settings[0]); i++)
+        cr_assert_eq(
+            rd_kafka_conf_set(conf, settings[i][0], settings[i][1], errstr, sizeof(errstr)),
+            RD_KAFKA_CONF_OK, "%s", errstr);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
+    cr_assert_not_null(rk, "%s", errstr);
+    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(list, topic, 0)->offset = RD_KAFKA_OFFSET_BEGINNING;
+    cr_assert_eq(rd_kafka_assign(rk, list), RD_KAFKA_RESP_ERR_NO_ERROR);
+    rd_kafka_topic_partition_list_destroy(list);
+    return rk;
+}
+
+/* Polls rk until a message with payload arrives or within_ms pass. Returns 1 if it came. */
+static int consumed_within(rd_kafka_t *rk, const char *payload, int within_ms)
+{
+    int64_t deadline = now_ms() + within_ms;
+    while (now_ms() < deadline) {
+        rd_kafka_message_t *msg = rd_kafka_consumer_poll(rk, 100);
+        if (!msg)
+            continue;
+        int match = !msg->err && msg->len == strlen(payload) &&
+                    memcmp(msg->payload, payload, msg->len) == 0;
+        rd_kafka_message_destroy(msg);
+        if (match)
+            return 1;
+    }
+    return 0;
+}
+
+/* Starts dev-broker with one --topic and puts its bootstrap address in bs. */
+static void broker_start(struct child *child, const char *topic, char *bs, size_t size)
+{
+    char line[512];
+    char *const argv[] = {(char *)"dev-broker", (char *)"--topic", (char *)topic, NULL};
+    child_start(child, argv, 0);
+    cr_assert_eq(child_read_line(child, line, sizeof(line)), 0, "no bootstrap line");
+    snprintf(bs, size, "%s", line + strlen("bootstrap="));
+}
+
+/* Stops it with SIGTERM; it must exit 0. */
+static void broker_stop(struct child *child)
+{
+    cr_assert_eq(kill(child->pid, SIGTERM), 0);
+    int status = child_wait(child);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* The mock alone answers a Fetch that finds nothing only after its whole MaxWait, even when a
+ * message arrives meanwhile; dev-broker answers it when the message arrives, like Kafka. The
+ * consumer waits up to 60 s per fetch: the second message must come long before that. (The
+ * first one only puts the consumer's next fetch in wait at the broker.) */
+Test(dev_broker, binary_answers_a_waiting_fetch_when_data_arrives, .timeout = 120)
+{
+    struct child child;
+    char bs[512];
+    broker_start(&child, "waiting:1", bs, sizeof(bs));
+
+    rd_kafka_t *rk = waiting_consumer(bs, "waiting", "60000");
+    cr_assert_eq(produce_one(bs, "waiting", "first"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    cr_assert(consumed_within(rk, "first", WAIT_MS), "first message not consumed");
+    cr_assert_eq(produce_one(bs, "waiting", "second"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    cr_assert(consumed_within(rk, "second", 20000),
+              "the second message waited for the fetch's MaxWait (60 s)");
+
+    rd_kafka_destroy(rk);
+    broker_stop(&child);
+}
+
+/* A fetch held back for data is answered (empty) when its MaxWait has passed, and what the
+ * client asked after it on the same connection (here a Metadata request) is answered after it,
+ * in order. */
+Test(dev_broker, binary_answers_a_held_fetch_at_its_deadline_then_what_followed)
+{
+    struct child child;
+    char bs[512];
+    broker_start(&child, "quiet:1", bs, sizeof(bs));
+
+    rd_kafka_t *rk = waiting_consumer(bs, "quiet", "300");
+    cr_assert(!consumed_within(rk, "nothing", 1000), "a message from an empty topic");
+    for (int i = 0; i < 5; i++) {
+        const rd_kafka_metadata_t *md = NULL;
+        cr_assert_eq(rd_kafka_metadata(rk, 1, NULL, &md, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
+        rd_kafka_metadata_destroy(md);
+    }
+    cr_assert_eq(produce_one(bs, "quiet", "late"), RD_KAFKA_RESP_ERR_NO_ERROR);
+    cr_assert(consumed_within(rk, "late", WAIT_MS), "message not consumed after quiet fetches");
+
+    rd_kafka_destroy(rk);
+    broker_stop(&child);
+}
