@@ -460,6 +460,7 @@ static void dev_broker_command(struct dev_broker *broker, char *line)
         }
         dev_broker_reply_err(w[0][0] == 'd' ? rd_kafka_mock_broker_set_down(broker->cluster, id)
                                             : rd_kafka_mock_broker_set_up(broker->cluster, id));
+        longpoll_wake_all(); /* a held Fetch learns of it now, as from a broker */
     } else if (strcmp(w[0], "rtt") == 0 && n == 3) {
         if (dev_broker_parse_broker(w[1], &id) != 0) {
             dev_broker_reply("error bad broker id '%s'", w[1]);
@@ -496,6 +497,7 @@ static void dev_broker_command(struct dev_broker *broker, char *line)
         }
         rd_kafka_mock_push_request_errors_array(broker->cluster, key, (size_t)v, errs);
         dev_broker_reply("ok");
+        longpoll_wake_all();
     } else if (strcmp(w[0], "clear") == 0 && n == 2) {
         int16_t key;
         if (dev_broker_parse_api(w[1], &key) != 0) {
@@ -527,6 +529,7 @@ static void dev_broker_command(struct dev_broker *broker, char *line)
         }
         rd_kafka_mock_topic_set_error(broker->cluster, w[1], err);
         dev_broker_reply("ok");
+        longpoll_wake_all();
     } else if (strcmp(w[0], "leader") == 0 && n == 4) {
         long partition;
         if (!dev_broker_topic_name_valid(w[1], strlen(w[1]))) {
@@ -543,6 +546,7 @@ static void dev_broker_command(struct dev_broker *broker, char *line)
         }
         dev_broker_reply_err(rd_kafka_mock_partition_set_leader(broker->cluster, w[1],
                                                                 (int32_t)partition, (int32_t)v));
+        longpoll_wake_all();
     } else {
         dev_broker_reply("error unknown command or wrong number of arguments: '%s'", w[0]);
     }
@@ -632,9 +636,11 @@ dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opt
         return -1;
 
     if (opts->long_poll) {
-        if (longpoll_start() != 0)
-            return -1;
-        nodelay_set_accept_hook(longpoll_wrap);
+        if (longpoll_start() == 0)
+            nodelay_set_accept_hook(longpoll_wrap);
+        else
+            fprintf(stderr, "dev-broker: running without long polling (a Fetch that finds no "
+                            "data is answered after its whole MaxWait)\n");
     }
 
     atomic_store(&requested_port, opts->port);

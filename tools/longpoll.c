@@ -25,7 +25,9 @@
 #define LONGPOLL_FRAME_MAX (256 * 1024 * 1024)
 #define LONGPOLL_READ_CHUNK 65536
 
-/* A growable byte buffer: data[off..len) is what is still to be read or written. */
+/* A growable byte buffer: data[off..len) is what is still to be read or written. No
+ * back-pressure: a side that stops reading lets the other side's answers pile up here (a dev
+ * tool with well-behaved clients; a broker would stop reading the connection). */
 struct longpoll_buf {
     char *data;
     size_t off;
@@ -44,7 +46,8 @@ struct longpoll_request {
     struct longpoll_request *next;      /* the connection's requests, in arrival order */
     struct longpoll_request *mock_next; /* the requests at the mock, in the order sent */
     struct longpoll_conn *conn;         /* borrowed */
-    int16_t api_key;
+    int16_t api_key;                    /* -1: a frame too short to say */
+    int32_t correlation_id;
     int long_poll; /* a Fetch whose MaxWait this relay took over */
     int wildcard;  /* a Produce whose topics could not be read: wakes every Fetch */
     int state;     /* enum longpoll_state */
@@ -63,6 +66,7 @@ struct longpoll_conn {
     struct longpoll_conn *prev, *next; /* all connections */
     int client_fd;
     int mock_fd;
+    int closing; /* the client went away: only the mock's last answers are still read */
     ev_io client_read, client_write, mock_read, mock_write;
     struct longpoll_buf client_in, client_out, mock_in, mock_out;
     struct longpoll_request *head, *tail;           /* in arrival order */
@@ -78,7 +82,8 @@ struct longpoll_pending {
 static struct {
     int running;
     struct ev_loop *loop;
-    ev_async wakeup;
+    ev_async wakeup;   /* connections handed over */
+    ev_async wake_all; /* longpoll_wake_all() */
     pthread_mutex_t lock;
     struct longpoll_pending *pending; /* under lock: connections handed over by accept() */
     struct longpoll_conn *conns;      /* relay thread only */
@@ -300,8 +305,9 @@ static int longpoll_fetch_response_empty(const unsigned char *frame, size_t len,
             int64_t aborted = longpoll_read_int(&c, 4);        /* nullable array */
             if (aborted > 0)
                 longpoll_skip(&c, aborted * 16);
-            if (version >= 11)
-                longpoll_skip(&c, 4); /* PreferredReadReplica */
+            /* PreferredReadReplica: an answer that sends the client elsewhere goes at once. */
+            if (version >= 11 && longpoll_read_int(&c, 4) != -1)
+                return 0;
             int64_t records = longpoll_read_int(&c, 4);
             if (records > 0)
                 return 0;
@@ -373,10 +379,11 @@ static void longpoll_flush(struct longpoll_conn *conn)
         conn->head = r->next;
         if (!conn->head)
             conn->tail = NULL;
-        longpoll_buf_append(&conn->client_out, r->response, r->response_len);
+        if (!conn->closing)
+            longpoll_buf_append(&conn->client_out, r->response, r->response_len);
         longpoll_request_free(r);
     }
-    if (conn->client_out.len > conn->client_out.off)
+    if (!conn->closing && conn->client_out.len > conn->client_out.off)
         ev_io_start(longpoll.loop, &conn->client_write);
 }
 
@@ -392,12 +399,14 @@ static int longpoll_topics_meet(const struct longpoll_request *fetch,
     return 0;
 }
 
-/* A Produce was acknowledged: every Fetch waiting for one of its topics asks again. */
+/* A Produce was acknowledged: every Fetch waiting for one of its topics asks again (every
+ * Fetch when produce is NULL). */
 static void longpoll_wake(const struct longpoll_request *produce)
 {
     for (struct longpoll_conn *conn = longpoll.conns; conn; conn = conn->next)
-        for (struct longpoll_request *r = conn->head; r; r = r->next) {
-            if (!r->long_poll || r->state == LONGPOLL_DONE || !longpoll_topics_meet(r, produce))
+        for (struct longpoll_request *r = conn->head; r && !conn->closing; r = r->next) {
+            if (!r->long_poll || r->state == LONGPOLL_DONE ||
+                (produce && !longpoll_topics_meet(r, produce)))
                 continue;
             if (r->state == LONGPOLL_PARKED)
                 longpoll_send_to_mock(conn, r, r->request, r->request_len);
@@ -425,10 +434,12 @@ static void longpoll_client_frame(struct longpoll_conn *conn, unsigned char *fra
     if (!r)
         longpoll_oom();
     r->conn = conn;
-    if (len >= 4 + 4) {
+    r->api_key = -1;
+    if (len >= 4 + 8) {
         struct longpoll_cursor c = {frame + 4, len - 4, 0};
         r->api_key = (int16_t)longpoll_read_int(&c, 2);
         int version = (int)longpoll_read_int(&c, 2);
+        r->correlation_id = (int32_t)longpoll_read_int(&c, 4);
         if (r->api_key == LONGPOLL_API_FETCH && version >= LONGPOLL_FETCH_MIN &&
             version <= LONGPOLL_FETCH_MAX) {
             int32_t max_wait = longpoll_fetch_request(frame + 4, len - 4, version, r);
@@ -463,12 +474,28 @@ static void longpoll_client_frame(struct longpoll_conn *conn, unsigned char *fra
  * answered a request it was not asked (the connection is then closed). */
 static int longpoll_mock_frame(struct longpoll_conn *conn, const unsigned char *frame, size_t len)
 {
-    struct longpoll_request *r = conn->mock_head;
+    struct longpoll_request *r = conn->mock_head, *prev = NULL;
+    int32_t correlation_id;
+
+    if (len < 4 + 4)
+        return -1;
+    correlation_id = (int32_t)(((uint32_t)frame[4] << 24) | ((uint32_t)frame[5] << 16) |
+                               ((uint32_t)frame[6] << 8) | frame[7]);
+    /* The mock answers a connection's requests in order, so this is the first one; looked up
+     * by correlation id all the same, so that an answer out of order cannot be taken for
+     * another request's (a Fetch's, say, and held back). */
+    while (r && r->correlation_id != correlation_id) {
+        prev = r;
+        r = r->mock_next;
+    }
     if (!r)
         return -1;
-    conn->mock_head = r->mock_next;
-    if (!conn->mock_head)
-        conn->mock_tail = NULL;
+    if (prev)
+        prev->mock_next = r->mock_next;
+    else
+        conn->mock_head = r->mock_next;
+    if (conn->mock_tail == r)
+        conn->mock_tail = prev;
 
     free(r->response);
     r->response = malloc(len);
@@ -533,6 +560,15 @@ static int longpoll_frames(struct longpoll_conn *conn, struct longpoll_buf *buf,
     return 0;
 }
 
+/* Returns 1 if a Produce of conn is at the mock (its acknowledgement may still wake Fetches). */
+static int longpoll_produce_at_mock(const struct longpoll_conn *conn)
+{
+    for (const struct longpoll_request *r = conn->mock_head; r; r = r->mock_next)
+        if (r->api_key == LONGPOLL_API_PRODUCE)
+            return 1;
+    return 0;
+}
+
 static int longpoll_client_frame_cb(struct longpoll_conn *conn, unsigned char *frame, size_t len)
 {
     longpoll_client_frame(conn, frame, len);
@@ -550,10 +586,21 @@ static void longpoll_client_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
     int rc = longpoll_read(conn->client_fd, &conn->client_in);
-    if (rc < 0 || (rc > 0 && longpoll_frames(conn, &conn->client_in, longpoll_client_frame_cb)))
-        longpoll_conn_close(conn);
-    else
+    if (rc > 0 && longpoll_frames(conn, &conn->client_in, longpoll_client_frame_cb) != 0)
+        rc = -1;
+    if (rc >= 0) {
         longpoll_kick(conn);
+    } else if (!longpoll_produce_at_mock(conn)) {
+        longpoll_conn_close(conn);
+    } else {
+        /* The client went away with a Produce at the mock: it may still be appended, and its
+         * acknowledgement must wake the Fetches waiting for it. Keep reading the mock's
+         * answers (and drop them) until no Produce is due. */
+        conn->closing = 1;
+        ev_io_stop(longpoll.loop, &conn->client_read);
+        ev_io_stop(longpoll.loop, &conn->client_write);
+        conn->client_out.off = conn->client_out.len = 0;
+    }
 }
 
 static void longpoll_mock_read_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -566,7 +613,10 @@ static void longpoll_mock_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         rc = -1;
     if (rc < 0) {
         /* The mock closed (a broker going down): what it answered before still goes out. */
-        (void)longpoll_write(conn->client_fd, &conn->client_out, &conn->client_write);
+        if (!conn->closing)
+            (void)longpoll_write(conn->client_fd, &conn->client_out, &conn->client_write);
+        longpoll_conn_close(conn);
+    } else if (conn->closing && !longpoll_produce_at_mock(conn)) {
         longpoll_conn_close(conn);
     } else {
         longpoll_kick(conn);
@@ -598,7 +648,7 @@ static void longpoll_kick(struct longpoll_conn *conn)
 {
     if (conn->mock_out.off < conn->mock_out.len)
         (void)longpoll_write(conn->mock_fd, &conn->mock_out, &conn->mock_write);
-    if (conn->client_out.off < conn->client_out.len)
+    if (!conn->closing && conn->client_out.off < conn->client_out.len)
         (void)longpoll_write(conn->client_fd, &conn->client_out, &conn->client_write);
 }
 
@@ -661,6 +711,22 @@ static void longpoll_wakeup_cb(struct ev_loop *loop, ev_async *w, int revents)
     }
 }
 
+static void longpoll_wake_all_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    longpoll_wake(NULL);
+    for (struct longpoll_conn *conn = longpoll.conns; conn; conn = conn->next)
+        longpoll_kick(conn);
+}
+
+void longpoll_wake_all(void)
+{
+    if (__atomic_load_n(&longpoll.running, __ATOMIC_ACQUIRE))
+        ev_async_send(longpoll.loop, &longpoll.wake_all);
+}
+
 static void *longpoll_main(void *arg)
 {
     (void)arg;
@@ -680,10 +746,18 @@ int longpoll_start(void)
     }
     ev_async_init(&longpoll.wakeup, longpoll_wakeup_cb);
     ev_async_start(longpoll.loop, &longpoll.wakeup);
-    if (pthread_attr_init(&attr) != 0 ||
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) != 0 ||
+    ev_async_init(&longpoll.wake_all, longpoll_wake_all_cb);
+    ev_async_start(longpoll.loop, &longpoll.wake_all);
+    if (pthread_attr_init(&attr) != 0) {
+        fprintf(stderr, "dev-broker: longpoll: cannot start the relay thread\n");
+        ev_loop_destroy(longpoll.loop);
+        return -1;
+    }
+    if (pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) != 0 ||
         pthread_create(&thread, &attr, longpoll_main, NULL) != 0) {
         fprintf(stderr, "dev-broker: longpoll: cannot start the relay thread\n");
+        pthread_attr_destroy(&attr);
+        ev_loop_destroy(longpoll.loop);
         return -1;
     }
     pthread_attr_destroy(&attr);
@@ -700,8 +774,10 @@ int longpoll_wrap(int client_fd, int flags)
     if (!__atomic_load_n(&longpoll.running, __ATOMIC_ACQUIRE))
         return client_fd;
     p = malloc(sizeof(*p));
-    if (!p)
+    if (!p) {
+        errno = saved;
         return client_fd;
+    }
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
         free(p);
         errno = saved;

@@ -17,8 +17,10 @@
  *   - everything else passes through untouched; answers go back in the order of the requests
  *     (a Kafka broker answers a connection's requests in order).
  * Versions it does not parse pass through unchanged (and a Produce it cannot read wakes every
- * parked Fetch). The mock keeps its own behaviour for everything else (errors, rtt, down/up:
- * when the mock closes its end the client's connection is closed).
+ * parked Fetch). MinBytes is not looked at (a Fetch goes back with the first records, as with
+ * librdkafka's fetch.min.bytes=1). Each connection takes three descriptors instead of one. The mock
+ * keeps its own behaviour for everything else (errors, rtt, down/up: when the mock closes its end
+ * the client's connection is closed).
  *
  * Ownership: the relay thread owns both sockets of each wrapped connection and closes them when
  * either side closes. Nothing is freed at exit: the process ends with _exit(). */
@@ -28,6 +30,11 @@
 /* Starts the relay thread. Call once, before the mock cluster accepts connections. Returns 0,
  * or -1 with a message on stderr (the caller may then run without long polling). */
 __attribute__((warn_unused_result)) int longpoll_start(void);
+
+/* Makes every held Fetch ask the mock again now (thread-safe; a no-op when not running).
+ * dev-broker calls it after a control command that changes what a Fetch would be answered:
+ * a leader moved, a broker down or up, errors injected. */
+void longpoll_wake_all(void);
 
 /* Called with a freshly accepted client socket and the accept4() flags the caller asked for
  * (SOCK_NONBLOCK, SOCK_CLOEXEC; 0 for accept()). Returns the socket the caller should use

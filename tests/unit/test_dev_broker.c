@@ -650,25 +650,242 @@ Test(dev_broker, binary_answers_a_waiting_fetch_when_data_arrives, .timeout = 12
     broker_stop(&child);
 }
 
-/* A fetch held back for data is answered (empty) when its MaxWait has passed, and what the
- * client asked after it on the same connection (here a Metadata request) is answered after it,
- * in order. */
-Test(dev_broker, binary_answers_a_held_fetch_at_its_deadline_then_what_followed)
+/* ---- the Kafka protocol by hand: what a held Fetch looks like on the wire ------------------ */
+
+struct wire {
+    unsigned char data[512];
+    size_t len;
+};
+
+static void wire_put(struct wire *w, uint64_t v, int bytes)
+{
+    cr_assert_leq(w->len + (size_t)bytes, sizeof(w->data));
+    for (int i = bytes - 1; i >= 0; i--)
+        w->data[w->len++] = (unsigned char)(v >> (8 * i));
+}
+
+static void wire_str(struct wire *w, const char *text)
+{
+    size_t n = strlen(text);
+    wire_put(w, n, 2);
+    cr_assert_leq(w->len + n, sizeof(w->data));
+    memcpy(w->data + w->len, text, n);
+    w->len += n;
+}
+
+/* Appends one request frame: header v1 (client id "t") then body. */
+static void wire_frame(struct wire *out, int api_key, int version, int32_t correlation_id,
+                       const struct wire *body)
+{
+    struct wire h = {.len = 0};
+    wire_put(&h, (uint64_t)api_key, 2);
+    wire_put(&h, (uint64_t)version, 2);
+    wire_put(&h, (uint32_t)correlation_id, 4);
+    wire_str(&h, "t");
+    wire_put(out, h.len + body->len, 4);
+    cr_assert_leq(out->len + h.len + body->len, sizeof(out->data));
+    memcpy(out->data + out->len, h.data, h.len);
+    out->len += h.len;
+    memcpy(out->data + out->len, body->data, body->len);
+    out->len += body->len;
+}
+
+/* A Fetch v11 of partition 0 of topic from offset 0, waiting up to max_wait_ms for data. */
+static void wire_fetch(struct wire *out, int32_t correlation_id, const char *topic,
+                       int32_t max_wait_ms)
+{
+    struct wire b = {.len = 0};
+    wire_put(&b, (uint32_t)-1, 4); /* ReplicaId */
+    wire_put(&b, (uint32_t)max_wait_ms, 4);
+    wire_put(&b, 1, 4);            /* MinBytes */
+    wire_put(&b, 1 << 20, 4);      /* MaxBytes */
+    wire_put(&b, 0, 1);            /* IsolationLevel */
+    wire_put(&b, 0, 4);            /* SessionId */
+    wire_put(&b, (uint32_t)-1, 4); /* SessionEpoch */
+    wire_put(&b, 1, 4);            /* [Topics] */
+    wire_str(&b, topic);
+    wire_put(&b, 1, 4);            /* [Partitions] */
+    wire_put(&b, 0, 4);            /* Partition */
+    wire_put(&b, (uint32_t)-1, 4); /* CurrentLeaderEpoch */
+    wire_put(&b, 0, 8);            /* FetchOffset */
+    wire_put(&b, (uint64_t)-1, 8); /* LogStartOffset */
+    wire_put(&b, 1 << 20, 4);      /* PartitionMaxBytes */
+    wire_put(&b, 0, 4);            /* [ForgottenTopics] */
+    wire_str(&b, "");              /* RackId */
+    wire_frame(out, 1, 11, correlation_id, &b);
+}
+
+static void wire_api_versions(struct wire *out, int32_t correlation_id)
+{
+    struct wire empty = {.len = 0};
+    wire_frame(out, 18, 0, correlation_id, &empty);
+}
+
+/* Reads one answer frame (without its size) into buf within within_ms. Returns its length, or
+ * -1 when nothing complete came in time. */
+static ssize_t wire_read(int fd, unsigned char *buf, size_t size, int within_ms)
+{
+    int64_t deadline = now_ms() + within_ms;
+    unsigned char sz[4];
+    size_t have = 0, want = 4, len = 0;
+    while (have < want) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int left = (int)(deadline - now_ms());
+        if (left <= 0 || poll(&pfd, 1, left) <= 0)
+            return -1;
+        ssize_t got =
+            want == 4 ? read(fd, sz + have, 4 - have) : read(fd, buf + (have - 4), want - have);
+        cr_assert_gt(got, 0, "broker closed the connection");
+        have += (size_t)got;
+        if (want == 4 && have == 4) {
+            len = ((size_t)sz[0] << 24) | ((size_t)sz[1] << 16) | ((size_t)sz[2] << 8) | sz[3];
+            cr_assert_leq(len, size, "answer of %zu bytes", len);
+            want = 4 + len;
+        }
+    }
+    return (ssize_t)len;
+}
+
+static int64_t wire_get(const unsigned char *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; i++)
+        v = (v << 8) | p[i];
+    if (bytes < 8 && (v >> (8 * bytes - 1)) & 1)
+        v |= ~(uint64_t)0 << (8 * bytes);
+    return (int64_t)v;
+}
+
+/* The parts of a Fetch v11 answer of one partition of topic that the tests look at. */
+struct fetch_answer {
+    int32_t correlation_id;
+    int16_t error; /* the partition's */
+    int64_t high_watermark;
+    int32_t records; /* bytes of records; -1 or 0: none */
+};
+
+static struct fetch_answer wire_fetch_answer(const unsigned char *a, size_t len, const char *topic)
+{
+    size_t t = strlen(topic);
+    /* CorrelationId, ThrottleTime, ErrorCode, SessionId, [Topics], Topic, [Partitions],
+     * Partition, ErrorCode, HighWatermark, LastStable, LogStart, [Aborted], PreferredReplica,
+     * Records. */
+    size_t at_partition = 4 + 4 + 2 + 4 + 4 + 2 + t + 4;
+    cr_assert_geq(len, at_partition + 4 + 2 + 8 + 8 + 8 + 4 + 4 + 4, "short Fetch answer");
+    cr_assert_eq(wire_get(a + 14, 4), 1, "one topic expected");
+    cr_assert_eq(memcmp(a + 20, topic, t), 0);
+    const unsigned char *p = a + at_partition + 4;
+    struct fetch_answer f = {.correlation_id = (int32_t)wire_get(a, 4)};
+    f.error = (int16_t)wire_get(p, 2);
+    f.high_watermark = wire_get(p + 2, 8);
+    int64_t aborted = wire_get(p + 2 + 24, 4);
+    cr_assert_leq(aborted, 0, "aborted transactions in a non-transactional topic");
+    f.records = (int32_t)wire_get(p + 2 + 24 + 4 + 4, 4);
+    return f;
+}
+
+/* Connects to the broker of bs ("127.0.0.1:PORT") and sends a Fetch (correlation id 10) and,
+ * behind it on the same connection, an ApiVersions (11). */
+static int wire_fetch_then_api_versions(const char *bs, const char *topic, int32_t max_wait_ms)
+{
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons((uint16_t)bootstrap_port(bs)),
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    struct wire out = {.len = 0};
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&addr, sizeof(addr)), 0, "connect: %s",
+                 strerror(errno));
+    wire_fetch(&out, 10, topic, max_wait_ms);
+    wire_api_versions(&out, 11);
+    cr_assert_eq(write(fd, out.data, out.len), (ssize_t)out.len);
+    return fd;
+}
+
+/* A Fetch that finds nothing is held (no answer at all, where the mock behind a poll with
+ * MaxWait 0 would answer at once), a Produce to its topic wakes it, and its answer carries the
+ * record; the request pipelined behind it is answered after it. Fails with --no-long-poll (the
+ * mock holds the Fetch its whole 60 s) and with a relay that answers empty Fetches at once. */
+Test(dev_broker, binary_holds_an_empty_fetch_until_a_produce_and_keeps_answer_order)
 {
     struct child child;
     char bs[512];
+    unsigned char answer[8192];
+    broker_start(&child, "held:1", bs, sizeof(bs));
+
+    int fd = wire_fetch_then_api_versions(bs, "held", 60000);
+    cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1,
+                 "an answer came before any data: the empty Fetch was not held");
+    cr_assert_eq(produce_one(bs, "held", "wake up"), RD_KAFKA_RESP_ERR_NO_ERROR);
+
+    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_gt(len, 0, "the held Fetch was not answered after the Produce");
+    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "held");
+    cr_assert_eq(f.correlation_id, 10, "the first answer is not the Fetch's");
+    cr_assert_eq(f.error, 0);
+    cr_assert_eq(f.high_watermark, 1);
+    cr_assert_gt(f.records, 0, "the Fetch was answered without the record");
+    len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_geq(len, 4, "no answer to the ApiVersions behind the Fetch");
+    cr_assert_eq(wire_get(answer, 4), 11);
+
+    close(fd);
+    broker_stop(&child);
+}
+
+/* A held Fetch that no data arrives for is answered, empty, when its MaxWait has passed, and
+ * what followed it on the connection after it. */
+Test(dev_broker, binary_answers_a_held_fetch_empty_at_its_max_wait)
+{
+    struct child child;
+    char bs[512];
+    unsigned char answer[8192];
     broker_start(&child, "quiet:1", bs, sizeof(bs));
 
-    rd_kafka_t *rk = waiting_consumer(bs, "quiet", "300");
-    cr_assert(!consumed_within(rk, "nothing", 1000), "a message from an empty topic");
-    for (int i = 0; i < 5; i++) {
-        const rd_kafka_metadata_t *md = NULL;
-        cr_assert_eq(rd_kafka_metadata(rk, 1, NULL, &md, 10000), RD_KAFKA_RESP_ERR_NO_ERROR);
-        rd_kafka_metadata_destroy(md);
-    }
-    cr_assert_eq(produce_one(bs, "quiet", "late"), RD_KAFKA_RESP_ERR_NO_ERROR);
-    cr_assert(consumed_within(rk, "late", WAIT_MS), "message not consumed after quiet fetches");
+    int fd = wire_fetch_then_api_versions(bs, "quiet", 1500);
+    cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1,
+                 "an answer came long before the Fetch's MaxWait");
+    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_gt(len, 0, "the held Fetch was never answered");
+    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "quiet");
+    cr_assert_eq(f.correlation_id, 10);
+    cr_assert_eq(f.error, 0);
+    cr_assert_eq(f.high_watermark, 0);
+    cr_assert_leq(f.records, 0, "records from an empty partition");
+    len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_geq(len, 4, "no answer to the ApiVersions behind the Fetch");
+    cr_assert_eq(wire_get(answer, 4), 11);
 
-    rd_kafka_destroy(rk);
+    close(fd);
+    broker_stop(&child);
+}
+
+/* A held Fetch learns at once that its partition's leader moved (a control command, no
+ * Produce): it is asked again and answered with the error, as a broker would. */
+Test(dev_broker, binary_answers_a_held_fetch_when_its_leader_moves)
+{
+    struct child child;
+    char line[512], bs[512];
+    unsigned char answer[8192];
+    char *const argv[] = {(char *)"dev-broker", (char *)"--brokers", (char *)"2",
+                          (char *)"--topic",    (char *)"moving:1",  NULL};
+    child_start(&child, argv, 0);
+    cr_assert_eq(child_read_line(&child, line, sizeof(line)), 0, "no bootstrap line");
+    snprintf(bs, sizeof(bs), "%s", line + strlen("bootstrap="));
+
+    /* Partition 0 led by broker 1 (the bootstrap one), then moved to 2 while the Fetch waits. */
+    child_command(&child, "leader moving 0 1", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    int fd = wire_fetch_then_api_versions(bs, "moving", 60000);
+    cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1, "the Fetch was not held");
+    child_command(&child, "leader moving 0 2", line, sizeof(line));
+    cr_assert_str_eq(line, "ok");
+    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_gt(len, 0, "the held Fetch was not answered after its leader moved");
+    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "moving");
+    cr_assert_eq(f.correlation_id, 10);
+    cr_assert_neq(f.error, 0, "no error from a broker that no longer leads the partition");
+
+    close(fd);
     broker_stop(&child);
 }
