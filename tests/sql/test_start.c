@@ -43,6 +43,7 @@ static void teardown(void)
 TestSuite(start, .init = setup, .fini = teardown, .timeout = 120);
 TestSuite(definitions, .init = setup, .fini = teardown, .timeout = 120);
 TestSuite(operator, .init = setup, .fini = teardown, .timeout = 120);
+TestSuite(history, .init = setup, .fini = teardown, .timeout = 120);
 
 static long instance_count(PGconn *c)
 {
@@ -636,6 +637,85 @@ Test(definitions, a_registered_version_is_never_deleted_or_renamed)
         PQclear(res);
     }
     cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.definitions", 0, NULL), 1);
+}
+
+/* A saga's history goes with it (sql/009, in place of a foreign key that refused the DELETE):
+ * deleting a saga deletes its step_history rows, and only its. */
+Test(history, deleting_a_saga_deletes_its_history)
+{
+    char *gone = start_saga(conn, "order_fulfillment", good_input, NULL);
+    char *kept = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *p_gone[] = {gone}, *p_kept[] = {kept};
+    PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, 'operator')", 1, p_gone));
+    PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, 'operator')", 1, p_kept));
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 2);
+
+    PGresult *res = PQexecParams(conn, "DELETE FROM saga.instances WHERE id = $1::uuid", 1, NULL,
+                                 p_gone, NULL, NULL, 0);
+    cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "DELETE refused: %s",
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(*) FROM saga.step_history WHERE saga_id = $1", 1, p_gone),
+        0);
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(*) FROM saga.step_history WHERE saga_id = $1", 1, p_kept),
+        1);
+
+    res = PQexec(conn, "TRUNCATE saga.instances");
+    cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "TRUNCATE refused: %s",
+                 PQresultErrorMessage(res));
+    PQclear(res);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 0);
+
+    /* The form the foreign key asked for still works, in either order. */
+    const char *both[] = {"TRUNCATE saga.instances, saga.step_history",
+                          "TRUNCATE saga.step_history, saga.instances"};
+    for (size_t i = 0; i < 2; i++) {
+        free(start_saga(conn, "order_fulfillment", good_input, NULL));
+        PQclear(pgtest_query(conn, "SELECT saga.abort(id, 'operator') FROM saga.instances LIMIT 1",
+                             0, NULL));
+        res = PQexec(conn, both[i]);
+        cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "%s: %s", both[i],
+                     PQresultErrorMessage(res));
+        PQclear(res);
+        cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 0);
+    }
+    free(gone);
+    free(kept);
+}
+
+/* A DELETE of a saga whose history is being written waits for the writer's lock on the saga,
+ * then deletes the history written meanwhile: no row is left without its saga. */
+Test(history, a_delete_waiting_for_a_writer_deletes_what_it_wrote)
+{
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *params[] = {id};
+    PGconn *writer = pgtest_connect(db.url);
+    PGconn *deleter = pgtest_connect(db.url);
+    char pid[16];
+    snprintf(pid, sizeof(pid), "%d", PQbackendPID(deleter));
+
+    pgtest_exec(writer, "BEGIN");
+    PQclear(pgtest_query(writer, "SELECT saga.abort($1::uuid, 'operator')", 1, params));
+    cr_assert_eq(PQsendQueryParams(deleter, "DELETE FROM saga.instances WHERE id = $1::uuid", 1,
+                                   NULL, params, NULL, NULL, 0),
+                 1);
+    wait_until_blocked(conn, pid);
+    pgtest_exec(writer, "COMMIT");
+    PGresult *res = PQgetResult(deleter);
+    cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(res));
+    cr_assert_str_eq(PQcmdTuples(res), "1");
+    PQclear(res);
+    cr_assert_null(PQgetResult(deleter));
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.step_history h WHERE NOT EXISTS "
+                              "(SELECT 1 FROM saga.instances i WHERE i.id = h.saga_id)",
+                              0, NULL),
+                 0);
+    PQfinish(writer);
+    PQfinish(deleter);
+    free(id);
 }
 
 /* saga.start takes no lock on its definition's row: with the foreign key it took there
