@@ -267,7 +267,7 @@ static void wait_until_blocked(PGconn *observer, const char *pid)
     time_t until = time(NULL) + 20;
     while (!waits_on_lock(observer, pid) && time(NULL) < until)
         ;
-    cr_assert(waits_on_lock(observer, pid), "the second saga.start never waited for the first");
+    cr_assert(waits_on_lock(observer, pid), "backend %s never waited on a lock", pid);
 }
 
 Test(start, concurrent_same_key_gives_one_saga)
