@@ -368,8 +368,10 @@ static rd_kafka_conf_t *consumer_conf_new(const struct orch_settings *st, char *
         {"enable.auto.offset.store", "false"},
         {"auto.offset.reset", "earliest"},
         {"client.id", "saga-orchestrator"},
-        /* fetch.wait.max.ms stays librdkafka's 500 ms: a broker answers a Fetch as soon as
-         * data arrives, so the wait only spaces out the Fetches of an idle consumer. */
+        /* fetch.wait.max.ms stays librdkafka's 500 ms: a Kafka broker (and dev-broker, unless
+         * --no-long-poll) answers a Fetch as soon as data arrives, so the wait only spaces out
+         * an idle consumer's Fetches (and delays a newly assigned partition's first Fetch by
+         * up to that much). KAFKA_FETCH_WAIT_MAX_MS overrides it. */
         {"statistics.interval.ms", "1000"}, /* stats_cb: is Kafka reachable? */
     };
     for (size_t i = 0; i < sizeof(props) / sizeof(props[0]); i++) {

@@ -22,7 +22,9 @@
 
 LOCK TABLE saga.instances, saga.step_history IN ACCESS EXCLUSIVE MODE;
 
-ALTER TABLE saga.step_history DROP CONSTRAINT IF EXISTS step_history_saga_id_fkey;
+-- The key's name is 001's default: should it ever differ, the migration fails instead of
+-- keeping it.
+ALTER TABLE saga.step_history DROP CONSTRAINT step_history_saga_id_fkey;
 
 CREATE FUNCTION saga.instances_history_deleted() RETURNS trigger
 LANGUAGE plpgsql

@@ -11,9 +11,10 @@
  *   --partitions N  partition count for --topic flags without ":PARTITIONS" (default 4).
  *   --topic T[:P]   create topic T (with P partitions) before reporting ready. Repeatable.
  *   --no-long-poll  answer an empty Fetch after its whole MaxWait, as the mock itself does
- *                   (also DEV_BROKER_LONG_POLL=0). By default a Fetch that finds no data is
- *                   answered as soon as a Produce to one of its topics is acknowledged, as a
- *                   real broker does (longpoll.h).
+ *                   (also DEV_BROKER_LONG_POLL=0); clients should then shorten their
+ *                   fetch.wait.max.ms (KAFKA_FETCH_WAIT_MAX_MS for this project's daemons).
+ *                   By default a Fetch that finds no data is answered as soon as a Produce to
+ *                   one of its topics is acknowledged, as a real broker does (longpoll.h).
  *
  * Once the cluster accepts connections, prints exactly one line to stdout and flushes it:
  *   bootstrap=127.0.0.1:PORT
@@ -636,11 +637,11 @@ dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opt
         return -1;
 
     if (opts->long_poll) {
-        if (longpoll_start() == 0)
-            nodelay_set_accept_hook(longpoll_wrap);
-        else
-            fprintf(stderr, "dev-broker: running without long polling (a Fetch that finds no "
-                            "data is answered after its whole MaxWait)\n");
+        /* Fatal: without it the dev setup's consumers (librdkafka's 500 ms fetch wait) would
+         * wait up to half a second per hop, and only this message would say why. */
+        if (longpoll_start() != 0)
+            return -1;
+        nodelay_set_accept_hook(longpoll_wrap);
     }
 
     atomic_store(&requested_port, opts->port);

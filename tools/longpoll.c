@@ -765,6 +765,13 @@ int longpoll_start(void)
     return 0;
 }
 
+/* Adds a file status flag to fd. Returns 0 or -1. */
+static int longpoll_add_flag(int fd, int flag)
+{
+    int current = fcntl(fd, F_GETFL);
+    return current < 0 ? -1 : fcntl(fd, F_SETFL, current | flag) < 0 ? -1 : 0;
+}
+
 int longpoll_wrap(int client_fd, int flags)
 {
     int pair[2];
@@ -783,14 +790,19 @@ int longpoll_wrap(int client_fd, int flags)
         errno = saved;
         return client_fd;
     }
-    /* The relay's ends are non-blocking; the mock's end gets what the caller asked for. */
-    (void)fcntl(client_fd, F_SETFL, fcntl(client_fd, F_GETFL) | O_NONBLOCK);
-    (void)fcntl(client_fd, F_SETFD, FD_CLOEXEC);
-    (void)fcntl(pair[1], F_SETFL, fcntl(pair[1], F_GETFL) | O_NONBLOCK);
-    if (flags & SOCK_NONBLOCK)
-        (void)fcntl(pair[0], F_SETFL, fcntl(pair[0], F_GETFL) | O_NONBLOCK);
-    if (!(flags & SOCK_CLOEXEC))
-        (void)fcntl(pair[0], F_SETFD, 0);
+    /* The relay's ends are non-blocking; the mock's end gets what the caller asked for. A
+     * descriptor that refuses its flags: the client's connection is left to the mock as it
+     * came (unrelayed, still served). */
+    if (longpoll_add_flag(client_fd, O_NONBLOCK) != 0 ||
+        fcntl(client_fd, F_SETFD, FD_CLOEXEC) != 0 || longpoll_add_flag(pair[1], O_NONBLOCK) != 0 ||
+        ((flags & SOCK_NONBLOCK) && longpoll_add_flag(pair[0], O_NONBLOCK) != 0) ||
+        (!(flags & SOCK_CLOEXEC) && fcntl(pair[0], F_SETFD, 0) != 0)) {
+        close(pair[0]);
+        close(pair[1]);
+        free(p);
+        errno = saved;
+        return client_fd;
+    }
     p->client_fd = client_fd;
     p->relay_fd = pair[1];
     pthread_mutex_lock(&longpoll.lock);

@@ -28,7 +28,7 @@
 #define SAGA_LONGPOLL_H
 
 /* Starts the relay thread. Call once, before the mock cluster accepts connections. Returns 0,
- * or -1 with a message on stderr (the caller may then run without long polling). */
+ * or -1 with a message on stderr. */
 __attribute__((warn_unused_result)) int longpoll_start(void);
 
 /* Makes every held Fetch ask the mock again now (thread-safe; a no-op when not running).
@@ -40,7 +40,7 @@ void longpoll_wake_all(void);
  * (SOCK_NONBLOCK, SOCK_CLOEXEC; 0 for accept()). Returns the socket the caller should use
  * instead — the mock's end of a new socketpair, with those flags — or client_fd itself when the
  * relay is not running or cannot take the connection (then nothing changes). Takes ownership of
- * client_fd when it returns another socket. Thread-safe. */
-int longpoll_wrap(int client_fd, int flags);
+ * client_fd when it returns another socket; the caller owns the socket returned. Thread-safe. */
+__attribute__((warn_unused_result)) int longpoll_wrap(int client_fd, int flags);
 
 #endif

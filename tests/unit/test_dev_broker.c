@@ -842,7 +842,7 @@ Test(dev_broker, binary_answers_a_held_fetch_empty_at_its_max_wait)
     unsigned char answer[8192];
     broker_start(&child, "quiet:1", bs, sizeof(bs));
 
-    int fd = wire_fetch_then_api_versions(bs, "quiet", 1500);
+    int fd = wire_fetch_then_api_versions(bs, "quiet", 5000);
     cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1,
                  "an answer came long before the Fetch's MaxWait");
     ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
