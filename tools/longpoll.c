@@ -6,6 +6,7 @@
 #include <ev.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,7 +51,7 @@ struct longpoll_request {
     int32_t correlation_id;
     int long_poll; /* a Fetch whose MaxWait this relay took over */
     int wildcard;  /* a Produce whose topics could not be read: wakes every Fetch */
-    int state;     /* enum longpoll_state */
+    enum longpoll_state state;
     int wake;      /* data arrived while it was at the mock: ask again if it comes back empty */
     int expired;   /* its MaxWait has passed: the next answer goes to the client */
     char *request; /* owned: the frame as sent to the mock (long_poll only) */
@@ -80,7 +81,7 @@ struct longpoll_pending {
 };
 
 static struct {
-    int running;
+    atomic_int running; /* set once the thread runs; read by accept() in the mock thread */
     struct ev_loop *loop;
     ev_async wakeup;   /* connections handed over */
     ev_async wake_all; /* longpoll_wake_all() */
@@ -223,8 +224,8 @@ static void longpoll_skip_request_header(struct longpoll_cursor *c)
 /* A Fetch request v4..v11 (frame without its size prefix): reads its topics into r and its
  * MaxWait; rewrites MaxWait to 0 in place when it was positive. Returns the MaxWait in ms, or
  * -1 when the frame does not parse (then nothing was changed). */
-static int32_t longpoll_fetch_request(unsigned char *frame, size_t len, int version,
-                                      struct longpoll_request *r)
+static int32_t longpoll_parse_fetch(unsigned char *frame, size_t len, int version,
+                                    struct longpoll_request *r)
 {
     struct longpoll_cursor c = {frame, len, 0};
     unsigned char *max_wait_at;
@@ -253,8 +254,8 @@ static int32_t longpoll_fetch_request(unsigned char *frame, size_t len, int vers
 }
 
 /* A Produce request v3..v8: reads its topics into r. Returns 0, or -1 when it does not parse. */
-static int longpoll_produce_request(const unsigned char *frame, size_t len,
-                                    struct longpoll_request *r)
+static int longpoll_parse_produce(const unsigned char *frame, size_t len,
+                                  struct longpoll_request *r)
 {
     struct longpoll_cursor c = {frame, len, 0};
 
@@ -283,7 +284,7 @@ static int longpoll_produce_request(const unsigned char *frame, size_t len,
 /* A Fetch response v4..v11 (frame without its size prefix). Returns 1 when it carries no
  * records and no error (an answer worth holding back), else 0 (also when it does not parse:
  * then it goes to the client as it is). */
-static int longpoll_fetch_response_empty(const unsigned char *frame, size_t len, int version)
+static int longpoll_fetch_is_empty(const unsigned char *frame, size_t len, int version)
 {
     struct longpoll_cursor c = {frame, len, 0};
 
@@ -372,7 +373,7 @@ static void longpoll_send_to_mock(struct longpoll_conn *conn, struct longpoll_re
 }
 
 /* Queues for the client every answer that is next in request order. */
-static void longpoll_flush(struct longpoll_conn *conn)
+static void longpoll_queue_answers(struct longpoll_conn *conn)
 {
     while (conn->head && conn->head->state == LONGPOLL_DONE) {
         struct longpoll_request *r = conn->head;
@@ -423,7 +424,7 @@ static void longpoll_timer_cb(struct ev_loop *loop, ev_timer *timer, int revents
     r->expired = 1;
     if (r->state == LONGPOLL_PARKED) {
         r->state = LONGPOLL_DONE;
-        longpoll_flush(r->conn);
+        longpoll_queue_answers(r->conn);
     }
 }
 
@@ -442,7 +443,7 @@ static void longpoll_client_frame(struct longpoll_conn *conn, unsigned char *fra
         r->correlation_id = (int32_t)longpoll_read_int(&c, 4);
         if (r->api_key == LONGPOLL_API_FETCH && version >= LONGPOLL_FETCH_MIN &&
             version <= LONGPOLL_FETCH_MAX) {
-            int32_t max_wait = longpoll_fetch_request(frame + 4, len - 4, version, r);
+            int32_t max_wait = longpoll_parse_fetch(frame + 4, len - 4, version, r);
             if (max_wait > 0) {
                 r->long_poll = 1;
                 r->request = malloc(len);
@@ -458,7 +459,7 @@ static void longpoll_client_frame(struct longpoll_conn *conn, unsigned char *fra
             }
         } else if (r->api_key == LONGPOLL_API_PRODUCE) {
             if (version < LONGPOLL_PRODUCE_MIN || version > LONGPOLL_PRODUCE_MAX ||
-                longpoll_produce_request(frame + 4, len - 4, r) != 0)
+                longpoll_parse_produce(frame + 4, len - 4, r) != 0)
                 r->wildcard = 1;
         }
     }
@@ -508,7 +509,7 @@ static int longpoll_mock_frame(struct longpoll_conn *conn, const unsigned char *
     if (r->long_poll && !r->expired) {
         const unsigned char *req = (const unsigned char *)r->request;
         int version = (req[6] << 8) | req[7]; /* after the size, the api key */
-        if (longpoll_fetch_response_empty(frame + 4, len - 4, version)) {
+        if (longpoll_fetch_is_empty(frame + 4, len - 4, version)) {
             if (r->wake) {
                 r->wake = 0;
                 longpoll_send_to_mock(conn, r, r->request, r->request_len);
@@ -519,7 +520,7 @@ static int longpoll_mock_frame(struct longpoll_conn *conn, const unsigned char *
     }
     if (r->api_key == LONGPOLL_API_PRODUCE)
         longpoll_wake(r); /* before the flush frees r */
-    longpoll_flush(conn);
+    longpoll_queue_answers(conn);
     return 0;
 }
 
@@ -723,7 +724,7 @@ static void longpoll_wake_all_cb(struct ev_loop *loop, ev_async *w, int revents)
 
 void longpoll_wake_all(void)
 {
-    if (__atomic_load_n(&longpoll.running, __ATOMIC_ACQUIRE))
+    if (atomic_load(&longpoll.running))
         ev_async_send(longpoll.loop, &longpoll.wake_all);
 }
 
@@ -761,7 +762,7 @@ int longpoll_start(void)
         return -1;
     }
     pthread_attr_destroy(&attr);
-    __atomic_store_n(&longpoll.running, 1, __ATOMIC_RELEASE);
+    atomic_store(&longpoll.running, 1);
     return 0;
 }
 
@@ -778,7 +779,7 @@ int longpoll_wrap(int client_fd, int flags)
     int saved = errno;
     struct longpoll_pending *p;
 
-    if (!__atomic_load_n(&longpoll.running, __ATOMIC_ACQUIRE))
+    if (!atomic_load(&longpoll.running))
         return client_fd;
     p = malloc(sizeof(*p));
     if (!p) {
