@@ -489,8 +489,13 @@ static int longpoll_mock_frame(struct longpoll_conn *conn, const unsigned char *
         prev = r;
         r = r->mock_next;
     }
-    if (!r)
+    if (!r) {
+        fprintf(stderr,
+                "dev-broker: longpoll: closing a connection: the mock answered correlation id "
+                "%d, which no request of it waits for\n",
+                correlation_id);
         return -1;
+    }
     if (prev)
         prev->mock_next = r->mock_next;
     else
@@ -548,8 +553,13 @@ static int longpoll_frames(struct longpoll_conn *conn, struct longpoll_buf *buf,
         unsigned char *p = (unsigned char *)buf->data + buf->off;
         uint32_t size =
             ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-        if (size > LONGPOLL_FRAME_MAX)
+        if (size > LONGPOLL_FRAME_MAX) {
+            fprintf(stderr,
+                    "dev-broker: longpoll: closing a connection: a frame of %u bytes (at most "
+                    "%d)\n",
+                    (unsigned)size, LONGPOLL_FRAME_MAX);
             return -1;
+        }
         if (buf->len - buf->off < 4 + (size_t)size)
             break;
         buf->off += 4 + (size_t)size;

@@ -802,6 +802,27 @@ static int wire_fetch_then_api_versions(const char *bs, const char *topic, int32
     return fd;
 }
 
+/* Reads the next answer on fd (bounded), which must be the Fetch's (correlation id 10); why
+ * names what a missing answer means. */
+static struct fetch_answer wire_expect_fetch(int fd, const char *topic, const char *why)
+{
+    unsigned char answer[8192];
+    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_gt(len, 0, "%s", why);
+    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, topic);
+    cr_assert_eq(f.correlation_id, 10, "the first answer is not the Fetch's");
+    return f;
+}
+
+/* Reads the next answer on fd (bounded), which must be the ApiVersions' behind the Fetch. */
+static void wire_expect_api_versions(int fd)
+{
+    unsigned char answer[8192];
+    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
+    cr_assert_geq(len, 4, "no answer to the ApiVersions behind the Fetch");
+    cr_assert_eq(wire_get(answer, 4), 11);
+}
+
 /* A Fetch that finds nothing is held (no answer at all, where the mock behind a poll with
  * MaxWait 0 would answer at once), a Produce to its topic wakes it, and its answer carries the
  * record; the request pipelined behind it is answered after it. Fails with --no-long-poll (the
@@ -818,16 +839,12 @@ Test(dev_broker, binary_holds_an_empty_fetch_until_a_produce_and_keeps_answer_or
                  "an answer came before any data: the empty Fetch was not held");
     cr_assert_eq(produce_one(bs, "held", "wake up"), RD_KAFKA_RESP_ERR_NO_ERROR);
 
-    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
-    cr_assert_gt(len, 0, "the held Fetch was not answered after the Produce");
-    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "held");
-    cr_assert_eq(f.correlation_id, 10, "the first answer is not the Fetch's");
+    struct fetch_answer f =
+        wire_expect_fetch(fd, "held", "the held Fetch was not answered after the Produce");
     cr_assert_eq(f.error, 0);
     cr_assert_eq(f.high_watermark, 1);
     cr_assert_gt(f.records, 0, "the Fetch was answered without the record");
-    len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
-    cr_assert_geq(len, 4, "no answer to the ApiVersions behind the Fetch");
-    cr_assert_eq(wire_get(answer, 4), 11);
+    wire_expect_api_versions(fd);
 
     close(fd);
     broker_stop(&child);
@@ -845,16 +862,11 @@ Test(dev_broker, binary_answers_a_held_fetch_empty_at_its_max_wait)
     int fd = wire_fetch_then_api_versions(bs, "quiet", 5000);
     cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1,
                  "an answer came long before the Fetch's MaxWait");
-    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
-    cr_assert_gt(len, 0, "the held Fetch was never answered");
-    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "quiet");
-    cr_assert_eq(f.correlation_id, 10);
+    struct fetch_answer f = wire_expect_fetch(fd, "quiet", "the held Fetch was never answered");
     cr_assert_eq(f.error, 0);
     cr_assert_eq(f.high_watermark, 0);
     cr_assert_leq(f.records, 0, "records from an empty partition");
-    len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
-    cr_assert_geq(len, 4, "no answer to the ApiVersions behind the Fetch");
-    cr_assert_eq(wire_get(answer, 4), 11);
+    wire_expect_api_versions(fd);
 
     close(fd);
     broker_stop(&child);
@@ -880,12 +892,39 @@ Test(dev_broker, binary_answers_a_held_fetch_when_its_leader_moves)
     cr_assert_eq(wire_read(fd, answer, sizeof(answer), 300), -1, "the Fetch was not held");
     child_command(&child, "leader moving 0 2", line, sizeof(line));
     cr_assert_str_eq(line, "ok");
-    ssize_t len = wire_read(fd, answer, sizeof(answer), WAIT_MS);
-    cr_assert_gt(len, 0, "the held Fetch was not answered after its leader moved");
-    struct fetch_answer f = wire_fetch_answer(answer, (size_t)len, "moving");
-    cr_assert_eq(f.correlation_id, 10);
+    struct fetch_answer f =
+        wire_expect_fetch(fd, "moving", "the held Fetch was not answered after its leader moved");
     cr_assert_neq(f.error, 0, "no error from a broker that no longer leads the partition");
 
     close(fd);
     broker_stop(&child);
+}
+
+/* A frame larger than any Kafka request closes the connection, and the broker says why. */
+Test(dev_broker, binary_closes_a_connection_on_an_oversized_frame_and_says_so)
+{
+    struct child child;
+    char line[512], text[8192];
+    char *const argv[] = {(char *)"dev-broker", NULL};
+    child_start(&child, argv, 1);
+    cr_assert_eq(child_read_line(&child, line, sizeof(line)), 0, "no bootstrap line");
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons((uint16_t)bootstrap_port(line + 10)),
+                               .sin_addr = {.s_addr = htonl(INADDR_LOOPBACK)}};
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+    static const unsigned char huge[] = {0x7f, 0xff, 0xff, 0xff};
+    cr_assert_eq(write(fd, huge, sizeof(huge)), (ssize_t)sizeof(huge));
+
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    cr_assert_eq(poll(&pfd, 1, WAIT_MS), 1, "the connection stayed open");
+    unsigned char byte;
+    cr_assert_eq(read(fd, &byte, 1), 0, "an answer instead of a closed connection");
+    close(fd);
+
+    cr_assert_eq(kill(child.pid, SIGTERM), 0);
+    int status = child_wait(&child);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    child_stderr(&child, text, sizeof(text));
+    cr_assert_not_null(strstr(text, "a frame of 2147483647 bytes"), "stderr: %s", text);
 }
