@@ -1,11 +1,14 @@
 #include "migrate.h"
 
+#include "log.h"
+
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* The bookkeeping table. Created (under the lock) before anything else, so that the first
  * migration can already be recorded in it; it lives in schema saga because everything does. */
@@ -19,6 +22,13 @@ static const char bootstrap_sql[] =
     " checksum text NOT NULL,"
     " applied_at timestamptz NOT NULL DEFAULT now());"
     "COMMIT;";
+
+const struct migrate_options migrate_default_options = {
+    .lock_timeout_ms = 3000,
+    .max_attempts = 10,
+    .backoff_ms = 200,
+    .backoff_max_ms = 5000,
+};
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -115,12 +125,26 @@ void migrate_checksum(const char *sql, char out[17])
     snprintf(out, 17, "%016" PRIx64, hash);
 }
 
-/* Applies one migration in its own transaction and records it. */
-static int apply_one(PGconn *conn, const struct migration *m, const char *checksum, char *err,
-                     size_t errlen)
+/* A failure that trying again can mend: the migration lost a race for a lock with the
+ * services using the database (lock_not_available: its lock_timeout; deadlock_detected;
+ * serialization_failure). */
+static bool lock_failure(const PGresult *res)
+{
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    return state && (!strcmp(state, "55P03") || !strcmp(state, "40P01") || !strcmp(state, "40001"));
+}
+
+/* Applies one migration in its own transaction and records it. Returns 0, -1, or -2 when it
+ * failed on a lock (lock_failure) and may be tried again; err says why. */
+static int apply_one(PGconn *conn, const struct migration *m, const char *checksum,
+                     int lock_timeout_ms, char *err, size_t errlen)
 {
     char msg[1024];
-    if (exec_simple(conn, "BEGIN; SET LOCAL client_min_messages = warning", msg, sizeof(msg))) {
+    char begin[128] = "BEGIN; SET LOCAL client_min_messages = warning";
+    if (lock_timeout_ms > 0) /* else the role's or database's own lock_timeout, if any */
+        snprintf(begin + strlen(begin), sizeof(begin) - strlen(begin),
+                 "; SET LOCAL lock_timeout = %d", lock_timeout_ms);
+    if (exec_simple(conn, begin, msg, sizeof(msg))) {
         set_err(err, errlen, "migration %03d_%s: %s", m->version, m->name, msg);
         return -1;
     }
@@ -129,9 +153,10 @@ static int apply_one(PGconn *conn, const struct migration *m, const char *checks
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY) {
         describe_failure(conn, res, m->sql, msg, sizeof(msg));
+        bool retry = lock_failure(res);
         PQclear(res);
         set_err(err, errlen, "migration %03d_%s: %s", m->version, m->name, msg);
-        return -1;
+        return retry ? -2 : -1;
     }
     PQclear(res);
     /* A COMMIT or ROLLBACK inside the file would break the all-or-nothing promise (and the
@@ -184,9 +209,63 @@ static const char *recorded_checksum(const PGresult *res, int version)
     return NULL;
 }
 
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) == -1)
+        ;
+}
+
+/* apply_one, tried again after a lock failure (struct migrate_options). Between tries the
+ * failed transaction is rolled back; the migration lock stays held. */
+static int apply_with_retries(PGconn *conn, const struct migration *m, const char *checksum,
+                              const struct migrate_options *o, char *err, size_t errlen)
+{
+    int wait = o->backoff_ms > 0 ? o->backoff_ms : 1;
+    for (int attempt = 1;; attempt++) {
+        int rc = apply_one(conn, m, checksum, o->lock_timeout_ms, err, errlen);
+        if (rc != -2)
+            return rc;
+        if (PQtransactionStatus(conn) == PQTRANS_INTRANS ||
+            PQtransactionStatus(conn) == PQTRANS_INERROR)
+            PQclear(PQexec(conn, "ROLLBACK"));
+        if (attempt >= o->max_attempts) {
+            size_t n = strlen(err);
+            if (n < errlen)
+                snprintf(err + n, errlen - n,
+                         " (gave up after %d attempts, each lock wait bounded by lock_timeout "
+                         "%d ms: a transaction of the database's users holds a lock it needs)",
+                         attempt, o->lock_timeout_ms);
+            return -1;
+        }
+        if (o->on_retry) {
+            char note[1200];
+            snprintf(note, sizeof(note),
+                     "%s; rolled back, trying again in %d ms (attempt %d of %d)", err, wait,
+                     attempt + 1, o->max_attempts);
+            o->on_retry(o->on_retry_arg, note);
+        }
+        sleep_ms(wait);
+        wait = wait * 2 > o->backoff_max_ms ? o->backoff_max_ms : wait * 2;
+    }
+}
+
+void migrate_log_retry(void *arg, const char *message)
+{
+    (void)arg;
+    log_warn("%s", message);
+}
+
 int migrate_apply(PGconn *conn, const struct migration *list, size_t count, char *err,
                   size_t errlen)
 {
+    return migrate_apply_with(conn, list, count, NULL, err, errlen);
+}
+
+int migrate_apply_with(PGconn *conn, const struct migration *list, size_t count,
+                       const struct migrate_options *options, char *err, size_t errlen)
+{
+    const struct migrate_options *o = options ? options : &migrate_default_options;
     char msg[1024];
     bool locked = false;
     PGresult *recorded = NULL;
@@ -257,7 +336,7 @@ int migrate_apply(PGconn *conn, const struct migration *list, size_t count, char
             continue;
         char sum[17];
         migrate_checksum(list[i].sql, sum);
-        if (apply_one(conn, &list[i], sum, err, errlen))
+        if (apply_with_retries(conn, &list[i], sum, o, err, errlen))
             goto cleanup;
         applied++;
     }

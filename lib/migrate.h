@@ -23,6 +23,26 @@ struct migration {
 extern const struct migration migrations_builtin[];
 extern const size_t migrations_builtin_count;
 
+/* How a migration waits for its locks. Each lock it waits for is bounded by lock_timeout_ms
+ * (SET LOCAL lock_timeout): a migration queued for a table's lock behind a long transaction
+ * would otherwise hold up every writer of that table, which queues behind the migration. A
+ * migration that fails on a lock (lock timeout, deadlock with the running services,
+ * serialization failure) is rolled back and tried again, max_attempts times in all, waiting
+ * backoff_ms, doubled up to backoff_max_ms, between tries. on_retry (may be NULL) is told of
+ * each retry, before its wait. */
+struct migrate_options {
+    int lock_timeout_ms; /* 0: no bound */
+    int max_attempts;
+    int backoff_ms;
+    int backoff_max_ms;
+    void (*on_retry)(void *arg, const char *message);
+    void *on_retry_arg;
+};
+
+/* lock_timeout 3 s, 10 attempts, 200 ms doubled up to 5 s (at most ~1 min in all), no
+ * on_retry. */
+extern const struct migrate_options migrate_default_options;
+
 /* Applies every migration of list not yet recorded, in order, on conn (a connected, blocking
  * libpq connection; borrowed). A recorded migration whose text changed since is an error.
  * On success returns the number applied (0 when up to date); on failure returns -1 and
@@ -33,6 +53,14 @@ extern const size_t migrations_builtin_count;
  * Migration texts must not contain BEGIN/COMMIT. Used before any event loop runs. */
 __attribute__((warn_unused_result)) int migrate_apply(PGconn *conn, const struct migration *list,
                                                       size_t count, char *err, size_t errlen);
+
+/* An on_retry that logs the message as a warning (log.h). */
+void migrate_log_retry(void *arg, const char *message);
+
+/* migrate_apply with options (NULL: migrate_default_options, which migrate_apply uses). */
+__attribute__((warn_unused_result)) int
+migrate_apply_with(PGconn *conn, const struct migration *list, size_t count,
+                   const struct migrate_options *options, char *err, size_t errlen);
 
 /* Sets *version to the highest version recorded in saga.schema_migrations (0 when the table
  * is missing or empty). Returns 0, or -1 with a message in err. conn is borrowed. */

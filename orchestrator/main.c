@@ -274,7 +274,10 @@ static int migrate_now(const char *conninfo, char *err, size_t errlen)
         snprintf(err, errlen, "cannot connect to the database (SAGA_DATABASE_URL): %s",
                  PQerrorMessage(conn));
     } else {
-        int n = migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, errlen);
+        struct migrate_options o = migrate_default_options;
+        o.on_retry = migrate_log_retry;
+        int n =
+            migrate_apply_with(conn, migrations_builtin, migrations_builtin_count, &o, err, errlen);
         if (n >= 0) {
             if (n)
                 log_info("applied %d migration(s)", n);

@@ -18,6 +18,12 @@ static void migrate_usage(FILE *out)
           out);
 }
 
+static void say_retry(void *arg, const char *message)
+{
+    (void)arg;
+    fprintf(stderr, "sagactl migrate: %s\n", message);
+}
+
 int cmd_migrate(int argc, char **argv)
 {
     const char *url = NULL;
@@ -64,8 +70,10 @@ int cmd_migrate(int argc, char **argv)
     char err[1024];
     int rc = 1;
     int version = 0;
-    int applied =
-        migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err));
+    struct migrate_options o = migrate_default_options;
+    o.on_retry = say_retry;
+    int applied = migrate_apply_with(conn, migrations_builtin, migrations_builtin_count, &o, err,
+                                     sizeof(err));
     if (applied < 0) {
         fprintf(stderr, "sagactl migrate: %s\n", err);
         goto cleanup;

@@ -197,8 +197,10 @@ static int schema_install(char *err, size_t errlen)
                  PQerrorMessage(conn));
         goto out;
     }
-    int applied =
-        migrate_apply(conn, migrations_builtin, migrations_builtin_count, msg, sizeof(msg));
+    struct migrate_options o = migrate_default_options;
+    o.on_retry = migrate_log_retry;
+    int applied = migrate_apply_with(conn, migrations_builtin, migrations_builtin_count, &o, msg,
+                                     sizeof(msg));
     if (applied < 0) {
         snprintf(err, errlen, "saga schema: %s", msg);
         goto out;

@@ -1,8 +1,10 @@
 /* The migration runner (lib/migrate.c) against a real PostgreSQL. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <criterion/criterion.h>
 
@@ -290,4 +292,252 @@ Test(migrate, refuses_a_connection_inside_a_transaction)
         migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err)), -1);
     cr_assert(strstr(err, "inside a transaction"), "got: %s", err);
     pgtest_exec(conn, "ROLLBACK");
+}
+
+/* ---- Locks: a migration waits for them at most lock_timeout, and tries again ---- */
+
+/* A migration run in a thread on its own connection (its backend pid published first), with
+ * the options of the test; each retry is counted and its message kept. */
+struct locked_run {
+    const char *url;
+    const struct migration *list;
+    size_t count;
+    struct migrate_options options;
+    const char *session_sql; /* run on the connection before migrating (NULL: none) */
+    _Atomic int pid;
+    _Atomic int retries;
+    char last_retry[1400];
+    int applied;
+    char err[1400];
+};
+
+static void count_retry(void *arg, const char *message)
+{
+    struct locked_run *r = arg;
+    snprintf(r->last_retry, sizeof(r->last_retry), "%s", message);
+    atomic_fetch_add(&r->retries, 1);
+}
+
+static void *locked_run_main(void *arg)
+{
+    struct locked_run *r = arg;
+    PGconn *c = PQconnectdb(r->url);
+    r->applied = -1;
+    if (PQstatus(c) != CONNECTION_OK) {
+        snprintf(r->err, sizeof(r->err), "connect: %s", PQerrorMessage(c));
+        atomic_store(&r->pid, -1);
+    } else {
+        PQsetNoticeProcessor(c, quiet_cb, NULL);
+        if (r->session_sql)
+            PQclear(PQexec(c, r->session_sql));
+        r->options.on_retry = count_retry;
+        r->options.on_retry_arg = r;
+        atomic_store(&r->pid, PQbackendPID(c));
+        r->applied = migrate_apply_with(c, r->list, r->count, &r->options, r->err, sizeof(r->err));
+    }
+    PQfinish(c);
+    return NULL;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Waits up to timeout_ms for count_sql (with the backend pid as $1) to count something. */
+static bool wait_for_count(PGconn *c, const char *count_sql, int pid, int timeout_ms)
+{
+    char pid_text[16];
+    snprintf(pid_text, sizeof(pid_text), "%d", pid);
+    const char *params[] = {pid_text};
+    for (int waited = 0; waited <= timeout_ms; waited += 10) {
+        if (pgtest_count(c, count_sql, 1, params) > 0)
+            return true;
+        sleep_ms(10);
+    }
+    return false;
+}
+
+static bool wait_for_retries(struct locked_run *r, int n, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 10) {
+        if (atomic_load(&r->retries) >= n)
+            return true;
+        sleep_ms(10);
+    }
+    return false;
+}
+
+/* conn migrated with the built-in migrations, and list filled with them plus extra: returns
+ * the count. */
+static size_t migrated_plus(struct migration list[66], struct migration extra)
+{
+    char err[1024];
+    cr_assert_geq(
+        migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err)), 0,
+        "%s", err);
+    memcpy(list, migrations_builtin, migrations_builtin_count * sizeof(list[0]));
+    list[migrations_builtin_count] = extra;
+    return migrations_builtin_count + 1;
+}
+
+static const char waiting_sql[] =
+    "SELECT count(*) FROM pg_locks WHERE pid = $1::int AND NOT granted";
+
+Test(migrate, a_migration_queued_behind_a_long_transaction_lets_writers_through_then_retries)
+{
+    pgtest_exec(conn, "CREATE TABLE public.busy (x int)");
+    struct migration list[66];
+    size_t count = migrated_plus(
+        list, (struct migration){901, "alter_busy", "ALTER TABLE public.busy ADD y int;"});
+
+    /* A long transaction (a report, say) reads the table: its lock conflicts with ALTER's. */
+    PGconn *reader = pgtest_connect(db.url);
+    pgtest_exec(reader, "BEGIN");
+    pgtest_exec(reader, "SELECT count(*) FROM public.busy");
+
+    struct locked_run *run = calloc(1, sizeof(*run));
+    cr_assert(run);
+    *run = (struct locked_run){.url = db.url, .list = list, .count = count};
+    run->options = (struct migrate_options){
+        .lock_timeout_ms = 300, .max_attempts = 100, .backoff_ms = 50, .backoff_max_ms = 200};
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, locked_run_main, run), 0);
+
+    /* Its first try gives up the wait after lock_timeout, rolls back, and says so. */
+    cr_assert(wait_for_retries(run, 1, 20000), "no retry within 20 s: %s", run->err);
+    cr_assert(strstr(run->last_retry, "migration 901_alter_busy: canceling statement due to "
+                                      "lock timeout"),
+              "got: %s", run->last_retry);
+    cr_assert(strstr(run->last_retry, "SQLSTATE 55P03"), "got: %s", run->last_retry);
+    cr_assert(strstr(run->last_retry, "attempt 2 of 100"), "got: %s", run->last_retry);
+
+    /* A writer of the table, queued behind the migration's lock request while it waits, gets
+     * through when that wait ends, while the long transaction is still open. Without the
+     * bound it would wait for the reader (here: until its statement_timeout). */
+    PGconn *writer = pgtest_connect(db.url);
+    pgtest_exec(writer, "SET statement_timeout = '20s'");
+    cr_assert(wait_for_count(conn, waiting_sql, atomic_load(&run->pid), 10000),
+              "the migration is not waiting for its lock again");
+    pgtest_exec(writer, "INSERT INTO public.busy (x) VALUES (1)");
+    PQfinish(writer);
+
+    /* The reader ends: a later try takes the lock and the migration is applied once. */
+    pgtest_exec(reader, "COMMIT");
+    PQfinish(reader);
+    pthread_join(thread, NULL);
+    cr_assert_eq(run->applied, 1, "%s", run->err);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM information_schema.columns WHERE "
+                              "table_name = 'busy' AND column_name = 'y'",
+                              0, NULL),
+                 1);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.schema_migrations WHERE version = 901", 0,
+                              NULL),
+                 1);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM public.busy", 0, NULL), 1);
+    cr_assert(lock_is_free());
+    free(run);
+}
+
+Test(migrate, a_migration_that_deadlocks_with_a_service_is_tried_again)
+{
+    pgtest_exec(conn, "CREATE TABLE public.first (x int); CREATE TABLE public.second (x int)");
+    struct migration list[66];
+    size_t count = migrated_plus(
+        list,
+        (struct migration){902, "two_locks", "LOCK TABLE public.first; LOCK TABLE public.second;"});
+
+    /* A service's transaction holds second and will want first: the order 008 could meet. */
+    PGconn *service = pgtest_connect(db.url);
+    pgtest_exec(service, "SET deadlock_timeout = '60s'");
+    pgtest_exec(service, "BEGIN");
+    pgtest_exec(service, "LOCK TABLE public.second");
+
+    struct locked_run *run = calloc(1, sizeof(*run));
+    cr_assert(run);
+    *run = (struct locked_run){
+        .url = db.url, .list = list, .count = count, .session_sql = "SET deadlock_timeout = '2s'"};
+    run->options = (struct migrate_options){
+        .lock_timeout_ms = 30000, .max_attempts = 3, .backoff_ms = 50, .backoff_max_ms = 50};
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, locked_run_main, run), 0);
+    for (int i = 0; i < 1000 && atomic_load(&run->pid) == 0; i++)
+        sleep_ms(10);
+    int mpid = atomic_load(&run->pid);
+    cr_assert_gt(mpid, 0, "%s", run->err);
+    cr_assert(wait_for_count(conn, waiting_sql, mpid, 10000), "the migration does not wait");
+
+    /* The cycle: the service now waits for first, which the migration holds. The migration,
+     * waiting longer and with the shorter deadlock_timeout, finds the deadlock and is the one
+     * rolled back; the service gets its lock. */
+    cr_assert(PQsendQuery(service, "LOCK TABLE public.first"));
+    int spid = PQbackendPID(service);
+    cr_assert(wait_for_count(conn, waiting_sql, spid, 10000), "the service does not wait");
+    char pids[2][16];
+    snprintf(pids[0], sizeof(pids[0]), "%d", mpid);
+    snprintf(pids[1], sizeof(pids[1]), "%d", spid);
+    const char *params[] = {pids[0], pids[1]};
+    if (pgtest_count(conn,
+                     "SELECT count(*) FROM pg_locks m, pg_locks s WHERE m.pid = $1::int AND "
+                     "NOT m.granted AND s.pid = $2::int AND NOT s.granted AND "
+                     "s.waitstart - m.waitstart >= interval '1.8 s'",
+                     2, params) > 0)
+        cr_skip_test("the service started waiting too late for the migration to be the victim");
+    PGresult *res;
+    bool service_ok = true;
+    while ((res = PQgetResult(service))) {
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            service_ok = false;
+        PQclear(res);
+    }
+    cr_assert(service_ok, "the service was the one rolled back: %s", PQerrorMessage(service));
+    /* (The server released the migration's locks before its client heard of the error.) */
+    cr_assert(wait_for_retries(run, 1, 10000), "the migration did not retry: %s", run->err);
+    cr_assert(strstr(run->last_retry, "migration 902_two_locks: deadlock detected"), "got: %s",
+              run->last_retry);
+    cr_assert(strstr(run->last_retry, "SQLSTATE 40P01"), "got: %s", run->last_retry);
+    pgtest_exec(service, "COMMIT");
+    PQfinish(service);
+
+    pthread_join(thread, NULL);
+    cr_assert_eq(run->applied, 1, "%s", run->err);
+    cr_assert_eq(atomic_load(&run->retries), 1);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.schema_migrations WHERE version = 902", 0,
+                              NULL),
+                 1);
+    cr_assert(lock_is_free());
+    free(run);
+}
+
+Test(migrate, a_migration_that_keeps_failing_on_a_lock_gives_up_and_says_why)
+{
+    char err[1400];
+    pgtest_exec(conn, "CREATE TABLE public.held (x int)");
+    struct migration list[66];
+    size_t count =
+        migrated_plus(list, (struct migration){903, "lock_held", "LOCK TABLE public.held;"});
+    PGconn *holder = pgtest_connect(db.url);
+    pgtest_exec(holder, "BEGIN");
+    pgtest_exec(holder, "LOCK TABLE public.held IN ACCESS SHARE MODE");
+
+    struct migrate_options o = {
+        .lock_timeout_ms = 50, .max_attempts = 3, .backoff_ms = 10, .backoff_max_ms = 10};
+    cr_assert_eq(migrate_apply_with(conn, list, count, &o, err, sizeof(err)), -1);
+    cr_assert(strstr(err, "migration 903_lock_held: canceling statement due to lock timeout") ==
+                  err,
+              "got: %s", err);
+    cr_assert(strstr(err, "gave up after 3 attempts"), "got: %s", err);
+    cr_assert(strstr(err, "lock_timeout 50 ms"), "got: %s", err);
+    cr_assert_eq(PQtransactionStatus(conn), PQTRANS_IDLE);
+    cr_assert(lock_is_free());
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.schema_migrations WHERE version = 903", 0,
+                              NULL),
+                 0);
+    pgtest_exec(holder, "ROLLBACK");
+    PQfinish(holder);
 }
