@@ -44,6 +44,7 @@ TestSuite(start, .init = setup, .fini = teardown, .timeout = 120);
 TestSuite(definitions, .init = setup, .fini = teardown, .timeout = 120);
 TestSuite(operator, .init = setup, .fini = teardown, .timeout = 120);
 TestSuite(history, .init = setup, .fini = teardown, .timeout = 120);
+TestSuite(client, .init = setup, .fini = teardown, .timeout = 120);
 
 static long instance_count(PGconn *c)
 {
@@ -734,4 +735,92 @@ Test(start, does_not_lock_its_definition_row)
     PQclear(res);
     PQfinish(other);
     pgtest_exec(conn, "COMMIT");
+}
+
+/* ---- saga_client: through the functions only (sql/010) ---------------------------------- */
+
+/* sql under role (SET ROLE; the test's user is a superuser) fails with SQLSTATE 42501. */
+static void expect_denied(const char *role, const char *sql, int nparams, const char *const *params)
+{
+    char set[64], state[6], msg[256];
+    snprintf(set, sizeof(set), "SET ROLE %s", role);
+    pgtest_exec(conn, set);
+    pgtest_expect_error(conn, sql, nparams, params, state, msg, sizeof(msg));
+    pgtest_exec(conn, "RESET ROLE");
+    cr_assert_str_eq(state, "42501", "%s as %s: %s", sql, role, msg);
+}
+
+Test(client, starts_retries_and_aborts_but_writes_no_table)
+{
+    pgtest_exec(conn, "SET ROLE saga_client");
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *params[] = {id};
+    PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, 'changed my mind')", 1, params));
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.instances WHERE id = $1 AND "
+                              "pending_request = 'abort'",
+                              1, params),
+                 1);
+    pgtest_exec(conn, "RESET ROLE");
+    PQclear(pgtest_query(
+        conn, "UPDATE saga.instances SET status = 'failed', pending_request = NULL WHERE id = $1",
+        1, params));
+    pgtest_exec(conn, "SET ROLE saga_client");
+    PQclear(pgtest_query(conn, "SELECT saga.retry($1::uuid)", 1, params));
+    pgtest_exec(conn, "RESET ROLE");
+    cr_assert_eq(history_count(id), 2);
+
+    /* The tables themselves: read, never written. */
+    expect_denied("saga_client", "UPDATE saga.instances SET status = 'completed' WHERE id = $1", 1,
+                  params);
+    expect_denied("saga_client",
+                  "INSERT INTO saga.instances (id, saga_name, saga_version, status, input, "
+                  "trace_id) VALUES (gen_random_uuid(), 'order_fulfillment', 1, 'pending', '{}', "
+                  "repeat('a', 32))",
+                  0, NULL);
+    expect_denied("saga_client",
+                  "INSERT INTO saga.step_history (saga_id, step, phase, attempt, status) "
+                  "VALUES (gen_random_uuid(), 'x', 'operator', 0, 'retry_requested')",
+                  0, NULL);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.step_history", 0, NULL), 2);
+    free(id);
+}
+
+/* With the functions running as their owner, EXECUTE is what keeps the other roles out (a
+ * guard: before sql/010 their lack of table rights did). */
+Test(client, roles_that_are_not_clients_cannot_call_the_functions)
+{
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *params[] = {id};
+    /* saga_test_nobody: a role of no saga group that can see the schema. */
+    pgtest_exec(conn, "DO $$ BEGIN CREATE ROLE saga_test_nobody NOLOGIN; "
+                      "EXCEPTION WHEN duplicate_object THEN NULL; END $$");
+    pgtest_exec(conn, "GRANT USAGE ON SCHEMA saga TO saga_test_nobody");
+    static const char *const roles[] = {"saga_operator", "saga_relay", "saga_test_nobody"};
+    for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
+        const char *input[] = {good_input};
+        expect_denied(roles[i], "SELECT saga.start('order_fulfillment', $1::jsonb)", 1, input);
+        expect_denied(roles[i], "SELECT saga.abort($1::uuid, 'no')", 1, params);
+        expect_denied(roles[i], "SELECT saga.retry($1::uuid)", 1, params);
+    }
+    cr_assert_eq(instance_count(conn), 1);
+    cr_assert_eq(history_count(id), 0);
+    free(id);
+}
+
+/* Running with its owner's rights, saga.start must not call what the caller's search_path
+ * puts before pg_catalog. */
+Test(client, the_functions_ignore_the_callers_search_path)
+{
+    pgtest_exec(conn, "CREATE SCHEMA trap");
+    pgtest_exec(conn, "CREATE FUNCTION trap.gen_random_uuid() RETURNS uuid LANGUAGE sql AS "
+                      "$$SELECT '00000000-0000-0000-0000-00000000dead'::uuid$$");
+    pgtest_exec(conn, "GRANT USAGE ON SCHEMA trap TO PUBLIC");
+    pgtest_exec(conn, "SET ROLE saga_client");
+    pgtest_exec(conn, "SET search_path = trap, pg_catalog");
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    pgtest_exec(conn, "RESET search_path");
+    pgtest_exec(conn, "RESET ROLE");
+    cr_assert_str_neq(id, "00000000-0000-0000-0000-00000000dead");
+    free(id);
 }
