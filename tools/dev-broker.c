@@ -11,15 +11,17 @@
  *   --partitions N  partition count for --topic flags without ":PARTITIONS" (default 4).
  *   --topic T[:P]   create topic T (with P partitions) before reporting ready. Repeatable.
  *   --no-long-poll  answer an empty Fetch after its whole MaxWait, as the mock itself does
- *                   (also DEV_BROKER_LONG_POLL=0); clients should then shorten their
- *                   fetch.wait.max.ms (KAFKA_FETCH_WAIT_MAX_MS for this project's daemons).
- *                   By default a Fetch that finds no data is answered as soon as a Produce to
- *                   one of its topics is acknowledged, as a real broker does (longpoll.h).
+ *                   (also DEV_BROKER_LONG_POLL=0, or off/false/no); clients should then shorten
+ * their fetch.wait.max.ms (KAFKA_FETCH_WAIT_MAX_MS for this project's daemons). By default a Fetch
+ * that finds no data is answered as soon as a Produce to one of its topics is acknowledged, as a
+ * real broker does (longpoll.h).
  *
  * Once the cluster accepts connections, prints exactly one line to stdout and flushes it:
  *   bootstrap=127.0.0.1:PORT
  * (broker 1; clients discover the other brokers from it). Then runs until SIGTERM or SIGINT
  * and exits 0. Bad flags exit 2 with a message naming the flag; a start-up failure exits 1.
+ * DEV_BROKER_LONG_POLL and DEV_BROKER_NODELAY (TCP_NODELAY, below) are switches, on unless
+ * 0/off/false/no; any value other than those and 1/on/true/yes exits 2 naming the variable.
  *
  * Topics need no setup: the mock creates an unknown topic on its first Metadata request
  * (a producer's or a subscribing consumer's) with 4 partitions and replication factor
@@ -91,6 +93,7 @@ struct dev_broker_options {
     size_t topic_count;
     int help;      /* --help given: print usage, exit 0 */
     int long_poll; /* 0: --no-long-poll (or DEV_BROKER_LONG_POLL=0) */
+    int nodelay;   /* 0: DEV_BROKER_NODELAY=0 */
 };
 
 struct dev_broker {
@@ -293,8 +296,32 @@ static void dev_broker_usage(FILE *out)
                  "[--topic NAME[:PARTITIONS]]... [--no-long-poll]\n");
 }
 
-/* Fills *opts from argv. Returns 0, or 2 (the exit status) after printing a message that
- * names the bad flag. opts->topics (and the names in it) is owned by the caller even on
+/* The on/off switch in environment variable name: unset or empty gives dflt; 1, on, true,
+ * yes give 1; 0, off, false, no give 0 (any case). Anything else: a message naming the
+ * variable on stderr, and -1. */
+static int dev_broker_env_switch(const char *name, int dflt)
+{
+    static const char *const on[] = {"1", "on", "true", "yes"};
+    static const char *const off[] = {"0", "off", "false", "no"};
+    const char *value = getenv(name);
+    if (!value || !*value)
+        return dflt;
+    for (size_t i = 0; i < sizeof(on) / sizeof(on[0]); i++) {
+        if (strcasecmp(value, on[i]) == 0)
+            return 1;
+        if (strcasecmp(value, off[i]) == 0)
+            return 0;
+    }
+    fprintf(stderr,
+            "dev-broker: %s=\"%s\" is not a switch: use 1 or 0 (on/off, true/false, "
+            "yes/no)\n",
+            name, value);
+    return -1;
+}
+
+/* Fills *opts from argv and the environment (DEV_BROKER_LONG_POLL, DEV_BROKER_NODELAY).
+ * Returns 0, or 2 (the exit status) after printing a message that names the bad flag or
+ * variable. opts->topics (and the names in it) is owned by the caller even on
  * failure. */
 __attribute__((warn_unused_result)) static int
 dev_broker_parse_args(int argc, char **argv, struct dev_broker_options *opts)
@@ -305,8 +332,10 @@ dev_broker_parse_args(int argc, char **argv, struct dev_broker_options *opts)
     opts->topics = NULL;
     opts->topic_count = 0;
     opts->help = 0;
-    opts->long_poll =
-        !(getenv("DEV_BROKER_LONG_POLL") && strcmp(getenv("DEV_BROKER_LONG_POLL"), "0") == 0);
+    opts->long_poll = dev_broker_env_switch("DEV_BROKER_LONG_POLL", 1);
+    opts->nodelay = dev_broker_env_switch("DEV_BROKER_NODELAY", 1);
+    if (opts->long_poll < 0 || opts->nodelay < 0)
+        return 2;
 
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -636,6 +665,7 @@ dev_broker_start(struct dev_broker *broker, const struct dev_broker_options *opt
     if (opts->port && dev_broker_port_free(opts->port) != 0)
         return -1;
 
+    nodelay_set_enabled(opts->nodelay);
     if (opts->long_poll) {
         /* Fatal: without it the dev setup's consumers (librdkafka's 500 ms fetch wait) would
          * wait up to half a second per hop, and only this message would say why. */

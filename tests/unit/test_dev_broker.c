@@ -629,6 +629,33 @@ static void broker_stop(struct child *child)
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* DEV_BROKER_LONG_POLL and DEV_BROKER_NODELAY are switches: a value that is none of 1/0,
+ * on/off, true/false, yes/no is refused with the variable named, rather than taken as on. */
+Test(dev_broker, binary_rejects_a_bad_switch_in_the_environment_naming_it)
+{
+    static const char *const names[] = {"DEV_BROKER_LONG_POLL", "DEV_BROKER_NODELAY"};
+    char *const argv[] = {(char *)"dev-broker", NULL};
+    struct child child;
+    char text[2048];
+    for (size_t i = 0; i < 2; i++) {
+        cr_assert_eq(setenv(names[i], "disabled", 1), 0);
+        child_start(&child, argv, 1);
+        int status = child_wait(&child);
+        cr_assert(WIFEXITED(status));
+        cr_assert_eq(WEXITSTATUS(status), 2, "%s=disabled: exit %d", names[i], WEXITSTATUS(status));
+        child_stderr(&child, text, sizeof(text));
+        cr_assert_not_null(strstr(text, names[i]), "stderr: %s", text);
+        cr_assert_not_null(strstr(text, "\"disabled\""), "stderr: %s", text);
+
+        /* The words are accepted. */
+        cr_assert_eq(setenv(names[i], "Off", 1), 0);
+        char bs[256];
+        broker_start(&child, "switch-test", bs, sizeof(bs));
+        broker_stop(&child);
+        cr_assert_eq(unsetenv(names[i]), 0);
+    }
+}
+
 /* The mock alone answers a Fetch that finds nothing only after its whole MaxWait, even when a
  * message arrives meanwhile; dev-broker answers it when the message arrives, like Kafka. The
  * consumer waits up to 60 s per fetch: the second message must come long before that. (The
