@@ -153,8 +153,18 @@ static int apply_one(PGconn *conn, const struct migration *m, const char *checks
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY) {
         describe_failure(conn, res, m->sql, msg, sizeof(msg));
-        bool retry = lock_failure(res);
+        /* Only a failure inside the migration's own transaction is tried again: when the file
+         * committed part of itself (a COMMIT in it) that part would be applied twice. */
+        bool in_transaction = PQtransactionStatus(conn) == PQTRANS_INERROR;
+        bool retry = lock_failure(res) && in_transaction;
         PQclear(res);
+        if (!in_transaction && PQstatus(conn) == CONNECTION_OK) {
+            set_err(err, errlen,
+                    "migration %03d_%s: %s; the file ends its transaction (COMMIT/ROLLBACK) "
+                    "before that: migrations must not contain transaction control",
+                    m->version, m->name, msg);
+            return -1;
+        }
         set_err(err, errlen, "migration %03d_%s: %s", m->version, m->name, msg);
         return retry ? -2 : -1;
     }
@@ -186,10 +196,18 @@ static int apply_one(PGconn *conn, const struct migration *m, const char *checks
     }
     PQclear(res);
 
-    if (exec_simple(conn, "COMMIT", msg, sizeof(msg))) {
+    /* A COMMIT that fails (a serialization failure under default_transaction_isolation =
+     * serializable, say) leaves nothing applied: tried again like a lock failure. */
+    res = PQexec(conn, "COMMIT");
+    st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    if (st != PGRES_COMMAND_OK) {
+        describe_failure(conn, res, NULL, msg, sizeof(msg));
+        bool retry = lock_failure(res);
+        PQclear(res);
         set_err(err, errlen, "migration %03d_%s: %s", m->version, m->name, msg);
-        return -1;
+        return retry ? -2 : -1;
     }
+    PQclear(res);
     /* COMMIT of a failed transaction "succeeds" as a ROLLBACK; that cannot happen here since
      * every statement above succeeded, but the status is cheap to check. */
     if (PQtransactionStatus(conn) != PQTRANS_IDLE) {
@@ -234,7 +252,8 @@ static int apply_with_retries(PGconn *conn, const struct migration *m, const cha
             if (n < errlen)
                 snprintf(err + n, errlen - n,
                          " (gave up after %d attempts, each lock wait bounded by lock_timeout "
-                         "%d ms: a transaction of the database's users holds a lock it needs)",
+                         "%d ms: a transaction of the database's users holds a lock it needs; "
+                         "pg_stat_activity and pg_locks show which)",
                          attempt, o->lock_timeout_ms);
             return -1;
         }
@@ -338,6 +357,7 @@ int migrate_apply_with(PGconn *conn, const struct migration *list, size_t count,
         migrate_checksum(list[i].sql, sum);
         if (apply_with_retries(conn, &list[i], sum, o, err, errlen))
             goto cleanup;
+        set_err(err, errlen, "%s", ""); /* a failed try's message, if any */
         applied++;
     }
     rc = applied;

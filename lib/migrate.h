@@ -31,7 +31,7 @@ extern const size_t migrations_builtin_count;
  * backoff_ms, doubled up to backoff_max_ms, between tries. on_retry (may be NULL) is told of
  * each retry, before its wait. */
 struct migrate_options {
-    int lock_timeout_ms; /* 0: no bound */
+    int lock_timeout_ms; /* 0: the session's own lock_timeout (none by default) */
     int max_attempts;
     int backoff_ms;
     int backoff_max_ms;

@@ -11,7 +11,11 @@
 -- EXECUTE is no longer granted to PUBLIC: a definer function would otherwise let any role
 -- that can see schema saga (saga_operator, saga_relay) start, retry or abort sagas. A
 -- deployment that calls them under roles of its own grants those roles EXECUTE (or makes them
--- members of saga_client); the owner keeps it.
+-- members of saga_client); the owner keeps it. saga_orchestrator keeps what its table rights
+-- gave it before: saga.retry and saga.abort (sagactl retry/abort run with its URL).
+--
+-- A later migration that re-creates one of the three (CREATE OR REPLACE FUNCTION) makes it
+-- SECURITY INVOKER again without a search_path: it must repeat the ALTER FUNCTION below.
 
 ALTER FUNCTION saga.start(text, jsonb, text, text, text)
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
@@ -33,6 +37,7 @@ BEGIN
         GRANT SELECT, UPDATE ON saga.instances TO saga_orchestrator;
         GRANT SELECT, INSERT, UPDATE ON saga.step_history, saga.inbox TO saga_orchestrator;
         GRANT SELECT, INSERT ON saga.dead_letters, saga.outbox TO saga_orchestrator;
+        GRANT EXECUTE ON FUNCTION saga.retry(uuid), saga.abort(uuid, text) TO saga_orchestrator;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'saga_client') THEN
         GRANT USAGE ON SCHEMA saga TO saga_client;

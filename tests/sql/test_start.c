@@ -750,25 +750,37 @@ static void expect_denied(const char *role, const char *sql, int nparams, const 
     cr_assert_str_eq(state, "42501", "%s as %s: %s", sql, role, msg);
 }
 
-Test(client, starts_retries_and_aborts_but_writes_no_table)
+/* As role: saga.abort of the pending saga id (recorded as a request), then, once the owner
+ * made it failed, saga.retry; each audited in the history. */
+static void abort_then_retry_as(const char *role, const char *id)
 {
-    pgtest_exec(conn, "SET ROLE saga_client");
-    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    char set[64];
+    snprintf(set, sizeof(set), "SET ROLE %s", role);
     const char *params[] = {id};
+    pgtest_exec(conn, set);
     PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, 'changed my mind')", 1, params));
+    pgtest_exec(conn, "RESET ROLE");
     cr_assert_eq(pgtest_count(conn,
                               "SELECT count(*) FROM saga.instances WHERE id = $1 AND "
                               "pending_request = 'abort'",
                               1, params),
                  1);
-    pgtest_exec(conn, "RESET ROLE");
     PQclear(pgtest_query(
         conn, "UPDATE saga.instances SET status = 'failed', pending_request = NULL WHERE id = $1",
         1, params));
-    pgtest_exec(conn, "SET ROLE saga_client");
+    pgtest_exec(conn, set);
     PQclear(pgtest_query(conn, "SELECT saga.retry($1::uuid)", 1, params));
     pgtest_exec(conn, "RESET ROLE");
     cr_assert_eq(history_count(id), 2);
+}
+
+Test(client, starts_retries_and_aborts_but_writes_no_table)
+{
+    pgtest_exec(conn, "SET ROLE saga_client");
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    pgtest_exec(conn, "RESET ROLE");
+    const char *params[] = {id};
+    abort_then_retry_as("saga_client", id);
 
     /* The tables themselves: read, never written. */
     expect_denied("saga_client", "UPDATE saga.instances SET status = 'completed' WHERE id = $1", 1,
@@ -805,6 +817,18 @@ Test(client, roles_that_are_not_clients_cannot_call_the_functions)
     }
     cr_assert_eq(instance_count(conn), 1);
     cr_assert_eq(history_count(id), 0);
+    free(id);
+}
+
+/* sagactl retry/abort run with the orchestrator's URL: its role may retry and abort (its
+ * table rights let it before sql/010), and still not start. */
+Test(client, the_orchestrator_role_may_retry_and_abort)
+{
+    char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    abort_then_retry_as("saga_orchestrator", id);
+    const char *input[] = {good_input};
+    expect_denied("saga_orchestrator", "SELECT saga.start('order_fulfillment', $1::jsonb)", 1,
+                  input);
     free(id);
 }
 
