@@ -12,8 +12,16 @@ CREATE TABLE IF NOT EXISTS inventory.stock (
 -- Every reservation and release updates its rows: half of each page is kept free so that the
 -- new row version fits beside the old one (a HOT update: no index entry, and the dead version
 -- is pruned in place). At 100% most updates of a busy table move the row to another page and
--- add an index entry that every later lookup of the sku steps over until VACUUM.
-ALTER TABLE inventory.stock SET (fillfactor = 50);
+-- add an index entry that every later lookup of the sku steps over until VACUUM. Set once:
+-- at every start it would lock the table and make the running replicas' sessions re-plan.
+DO $$
+BEGIN
+    IF NOT coalesce((SELECT reloptions FROM pg_class WHERE oid = 'inventory.stock'::regclass)
+                    @> '{fillfactor=50}', false) THEN
+        ALTER TABLE inventory.stock SET (fillfactor = 50);
+    END IF;
+END;
+$$;
 
 CREATE TABLE IF NOT EXISTS inventory.reservations (
     id          uuid        PRIMARY KEY DEFAULT gen_random_uuid(),

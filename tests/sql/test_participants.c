@@ -262,6 +262,29 @@ Test(participants, inventory_stock_updates_stay_on_their_page)
     cr_assert_geq(hot, 1800, "%ld of 2000 stock updates were HOT", hot);
 }
 
+/* The schema is applied at every start: the fillfactor is set only the first time (an ALTER
+ * TABLE at each start would rewrite the table's catalog row, lock it, and make every session
+ * using it re-plan). */
+Test(participants, inventory_fillfactor_is_set_once)
+{
+    install("inventory");
+    char *before = pgtest_value(
+        conn, "SELECT xmin::text FROM pg_class WHERE oid = 'inventory.stock'::regclass", 0, NULL);
+    install("inventory");
+    char *after = pgtest_value(
+        conn, "SELECT xmin::text FROM pg_class WHERE oid = 'inventory.stock'::regclass", 0, NULL);
+    cr_assert_str_eq(before, after,
+                     "inventory.stock's catalog row was rewritten by a second start");
+    char *options = pgtest_value(conn,
+                                 "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE "
+                                 "oid = 'inventory.stock'::regclass",
+                                 0, NULL);
+    cr_assert_str_eq(options, "fillfactor=50");
+    free(before);
+    free(after);
+    free(options);
+}
+
 Test(participants, inventory_same_idempotency_key_replies_again_and_changes_nothing)
 {
     install("inventory");
