@@ -95,10 +95,13 @@ struct store_batch {
     struct store_text sec[STORE_SECTIONS];
 };
 __attribute__((warn_unused_result)) int store_batch_init(struct store_batch *b);
-/* Adds the effects of one applied event (fx borrowed). */
+/* Adds the effects of one applied event (fx borrowed). reply_message_id: the message-id of the
+ * reply the event is (NULL for other events), recorded on the attempt it resolves, where the
+ * reply's deduplication finds it (sql/011). */
 __attribute__((warn_unused_result)) int store_batch_add_effects(struct store_batch *b,
                                                                 const struct saga_row *row,
-                                                                const struct saga_effects *fx);
+                                                                const struct saga_effects *fx,
+                                                                const char *reply_message_id);
 /* Adds the final state of a touched saga. */
 __attribute__((warn_unused_result)) int store_batch_add_instance(struct store_batch *b,
                                                                  const struct saga_row *row);

@@ -252,7 +252,7 @@ static const char *step_name(const struct saga_definition *def, int step)
 }
 
 int store_batch_add_effects(struct store_batch *b, const struct saga_row *row,
-                            const struct saga_effects *fx)
+                            const struct saga_effects *fx, const char *reply_message_id)
 {
     const struct saga_definition *def = row->def;
     for (size_t i = 0; i < fx->message_count; i++) {
@@ -308,6 +308,10 @@ int store_batch_add_effects(struct store_batch *b, const struct saga_row *row,
             if (h->reply) {
                 key(t, "reply");
                 put_json(t, h->reply);
+            }
+            if (reply_message_id && h->status != SAGA_HIST_TIMED_OUT) {
+                key(t, "reply_message_id");
+                put_str(t, reply_message_id);
             }
         }
         if (end(t))

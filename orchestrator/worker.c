@@ -5,13 +5,14 @@
  *                operator requests, of the definition versions this process has loaded) ->
  *                engine -> saga.apply_batch -> COMMIT
  * Reply worker:  BEGIN; SELECT ... FOR UPDATE (the sagas of the batch, in id order) ->
- *                SELECT inbox (duplicates) -> engine -> saga.apply_batch -> COMMIT ->
- *                commit the Kafka offsets
+ *                SELECT seen before (inbox, step_history) -> engine -> saga.apply_batch ->
+ *                COMMIT -> commit the Kafka offsets
  *
  * Crash at any point before COMMIT: the transaction rolls back, nothing was sent (the
  * commands are outbox rows of the same transaction), and the same work is claimed or
  * consumed again. Crash after COMMIT and before the offset commit: the replies come again
- * and the inbox (and the engine's in-reply-to check) drops them.
+ * and the deduplication (an applied reply is on its attempt's step_history row, the others in
+ * the inbox; and the engine's in-reply-to check) drops them.
  *
  * When a statement fails on a live connection, the transaction is rolled back and the
  * failure is classified by its SQLSTATE (sqlstate_transient):
@@ -27,7 +28,7 @@
  * Dead-lettering a reply, step by step, and what a crash between the steps does:
  * 1. the batch fails and rolls back; bisection runs smaller batches, each committed (with
  *    its offsets) or rolled back as above. Crash: the uncommitted replies come again and
- *    the bisection starts over; the committed ones are dropped by the inbox.
+ *    the bisection starts over; the committed ones are dropped as seen before.
  * 2. the reply fails alone and rolls back. Crash: it comes again, step 1.
  * 3. INSERT INTO saga.dead_letters, in its own transaction. Crash before its commit: as 2.
  *    Crash after it: the reply comes again, fails again, and its second dead letter is
@@ -497,7 +498,8 @@ static void send_apply(struct worker *w, struct store_batch *b)
 
 /* Applies one event to a row; adds its effects to the batch. */
 static void apply_event(struct worker *w, struct saga_row *row, const struct saga_event *ev,
-                        struct store_batch *b, enum saga_outcome *outcome)
+                        const char *reply_message_id, struct store_batch *b,
+                        enum saga_outcome *outcome)
 {
     struct saga_effects fx;
     enum saga_status before = row->state.status;
@@ -518,7 +520,7 @@ static void apply_event(struct worker *w, struct saga_row *row, const struct sag
         *outcome = fx.outcome;
     if (fx.outcome == SAGA_APPLIED) {
         row->touched = true;
-        if (store_batch_add_effects(b, row, &fx)) {
+        if (store_batch_add_effects(b, row, &fx, reply_message_id)) {
             log_error("out of memory building a batch");
             abort();
         }
@@ -672,13 +674,13 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
             struct saga_event ev = {.now_ms = now};
             ev.kind = strcmp(row->pending_request, "abort") ? SAGA_EV_RETRY : SAGA_EV_ABORT;
             ev.reason = row->request_reason;
-            apply_event(w, row, &ev, &b, NULL);
+            apply_event(w, row, &ev, NULL, &b, NULL);
             row->touched = true; /* the request is consumed either way */
             row->clear_request = true;
         }
         if (row->state.status == SAGA_PENDING) {
             struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = now};
-            apply_event(w, row, &ev, &b, NULL);
+            apply_event(w, row, &ev, NULL, &b, NULL);
         }
         /* A reply timeout waits while the reply consumer holds no partition (see
          * assigned_partitions); a backoff is ours and fires regardless. */
@@ -686,7 +688,7 @@ static void claim_cb(struct pgloop *pg, PGresult *res, void *arg)
         if (row->state.deadline_ms && row->state.deadline_ms <= now && !deaf) {
             struct saga_event ev = {.kind = SAGA_EV_TIMEOUT, .now_ms = now};
             enum saga_outcome out;
-            apply_event(w, row, &ev, &b, &out);
+            apply_event(w, row, &ev, NULL, &b, &out);
             if (out == SAGA_APPLIED)
                 w->deadlines++;
         }
@@ -899,9 +901,9 @@ static void dedupe_cb(struct pgloop *pg, PGresult *res, void *arg)
                                 .success = r->success,
                                 .reply = r->data};
         enum saga_outcome out;
-        apply_event(w, row, &ev, &b, &out);
+        apply_event(w, row, &ev, r->message_id, &b, &out);
         if (out == SAGA_APPLIED) {
-            add_inbox(&b, r, "applied");
+            /* Recorded on its attempt (reply_message_id), not in the inbox. */
             w->applied++;
             if (sent_ms > 0 && now >= sent_ms)
                 metrics_histogram_observe("saga_step_latency_seconds", NULL,
@@ -964,28 +966,39 @@ static void lock_cb(struct pgloop *pg, PGresult *res, void *arg)
         return;
     }
     /* Which replies were applied before (redelivery after a crash, a participant's
-     * duplicate)? Asked after the locks, so a concurrent applier's commit is visible. */
+     * duplicate)? Asked after the locks, so a concurrent applier's commit is visible. An
+     * applied reply is recorded on the attempt it answers (step_history.reply_message_id); a
+     * late, stale or unknown one in the inbox. */
     size_t cap = w->reply_count * 40 + 3;
-    char *arr = malloc(cap);
-    if (!arr) {
+    char *mids = malloc(cap), *irts = malloc(cap);
+    if (!mids || !irts) {
         log_error("out of memory");
         abort();
     }
-    size_t len = 0;
-    arr[len++] = '{';
+    size_t len = 0, ilen = 0;
+    mids[len++] = '{';
+    irts[ilen++] = '{';
     for (size_t i = 0; i < w->reply_count; i++) {
         struct reply_msg *r = &w->o->pending[i];
         if (r->error)
             continue;
-        len += (size_t)snprintf(arr + len, cap - len, "%s%s", len > 1 ? "," : "", r->message_id);
+        len += (size_t)snprintf(mids + len, cap - len, "%s%s", len > 1 ? "," : "", r->message_id);
+        ilen +=
+            (size_t)snprintf(irts + ilen, cap - ilen, "%s%s", ilen > 1 ? "," : "", r->in_reply_to);
     }
-    arr[len++] = '}';
-    arr[len] = '\0';
-    const char *params[1] = {arr};
-    int rc = pgloop_query(
-        w->pg, "SELECT message_id::text FROM saga.inbox WHERE message_id = ANY($1::uuid[])", 1,
-        params, dedupe_cb, w);
-    free(arr);
+    mids[len++] = '}';
+    mids[len] = '\0';
+    irts[ilen++] = '}';
+    irts[ilen] = '\0';
+    const char *params[2] = {mids, irts};
+    int rc =
+        pgloop_query(w->pg,
+                     "SELECT message_id::text FROM saga.inbox WHERE message_id = ANY($1::uuid[]) "
+                     "UNION ALL SELECT reply_message_id::text FROM saga.step_history "
+                     "WHERE message_id = ANY($2::uuid[]) AND reply_message_id = ANY($1::uuid[])",
+                     2, params, dedupe_cb, w);
+    free(mids);
+    free(irts);
     if (rc)
         return;
 }

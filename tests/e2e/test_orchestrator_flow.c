@@ -1,6 +1,7 @@
 /* saga-orchestrator end to end, the main paths: the real orchestrator and relay against
  * PostgreSQL and the dev broker, the test playing the participants (tests/support/saga_e2e.h).
- * Each test checks saga.instances, saga.step_history, saga.inbox and every command seen. */
+ * Each test checks saga.instances, saga.step_history, saga.replies_received and every command
+ * seen. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,7 +124,7 @@ Test(orchestrator_flow, happy_path)
                  "FROM saga.step_history WHERE saga_id = $1",
                  &s, "4/4");
     assert_value("SELECT string_agg(disposition, ' ' ORDER BY received_at, \"offset\") || ' ' || "
-                 "count(DISTINCT in_reply_to) FROM saga.inbox WHERE saga_id = $1",
+                 "count(DISTINCT in_reply_to) FROM saga.replies_received WHERE saga_id = $1",
                  &s, "applied applied applied applied 4");
     assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
     saga_e2e_check_all_commands(&w, &s);
@@ -169,8 +170,9 @@ Test(orchestrator_flow, payment_declined)
     assert_value("SELECT reply->>'reason' FROM saga.step_history WHERE saga_id = $1 AND "
                  "step = 'authorize_payment'",
                  &s, "card declined");
-    assert_value("SELECT count(*) FROM saga.inbox WHERE saga_id = $1 AND disposition = 'applied'",
-                 &s, "3");
+    assert_value(
+        "SELECT count(*) FROM saga.replies_received WHERE saga_id = $1 AND disposition = 'applied'",
+        &s, "3");
     saga_e2e_check_all_commands(&w, &s);
     saga_e2e_wait_metric(&w, "saga_sagas_compensated_total", 1, 10000);
     cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_completed_total"), 0);
@@ -342,8 +344,9 @@ Test(orchestrator_flow, many_sagas_at_once)
         assert_history(&s[i], want_history[i % 4]);
         saga_e2e_check_all_commands(&w, &s[i]);
     }
-    assert_value("SELECT count(*) FROM saga.inbox WHERE disposition = 'applied'", NULL, "78");
-    assert_value("SELECT count(*) FROM saga.inbox", NULL, "78");
+    assert_value("SELECT count(*) FROM saga.replies_received WHERE disposition = 'applied'", NULL,
+                 "78");
+    assert_value("SELECT count(*) FROM saga.replies_received", NULL, "78");
     saga_e2e_wait_metric(&w, "saga_sagas_completed_total", N / 2, 10000);
     cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_compensated_total"), N / 2);
     cr_assert_eq(saga_e2e_metric(&w, "saga_sagas_started_total"), N);

@@ -232,8 +232,8 @@ Test(orchestrator_ops, abort)
     /* The aborted step's reply arrives now: recorded, ignored. */
     char late_id[37];
     saga_e2e_reply(&w, a, "success", "{\"authorizationId\": \"a-late\"}", NULL, late_id);
-    saga_e2e_wait_value(&w, "SELECT disposition FROM saga.inbox WHERE message_id = $1", late_id,
-                        "late", 30000);
+    saga_e2e_wait_value(&w, "SELECT disposition FROM saga.replies_received WHERE message_id = $1",
+                        late_id, "late", 30000);
     saga_e2e_reply(&w, m, "success", "{}", NULL, NULL);
     saga_e2e_wait_status(&w, &s, "compensated", 30000);
 
@@ -279,7 +279,8 @@ Test(orchestrator_ops, sigterm_and_restart)
     saga_e2e_start(&w, "e2e_order", "o-restart", NULL, NULL, &s);
     reserve_ok(&s, "r-14");
     const struct kmsg *m = expect_authorize(&s);
-    saga_e2e_wait_value(&w, "SELECT count(*) FROM saga.inbox WHERE saga_id = $1", s.id, "1", 30000);
+    saga_e2e_wait_value(&w, "SELECT count(*) FROM saga.replies_received WHERE saga_id = $1", s.id,
+                        "1", 30000);
 
     /* A saga waiting for a reply that will not come: its deadline passes while the
      * orchestrator is down. */
@@ -346,8 +347,9 @@ Test(orchestrator_ops, sigterm_and_restart)
     saga_e2e_wait_status(&w, &s, "completed", 30000);
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
                        "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
-    assert_value("SELECT string_agg(disposition, ' ') FROM saga.inbox WHERE saga_id = $1", &s,
-                 "applied applied applied applied");
+    assert_value(
+        "SELECT string_agg(disposition, ' ') FROM saga.replies_received WHERE saga_id = $1", &s,
+        "applied applied applied applied");
     saga_e2e_check_all_commands(&w, &s);
 
     reserve_ok(&t, "r-15");
@@ -436,7 +438,7 @@ static void check_all_completed_once(struct saga_ref *s, int n)
     char want[64];
     snprintf(want, sizeof(want), "%d %d", 4 * n, 4 * n);
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
-                 "FROM saga.inbox",
+                 "FROM saga.replies_received",
                  NULL, want);
 }
 
@@ -452,7 +454,7 @@ static void restart_midway(int handled)
 
 /* SIGTERM while replies stream in: the transaction in hand finishes, the exit is 0, and after
  * the restart every saga completes with each step applied exactly once (replies consumed but
- * not applied come again; replies applied but not committed are dropped by the inbox). */
+ * not applied come again; replies applied and committed are recognised as duplicates). */
 Test(orchestrator_ops, sigterm_with_replies_in_flight)
 {
     struct saga_ref s[SIGTERM_SAGAS];
@@ -521,7 +523,7 @@ Test(orchestrator_ops, broker_down_and_up)
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:succeeded "
                        "approve_order:action:1:succeeded schedule_shipping:action:1:succeeded");
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
-                 "FROM saga.inbox",
+                 "FROM saga.replies_received",
                  NULL, "4 4");
     saga_e2e_check_all_commands(&w, &s);
     /* Ready again: Kafka is reachable. */

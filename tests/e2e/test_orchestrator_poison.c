@@ -60,18 +60,19 @@ static const struct kmsg *expect_step(const struct saga_ref *s, const char *step
     return NULL;
 }
 
-/* A trigger on saga.inbox (written by saga.apply_batch for every reply) that runs body for
- * the replies of one saga. */
-static void inbox_trigger(const char *saga_id, const char *body)
+/* A trigger on saga.step_history's update that records an applied reply (reply_message_id,
+ * written by saga.apply_batch for every reply it applies) that runs body for the replies of
+ * one saga. */
+static void applied_reply_trigger(const char *saga_id, const char *body)
 {
     char sql[2048];
     snprintf(sql, sizeof(sql),
              "CREATE FUNCTION public.poison() RETURNS trigger LANGUAGE plpgsql AS $$\n"
              "BEGIN\n"
-             "  IF NEW.saga_id = '%s' THEN %s END IF;\n"
+             "  IF NEW.saga_id = '%s' AND NEW.reply_message_id IS NOT NULL THEN %s END IF;\n"
              "  RETURN NEW;\n"
              "END $$;\n"
-             "CREATE TRIGGER poison BEFORE INSERT ON saga.inbox FOR EACH ROW "
+             "CREATE TRIGGER poison BEFORE UPDATE ON saga.step_history FOR EACH ROW "
              "EXECUTE FUNCTION public.poison()",
              saga_id, body);
     pgtest_exec(w.conn, sql);
@@ -109,10 +110,10 @@ Test(orchestrator_poison, poison_reply_is_dead_lettered)
     pgtest_exec(w.conn, "CREATE SEQUENCE public.poison_tries; "
                         "CREATE TABLE public.poison_hold (x int); "
                         "INSERT INTO public.poison_hold VALUES (1)");
-    inbox_trigger(p.id, "PERFORM nextval('public.poison_tries'); "
-                        "IF EXISTS (SELECT 1 FROM public.poison_hold) THEN "
-                        "RAISE EXCEPTION 'not now' USING ERRCODE = '40001'; END IF; "
-                        "RAISE EXCEPTION 'poisoned reply for saga %', NEW.saga_id;");
+    applied_reply_trigger(p.id, "PERFORM nextval('public.poison_tries'); "
+                                "IF EXISTS (SELECT 1 FROM public.poison_hold) THEN "
+                                "RAISE EXCEPTION 'not now' USING ERRCODE = '40001'; END IF; "
+                                "RAISE EXCEPTION 'poisoned reply for saga %', NEW.saga_id;");
 
     /* The poison first: before the fix everything behind it waited forever. It is at the head
      * of the queue (tried once) before the good ones are produced. */
@@ -151,10 +152,13 @@ Test(orchestrator_poison, poison_reply_is_dead_lettered)
     cr_assert(strstr(line, "\"batch\":\"5\"") && strstr(line, "P0001"),
               "the first deterministic failure was not of the batch of five: %s", line);
 
-    /* The poison saga did not move and its reply is not in the inbox; the good ones did. */
+    /* The poison saga did not move and its reply is recorded nowhere; the good ones were applied.
+     */
     assert_history(&p, "reserve_inventory:action:1:sent");
-    assert_value("SELECT count(*) FROM saga.inbox WHERE message_id = $1::uuid", poison_id, "0");
-    assert_value("SELECT count(*) FROM saga.inbox WHERE disposition = 'applied'", NULL, "4");
+    assert_value("SELECT count(*) FROM saga.replies_received WHERE message_id = $1::uuid",
+                 poison_id, "0");
+    assert_value("SELECT count(*) FROM saga.replies_received WHERE disposition = 'applied'", NULL,
+                 "4");
     cr_assert_eq(saga_e2e_metric(&w, "saga_replies_total{result=\"applied\"}"), 4);
 
     /* The consumer goes on: later replies are applied. */
@@ -187,8 +191,9 @@ Test(orchestrator_poison, transient_failure_is_retried_with_backoff)
     const struct kmsg *gm = expect_step(&g, "reserve_inventory");
     /* A sequence counts the attempts: nextval is not rolled back with the transaction. */
     pgtest_exec(w.conn, "CREATE SEQUENCE public.poison_tries");
-    inbox_trigger(s.id, "IF nextval('public.poison_tries') <= 3 THEN "
-                        "RAISE EXCEPTION 'could not serialize' USING ERRCODE = '40001'; END IF;");
+    applied_reply_trigger(s.id,
+                          "IF nextval('public.poison_tries') <= 3 THEN "
+                          "RAISE EXCEPTION 'could not serialize' USING ERRCODE = '40001'; END IF;");
     char reply_id[37];
     saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-flaky\"}", NULL, reply_id);
     saga_e2e_reply(&w, gm, "success", "{\"reservationId\": \"r-steady\"}", NULL, NULL);
@@ -197,8 +202,8 @@ Test(orchestrator_poison, transient_failure_is_retried_with_backoff)
 
     assert_value("SELECT last_value FROM public.poison_tries", NULL, "4");
     assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
-    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1::uuid", reply_id,
-                 "applied");
+    assert_value("SELECT disposition FROM saga.replies_received WHERE message_id = $1::uuid",
+                 reply_id, "applied");
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
     cr_assert_eq(saga_e2e_metric(&w, "saga_transaction_retries_total{worker=\"replies\"}"), 3);
     cr_assert_lt(saga_e2e_metric(&w, "saga_replies_total{result=\"dead_lettered\"}"), 1);

@@ -657,7 +657,7 @@ Test(orchestrator_reload, a_read_only_session_reconnects, .fini = standby_cleanu
 
     /* Sessions that must write: the next connection skips the server in recovery. */
     write_service_hosts(services, "127.0.0.1", standby_port, host, port, f.db.name, "read-write");
-    if (!wait_count(f.conn, "SELECT count(*) FROM saga.inbox", 1, 30000)) {
+    if (!wait_count(f.conn, "SELECT count(*) FROM saga.replies_received", 1, 30000)) {
         proc_dump(&p, "orchestrator", 16384);
         cr_assert_fail("the reply was not applied on the primary");
     }

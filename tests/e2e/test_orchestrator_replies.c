@@ -71,9 +71,14 @@ Test(orchestrator_replies, duplicate_reply)
     saga_e2e_reply(&w, m, "failure", "{\"reason\": \"changed my mind\"}", dup_id, NULL);
     saga_e2e_wait_metric(&w, "saga_replies_total{result=\"duplicate\"}", 2, 30000);
 
-    assert_value("SELECT count(*) || ' ' || min(disposition) FROM saga.inbox WHERE message_id = $1",
+    assert_value("SELECT count(*) || ' ' || min(disposition) FROM saga.replies_received WHERE "
+                 "message_id = $1",
                  dup_id, "1 applied");
-    assert_value("SELECT count(*) FROM saga.inbox", NULL, "1");
+    assert_value("SELECT count(*) FROM saga.replies_received", NULL, "1");
+    /* Applied: recorded on the attempt it answered, not in the inbox (sql/011). */
+    assert_value("SELECT count(*) FROM saga.inbox", NULL, "0");
+    assert_value("SELECT reply_message_id::text FROM saga.step_history WHERE message_id = $1",
+                 kmsg_header(m, "message-id", NULL), dup_id);
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
     assert_value("SELECT status || ' ' || current_step || ' ' || "
                  "(waiting_message_id = $1::uuid)::text FROM saga.instances",
@@ -91,7 +96,7 @@ Test(orchestrator_replies, duplicate_reply)
     saga_e2e_wait_metric(&w, "saga_replies_total{result=\"duplicate\"}", 3, 30000);
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
                        "reserve_inventory:compensation:1:succeeded");
-    assert_value("SELECT count(*) FROM saga.inbox", NULL, "3");
+    assert_value("SELECT count(*) FROM saga.replies_received", NULL, "3");
     saga_e2e_check_all_commands(&w, &s);
 }
 
@@ -109,8 +114,8 @@ Test(orchestrator_replies, late_reply_after_timeout)
 
     char late_id[37];
     saga_e2e_reply(&w, a1, "success", "{\"authorizationId\": \"a-stale\"}", NULL, late_id);
-    saga_e2e_wait_value(&w, "SELECT disposition FROM saga.inbox WHERE message_id = $1", late_id,
-                        "late", 30000);
+    saga_e2e_wait_value(&w, "SELECT disposition FROM saga.replies_received WHERE message_id = $1",
+                        late_id, "late", 30000);
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:late "
                        "authorize_payment:action:2:sent");
     assert_value("SELECT reply->>'authorizationId' || ' ' || (replied_at IS NOT NULL) "
@@ -188,11 +193,13 @@ Test(orchestrator_replies, unknown_stale_and_malformed)
     {
         char want[128];
         snprintf(want, sizeof(want), "unknown %s", unknown_saga);
-        assert_value("SELECT disposition || ' ' || saga_id FROM saga.inbox WHERE message_id = $1",
-                     unknown_id, want);
+        assert_value(
+            "SELECT disposition || ' ' || saga_id FROM saga.replies_received WHERE message_id = $1",
+            unknown_id, want);
     }
-    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", stale_id, "stale");
-    assert_value("SELECT count(*) FROM saga.inbox", NULL, "3");
+    assert_value("SELECT disposition FROM saga.replies_received WHERE message_id = $1", stale_id,
+                 "stale");
+    assert_value("SELECT count(*) FROM saga.replies_received", NULL, "3");
     assert_value("SELECT string_agg(error, ' | ' ORDER BY \"offset\") FROM saga.dead_letters", NULL,
                  "value is not a JSON object | header in-reply-to is missing or not a uuid | "
                  "header outcome is neither success nor failure | value is not a JSON object | "
@@ -248,8 +255,9 @@ Test(orchestrator_replies, replies_postgresql_cannot_store)
                         "{\"orderId\": \"o-poison\", \"customerId\": \"c-7\", \"amount\": 42, "
                         "\"reservationId\": \"r-30\"}");
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:sent");
-    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", id[3], "applied");
-    assert_value("SELECT count(*) FROM saga.inbox", NULL, "1");
+    assert_value("SELECT disposition FROM saga.replies_received WHERE message_id = $1", id[3],
+                 "applied");
+    assert_value("SELECT count(*) FROM saga.replies_received", NULL, "1");
     assert_value("SELECT string_agg(error, ' | ' ORDER BY error) FROM saga.dead_letters", NULL,
                  "header outcome is neither success nor failure | "
                  "value contains \\u0000, which PostgreSQL (jsonb) cannot store | "
@@ -270,8 +278,8 @@ Test(orchestrator_replies, replies_postgresql_cannot_store)
 }
 
 /* Transactions that fail for a while with a transient error (a trigger refuses the outbox
- * rows, then the inbox rows, with a serialization failure): both workers roll back and run
- * the same batch again after a pause, nothing is lost or applied twice once the cause is
+ * rows, then the history update of the reply, with a serialization failure): both workers roll back
+ * and run the same batch again after a pause, nothing is lost or applied twice once the cause is
  * gone. (A deterministic failure, a constraint, dead-letters the reply instead:
  * test_orchestrator_poison.c.) */
 Test(orchestrator_replies, failing_transactions_retried)
@@ -292,7 +300,7 @@ Test(orchestrator_replies, failing_transactions_retried)
     pgtest_exec(w.conn, "DROP TRIGGER e2e_refuse ON saga.outbox");
     const struct kmsg *m = expect_step(&s, "reserve_inventory");
 
-    pgtest_exec(w.conn, "CREATE TRIGGER e2e_refuse BEFORE INSERT ON saga.inbox FOR EACH ROW "
+    pgtest_exec(w.conn, "CREATE TRIGGER e2e_refuse BEFORE UPDATE ON saga.step_history FOR EACH ROW "
                         "EXECUTE FUNCTION e2e_refuse()");
     saga_e2e_reply(&w, m, "success", "{\"reservationId\": \"r-50\"}", NULL, NULL);
     if (!proc_wait_log(&w.orch, "transient: the batch runs again", &from, 30000, NULL, 0)) {
@@ -300,7 +308,7 @@ Test(orchestrator_replies, failing_transactions_retried)
         cr_assert_fail("the reply transaction did not fail");
     }
     assert_history(&s, "reserve_inventory:action:1:sent");
-    pgtest_exec(w.conn, "DROP TRIGGER e2e_refuse ON saga.inbox");
+    pgtest_exec(w.conn, "DROP TRIGGER e2e_refuse ON saga.step_history");
     m = expect_step(&s, "authorize_payment");
     saga_e2e_reply(&w, m, "failure", "{}", NULL, NULL);
     m = saga_e2e_expect(&w, &s, "inventory.commands", "ReleaseStock", "reserve_inventory",
@@ -311,7 +319,7 @@ Test(orchestrator_replies, failing_transactions_retried)
     assert_history(&s, "reserve_inventory:action:1:succeeded authorize_payment:action:1:failed "
                        "reserve_inventory:compensation:1:succeeded");
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
-                 "FROM saga.inbox",
+                 "FROM saga.replies_received",
                  NULL, "3 3");
     assert_value("SELECT count(*) FROM saga.dead_letters", NULL, "0");
     saga_e2e_check_all_commands(&w, &s);
@@ -353,7 +361,8 @@ Test(orchestrator_replies, replies_outside_the_sagas_trace_are_applied_and_count
     cr_assert(strstr(line, "\"level\":\"warn\"") && strstr(line, s.id) && strstr(line, id1) &&
                   strstr(line, s.trace_id) && strstr(line, foreign),
               "the warning must name the saga, the reply and both trace ids: %s", line);
-    assert_value("SELECT disposition FROM saga.inbox WHERE message_id = $1", id1, "applied");
+    assert_value("SELECT disposition FROM saga.replies_received WHERE message_id = $1", id1,
+                 "applied");
 
     /* The saga's own trace (as the participant got it): not counted. */
     saga_e2e_reply(&w, a, "success", "{\"authorizationId\": \"a-60\"}", NULL, NULL);

@@ -248,6 +248,51 @@ Test(outbox, apply_batch_without_commands_does_not_notify)
     PQfinish(listener);
 }
 
+/* saga.apply_batch (sql/011): an applied reply is recorded on the attempt it resolves; a reply
+ * that another orchestrator applied after this one looked for duplicates (its commit came
+ * between) reaches the batch as late, and is not recorded a second time in the inbox. A late
+ * reply that nobody applied is. */
+Test(outbox, apply_batch_records_an_applied_reply_once)
+{
+    static const char saga[] = "11111111-2222-3333-4444-555555555555";
+    static const char cmd[] = "22222222-2222-3333-4444-555555555555";
+    static const char reply[] = "33333333-2222-3333-4444-555555555555";
+    static const char other[] = "44444444-2222-3333-4444-555555555555";
+    pgtest_exec(conn, "INSERT INTO saga.step_history (saga_id, step, phase, attempt, status, "
+                      "message_id) VALUES ('11111111-2222-3333-4444-555555555555', 's', "
+                      "'action', 1, 'sent', '22222222-2222-3333-4444-555555555555')");
+    const char *params[] = {cmd, reply, saga, other};
+    PQclear(pgtest_query(
+        conn,
+        "SELECT saga.apply_batch(jsonb_build_object('resolved', jsonb_build_array("
+        "jsonb_build_object('message_id', $1::text, 'status', 'succeeded', 'reply', '{}'::jsonb, "
+        "'reply_message_id', $2::text))))",
+        2, params));
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.step_history WHERE message_id = $1 AND "
+                              "reply_message_id = $2 AND status = 'succeeded'",
+                              2, params),
+                 1);
+    /* The same reply again, as another orchestrator's late one; then a late one nobody
+     * applied. */
+    const char *late = "SELECT saga.apply_batch(jsonb_build_object('inbox', jsonb_build_array("
+                       "jsonb_build_object('message_id', $2::text, 'in_reply_to', $1::text, "
+                       "'saga_id', $3::text, 'disposition', 'ignored', 'topic', 't', "
+                       "'partition', 0, 'offset', 1))))";
+    PQclear(pgtest_query(conn, late, 3, params));
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM saga.inbox", 0, NULL), 0);
+    const char *params2[] = {cmd, other, saga};
+    PQclear(pgtest_query(conn, late, 3, params2));
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(*) FROM saga.inbox WHERE disposition = 'late'", 0, NULL),
+        1);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.replies_received WHERE message_id IN "
+                              "($1::uuid, $2::uuid)",
+                              2, (const char *[]){reply, other}),
+                 2);
+}
+
 /* saga.set_outbox_notify (sql/003): off stops the notifications and survives create_outbox
  * running again; on brings them back; idempotent; NULL is refused. */
 Test(outbox, notify_can_be_turned_off_and_on)

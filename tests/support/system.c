@@ -632,8 +632,11 @@ void sys_check(struct sys *s, bool expect_mix)
                          " WHERE i.status = 'completed' GROUP BY i.id"
                          " HAVING count(h.saga_id) <> 4");
     failed += violations(s, "no command's reply was applied twice",
-                         "SELECT in_reply_to, count(*) FROM saga.inbox"
+                         "SELECT in_reply_to, count(*) FROM saga.replies_received"
                          " WHERE disposition = 'applied' GROUP BY 1 HAVING count(*) > 1");
+    failed += violations(s, "no reply is recorded twice (applied and also late, stale, unknown)",
+                         "SELECT message_id, count(*) FROM saga.replies_received"
+                         " GROUP BY 1 HAVING count(*) > 1");
     failed += violations(s, "no attempt of a finished saga still waits for its reply",
                          "SELECT h.saga_id, h.step, h.phase, h.attempt FROM saga.step_history h"
                          "  JOIN saga.instances i ON i.id = h.saga_id"

@@ -92,7 +92,7 @@ Test(store, every_string_comes_back_as_it_went_in)
 
     struct store_batch b;
     cr_assert_eq(store_batch_init(&b), 0);
-    cr_assert_eq(store_batch_add_effects(&b, &row, &fx), 0);
+    cr_assert_eq(store_batch_add_effects(&b, &row, &fx, "dddddddd-2222-3333-4444-555555555555"), 0);
     cr_assert_eq(store_batch_add_instance(&b, &row), 0);
     cr_assert_eq(store_batch_add_inbox(&b, "m-1", "r-1", row.state.id, nasty, 7, 9007199254740993LL,
                                        "ignored"),
@@ -133,6 +133,8 @@ Test(store, every_string_comes_back_as_it_went_in)
     cr_assert_eq(cJSON_GetObjectItemCaseSensitive(sent, "attempt")->valueint, 2);
     const cJSON *res = only(doc, "resolved");
     cr_assert_str_eq(get_str(res, "status"), "failed");
+    /* The reply applied: recorded on the attempt it resolves (sql/011), not in the inbox. */
+    cr_assert_str_eq(get_str(res, "reply_message_id"), "dddddddd-2222-3333-4444-555555555555");
     cr_assert_str_eq(get_str(cJSON_GetObjectItemCaseSensitive(res, "reply"), "reason"), nasty);
 
     cr_assert_str_eq(get_str(only(doc, "inbox"), "topic"), nasty);
