@@ -3,8 +3,10 @@
  * Two workers, each with its own nonblocking PostgreSQL session:
  * - the claim worker runs batches of due work (new sagas, deadlines, operator requests),
  *   claimed with FOR UPDATE SKIP LOCKED so that several orchestrators share it;
- * - the reply worker applies batches of replies consumed from Kafka, deduplicated through
- *   saga.inbox; the consumer offsets are committed only after that transaction commits.
+ * - the reply worker applies batches of replies consumed from Kafka, deduplicated by
+ *   (message-id, in-reply-to): an applied reply is on the step_history row of the attempt it
+ *   answers, the others in saga.inbox; the consumer offsets are committed only after that
+ *   transaction commits.
  * Both persist exactly what the pure engine returns (saga.apply_batch), in one transaction
  * per batch. A batch that fails is run again after a pause (transient SQLSTATE) or bisected
  * down to the one reply (dead-lettered) or saga (left alone for a while) that fails on its
@@ -105,7 +107,7 @@ __attribute__((warn_unused_result)) int store_batch_add_effects(struct store_bat
 /* Adds the final state of a touched saga. */
 __attribute__((warn_unused_result)) int store_batch_add_instance(struct store_batch *b,
                                                                  const struct saga_row *row);
-/* A reply's inbox record; disposition: applied, ignored or unknown. */
+/* A reply's inbox record (one not applied: sql/011); disposition: ignored or unknown. */
 __attribute__((warn_unused_result)) int
 store_batch_add_inbox(struct store_batch *b, const char *message_id, const char *in_reply_to,
                       const char *saga_id, const char *topic, int partition, int64_t offset,

@@ -259,8 +259,8 @@ void replies_commit(struct orchestrator *o, size_t n)
         rd_kafka_resp_err_t err = rd_kafka_commit(o->consumer, list, 1);
         if (err)
             log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_err2name(err)),
-                   "offset commit failed; the replies may be delivered again (the inbox "
-                   "drops them)");
+                   "offset commit failed; the replies may be delivered again (dropped "
+                   "as seen before)");
     }
     rd_kafka_topic_partition_list_destroy(list);
     for (size_t i = 0; i < n; i++)

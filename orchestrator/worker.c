@@ -991,12 +991,14 @@ static void lock_cb(struct pgloop *pg, PGresult *res, void *arg)
     irts[ilen++] = '}';
     irts[ilen] = '\0';
     const char *params[2] = {mids, irts};
-    int rc =
-        pgloop_query(w->pg,
-                     "SELECT message_id::text FROM saga.inbox WHERE message_id = ANY($1::uuid[]) "
-                     "UNION ALL SELECT reply_message_id::text FROM saga.step_history "
-                     "WHERE message_id = ANY($2::uuid[]) AND reply_message_id = ANY($1::uuid[])",
-                     2, params, dedupe_cb, w);
+    /* Index probes per reply (a UNION of two ANY scans was planned in parallel over large
+     * tables: ~20 ms a batch against ~3). */
+    int rc = pgloop_query(w->pg,
+                          "SELECT r.mid::text FROM unnest($1::uuid[], $2::uuid[]) AS r(mid, irt) "
+                          "WHERE EXISTS (SELECT 1 FROM saga.inbox b WHERE b.message_id = r.mid) "
+                          "OR EXISTS (SELECT 1 FROM saga.step_history h WHERE h.message_id = "
+                          "r.irt AND h.reply_message_id = r.mid)",
+                          2, params, dedupe_cb, w);
     free(mids);
     free(irts);
     if (rc)

@@ -9,6 +9,8 @@
 -- unknown), and the applied ones recorded before this migration.
 
 ALTER TABLE saga.step_history ADD COLUMN reply_message_id uuid;
+COMMENT ON TABLE saga.inbox IS
+    'Replies received and not applied (late, stale, unknown; applied ones before 011): an applied reply is on its attempt, step_history.reply_message_id';
 COMMENT ON COLUMN saga.step_history.reply_message_id IS
     'message-id of the reply applied to this attempt (NULL: none yet, or timed out); how a redelivered reply is known';
 
@@ -95,8 +97,9 @@ BEGIN
           FROM jsonb_to_recordset(COALESCE(batch->'inbox', '[]')) AS b(
                    message_id uuid, in_reply_to uuid, saga_id uuid, disposition text,
                    topic text, partition int, "offset" bigint)
-         -- Applied meanwhile by another orchestrator (its commit came after this one's
-         -- deduplication): a duplicate, recorded there already.
+         -- Applied already (an orchestrator binary older than 011 looks for duplicates in
+         -- the inbox only, and takes a redelivered applied reply for a late one): recorded
+         -- on its attempt, not again here.
          WHERE NOT EXISTS (SELECT 1 FROM saga.step_history h
                             WHERE h.message_id = b.in_reply_to
                               AND h.reply_message_id = b.message_id)

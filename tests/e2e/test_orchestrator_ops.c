@@ -440,6 +440,8 @@ static void check_all_completed_once(struct saga_ref *s, int n)
     assert_value("SELECT count(*) || ' ' || count(*) FILTER (WHERE disposition = 'applied') "
                  "FROM saga.replies_received",
                  NULL, want);
+    /* A redelivered reply is a duplicate, never taken for a late one. */
+    cr_assert_lt(saga_e2e_metric(&w, "saga_replies_total{result=\"late\"}"), 1);
 }
 
 enum { SIGTERM_SAGAS = 12 };

@@ -631,9 +631,12 @@ void sys_check(struct sys *s, bool expect_mix)
                          "   AND h.phase = 'action' AND h.status = 'succeeded'"
                          " WHERE i.status = 'completed' GROUP BY i.id"
                          " HAVING count(h.saga_id) <> 4");
-    failed += violations(s, "no command's reply was applied twice",
-                         "SELECT in_reply_to, count(*) FROM saga.replies_received"
-                         " WHERE disposition = 'applied' GROUP BY 1 HAVING count(*) > 1");
+    failed += violations(s, "no reply was applied to two attempts",
+                         "SELECT reply_message_id, count(*) FROM saga.step_history"
+                         " WHERE reply_message_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1");
+    failed += violations(s, "every attempt a reply resolved records that reply",
+                         "SELECT saga_id, step, phase, attempt FROM saga.step_history"
+                         " WHERE status IN ('succeeded', 'failed') AND reply_message_id IS NULL");
     failed += violations(s, "no reply is recorded twice (applied and also late, stale, unknown)",
                          "SELECT message_id, count(*) FROM saga.replies_received"
                          " GROUP BY 1 HAVING count(*) > 1");

@@ -153,3 +153,46 @@ Test(store, every_string_comes_back_as_it_went_in)
     cJSON_Delete(row.state.replies);
     free(text);
 }
+
+/* A timeout resolves its attempt without a reply, and an event that is no reply has no id:
+ * neither resolved entry names a reply (sql/011 would record it as applied). */
+Test(store, only_a_reply_names_itself_on_the_attempt)
+{
+    struct saga_step_def steps[1];
+    memset(steps, 0, sizeof(steps));
+    steps[0].name = "reserve_inventory";
+    struct saga_definition def;
+    memset(&def, 0, sizeof(def));
+    def.steps = steps;
+    def.step_count = 1;
+    struct saga_row row;
+    memset(&row, 0, sizeof(row));
+    row.def = &def;
+    strcpy(row.state.id, "11111111-2222-3333-4444-555555555555");
+    struct saga_history_entry hist[1];
+    memset(hist, 0, sizeof(hist));
+    hist[0].status = SAGA_HIST_TIMED_OUT;
+    strcpy(hist[0].message_id, "cccccccc-2222-3333-4444-555555555555");
+    struct saga_effects fx;
+    memset(&fx, 0, sizeof(fx));
+    fx.history = hist;
+    fx.history_count = 1;
+
+    for (int with_id = 0; with_id < 2; with_id++) {
+        struct store_batch b;
+        cr_assert_eq(store_batch_init(&b), 0);
+        /* A timed-out entry, even were an id passed; then a failure with no id. */
+        hist[0].status = with_id ? SAGA_HIST_TIMED_OUT : SAGA_HIST_FAILED;
+        cr_assert_eq(store_batch_add_effects(
+                         &b, &row, &fx, with_id ? "dddddddd-2222-3333-4444-555555555555" : NULL),
+                     0);
+        char *text = store_batch_finish(&b);
+        cr_assert(text);
+        cJSON *doc = cJSON_Parse(text);
+        cr_assert(doc, "not JSON: %s", text);
+        cr_assert_null(cJSON_GetObjectItemCaseSensitive(only(doc, "resolved"), "reply_message_id"),
+                       "%s", text);
+        cJSON_Delete(doc);
+        free(text);
+    }
+}
