@@ -37,20 +37,26 @@ Test(store, an_empty_batch_is_seven_empty_arrays)
     free(text);
 }
 
+/* A saga of one step, reserve_inventory (step, def and row filled; the caller owns them). */
+static void one_step_saga(struct saga_step_def *step, struct saga_definition *def,
+                          struct saga_row *row)
+{
+    memset(step, 0, sizeof(*step));
+    step->name = "reserve_inventory";
+    memset(def, 0, sizeof(*def));
+    def->steps = step;
+    def->step_count = 1;
+    memset(row, 0, sizeof(*row));
+    row->def = def;
+    strcpy(row->state.id, "11111111-2222-3333-4444-555555555555");
+}
+
 Test(store, every_string_comes_back_as_it_went_in)
 {
     struct saga_step_def steps[1];
-    memset(steps, 0, sizeof(steps));
-    steps[0].name = "reserve_inventory";
     struct saga_definition def;
-    memset(&def, 0, sizeof(def));
-    def.steps = steps;
-    def.step_count = 1;
-
     struct saga_row row;
-    memset(&row, 0, sizeof(row));
-    row.def = &def;
-    strcpy(row.state.id, "11111111-2222-3333-4444-555555555555");
+    one_step_saga(steps, &def, &row);
     row.state.status = SAGA_RUNNING;
     row.state.wait = SAGA_WAIT_REPLY;
     strcpy(row.state.waiting_message_id, "aaaaaaaa-2222-3333-4444-555555555555");
@@ -159,16 +165,9 @@ Test(store, every_string_comes_back_as_it_went_in)
 Test(store, only_a_reply_names_itself_on_the_attempt)
 {
     struct saga_step_def steps[1];
-    memset(steps, 0, sizeof(steps));
-    steps[0].name = "reserve_inventory";
     struct saga_definition def;
-    memset(&def, 0, sizeof(def));
-    def.steps = steps;
-    def.step_count = 1;
     struct saga_row row;
-    memset(&row, 0, sizeof(row));
-    row.def = &def;
-    strcpy(row.state.id, "11111111-2222-3333-4444-555555555555");
+    one_step_saga(steps, &def, &row);
     struct saga_history_entry hist[1];
     memset(hist, 0, sizeof(hist));
     hist[0].status = SAGA_HIST_TIMED_OUT;
