@@ -571,3 +571,39 @@ Test(migrate, a_lock_failure_after_a_commit_in_the_file_is_not_retried)
     pgtest_exec(holder, "ROLLBACK");
     PQfinish(holder);
 }
+
+/* A migration whose COMMIT fails with a serialization failure (here a deferred constraint
+ * trigger that raises 40001 the first time, as SERIALIZABLE would at commit) left nothing
+ * applied: it is tried again, and applied once. */
+Test(migrate, a_serialization_failure_at_commit_is_retried)
+{
+    pgtest_exec(conn, "CREATE TABLE public.committed (x int); "
+                      "CREATE SEQUENCE public.commit_tries; "
+                      "CREATE FUNCTION public.refuse_first_commit() RETURNS trigger "
+                      "LANGUAGE plpgsql AS $$ BEGIN "
+                      "IF nextval('public.commit_tries') = 1 THEN "
+                      "RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; "
+                      "END IF; RETURN NULL; END $$; "
+                      "CREATE CONSTRAINT TRIGGER refuse_first_commit AFTER INSERT ON "
+                      "public.committed DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                      "EXECUTE FUNCTION public.refuse_first_commit()");
+    struct migration list[66];
+    size_t count =
+        migrated_plus(list, (struct migration){905, "refused_at_commit",
+                                               "INSERT INTO public.committed VALUES (1);"});
+    struct locked_run run = {.url = db.url, .list = list, .count = count};
+    run.options = (struct migrate_options){
+        .lock_timeout_ms = 1000, .max_attempts = 3, .backoff_ms = 10, .backoff_max_ms = 10};
+    locked_run_main(&run);
+    cr_assert_eq(run.applied, 1, "%s", run.err);
+    cr_assert_eq(atomic_load(&run.retries), 1);
+    cr_assert(
+        strstr(run.first_retry, "migration 905_refused_at_commit: could not serialize access"),
+        "got: %s", run.first_retry);
+    cr_assert_eq(pgtest_count(conn, "SELECT count(*) FROM public.committed", 0, NULL), 1);
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.schema_migrations WHERE version = 905", 0,
+                              NULL),
+                 1);
+    cr_assert(lock_is_free());
+}
