@@ -839,12 +839,26 @@ Test(client, the_functions_ignore_the_callers_search_path)
     pgtest_exec(conn, "CREATE SCHEMA trap");
     pgtest_exec(conn, "CREATE FUNCTION trap.gen_random_uuid() RETURNS uuid LANGUAGE sql AS "
                       "$$SELECT '00000000-0000-0000-0000-00000000dead'::uuid$$");
+    /* retry and abort wake the orchestrator with pg_notify: a caller's own must not run. */
+    pgtest_exec(conn, "CREATE FUNCTION trap.pg_notify(text, text) RETURNS void LANGUAGE plpgsql "
+                      "AS $$BEGIN RAISE EXCEPTION 'hijacked'; END$$");
     pgtest_exec(conn, "GRANT USAGE ON SCHEMA trap TO PUBLIC");
     pgtest_exec(conn, "SET ROLE saga_client");
     pgtest_exec(conn, "SET search_path = trap, pg_catalog");
     char *id = start_saga(conn, "order_fulfillment", good_input, NULL);
+    const char *params[] = {id};
+    PQclear(pgtest_query(conn, "SELECT saga.abort($1::uuid, 'x')", 1, params));
     pgtest_exec(conn, "RESET search_path");
     pgtest_exec(conn, "RESET ROLE");
     cr_assert_str_neq(id, "00000000-0000-0000-0000-00000000dead");
+    PQclear(pgtest_query(
+        conn, "UPDATE saga.instances SET status = 'failed', pending_request = NULL WHERE id = $1",
+        1, params));
+    pgtest_exec(conn, "SET ROLE saga_client");
+    pgtest_exec(conn, "SET search_path = trap, pg_catalog");
+    PQclear(pgtest_query(conn, "SELECT saga.retry($1::uuid)", 1, params));
+    pgtest_exec(conn, "RESET search_path");
+    pgtest_exec(conn, "RESET ROLE");
+    cr_assert_eq(history_count(id), 2);
     free(id);
 }
