@@ -62,31 +62,46 @@ BEGIN
 END;
 $$;
 
--- The reply to cmd as an outbox row (handle_commands inserts a batch's replies together):
--- topic = reply-to, key = saga id, a new message-id (the row id), in-reply-to = the command's
--- message-id. PL/pgSQL rather than SQL: its statement is planned once per session, where a
--- SQL function's would be parsed and planned again at every call.
-CREATE OR REPLACE FUNCTION __SERVICE__.reply_row(cmd jsonb, outcome text, reply jsonb)
-RETURNS __SERVICE__.outbox
+-- A batch's replies as outbox rows, in one INSERT in command order (seq is the publish
+-- order): one statement and one NOTIFY per batch rather than per command. Reply i answers the
+-- command whose headers are heads[i]: topic = reply-to, key = saga id, a new message-id (the
+-- row id), in-reply-to = the command's message-id.
+CREATE OR REPLACE FUNCTION __SERVICE__.send_replies(heads jsonb[], outcomes text[], replies jsonb[])
+RETURNS void
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    r __SERVICE__.outbox;
 BEGIN
-    r.id := gen_random_uuid();
-    r.topic := cmd -> 'headers' ->> 'reply-to';
-    r.key := cmd -> 'headers' ->> 'saga-id';
-    r.event_type := (cmd -> 'headers' ->> 'event-type') || '.Reply';
-    r.payload := reply;
-    r.headers := jsonb_strip_nulls(jsonb_build_object(
-        'in-reply-to',    cmd -> 'headers' ->> 'message-id',
-        'saga-id',        cmd -> 'headers' ->> 'saga-id',
-        'outcome',        outcome,
-        'correlation-id', cmd -> 'headers' ->> 'correlation-id',
-        'traceparent',    cmd -> 'headers' ->> 'traceparent'));
-    RETURN r;
+    INSERT INTO __SERVICE__.outbox (id, topic, key, event_type, payload, headers)
+    SELECT gen_random_uuid(), r.h ->> 'reply-to', r.h ->> 'saga-id',
+           (r.h ->> 'event-type') || '.Reply', r.reply,
+           jsonb_strip_nulls(jsonb_build_object(
+               'in-reply-to',    r.h ->> 'message-id',
+               'saga-id',        r.h ->> 'saga-id',
+               'outcome',        r.outcome,
+               'correlation-id', r.h ->> 'correlation-id',
+               'traceparent',    r.h ->> 'traceparent'))
+      FROM unnest(heads, outcomes, replies) WITH ORDINALITY AS r(h, outcome, reply, n)
+     ORDER BY r.n;
 END;
 $$;
+
+-- New commands' inbox rows, in one INSERT (see handle_batch: when they are written).
+CREATE OR REPLACE FUNCTION __SERVICE__.record_commands(keys text[], heads jsonb[], phases text[],
+                                                       outcomes text[], replies jsonb[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO __SERVICE__.inbox (idempotency_key, message_id, saga_id, step, phase,
+                                   event_type, outcome, reply)
+    SELECT r.k, r.h ->> 'message-id', r.h ->> 'saga-id', r.h ->> 'saga-step', r.phase,
+           r.h ->> 'event-type', r.outcome, r.reply
+      FROM unnest(keys, heads, phases, outcomes, replies) AS r(k, h, phase, outcome, reply);
+END;
+$$;
+
+-- Before 2026-11-26 each reply was built by a call of this function: gone with the calls.
+DROP FUNCTION IF EXISTS __SERVICE__.reply_row(jsonb, text, jsonb);
 
 -- A new command (not a replay): the change it asks for, or, for a compensation, the undoing
 -- of its action (__SERVICE__.execute), or nothing and a tombstone when the action never happened.
@@ -166,6 +181,21 @@ COMMENT ON FUNCTION __SERVICE__.handle_commands(jsonb) IS
 -- handle_commands' loop. isolate: each new command in its own subtransaction, so that one
 -- that raises is recorded as a failure without its partial changes; without, the first one
 -- that raises aborts the call.
+--
+-- Per command it runs only what that command needs; what every command needs is done once
+-- for the batch (a statement costs PostgreSQL its executor set-up and its table's CHECKs
+-- whatever its rows; with a lookup, an inbox insert and a reply_row call per command, payment
+-- took 125 µs a command in batches of 200, now 88, medians of 9 runs on 2026-11-26):
+--   - the inbox lookup: one query finds the batch's keys that need one (already in the
+--     inbox, or twice in the batch); the other commands are new, unless the batch writes an
+--     inbox row itself (a compensation's tombstone), so from the first compensation on every
+--     command is looked up;
+--   - the inbox rows of new commands are written together (record_commands) at the end, and
+--     before any lookup of the inbox: before a looked-up command and before a compensation
+--     (it reads its action's row), so that every lookup sees the commands before it;
+--   - the replies, together at the end (send_replies).
+-- A concurrent replica handling the same key makes one of the two inserts fail (unique
+-- violation): that batch is rolled back and retried whole, and then finds the key.
 CREATE OR REPLACE FUNCTION __SERVICE__.handle_batch(cmds jsonb, isolate boolean)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -181,7 +211,18 @@ DECLARE
     res        record;
     outcome    text;
     reply      jsonb;
-    outgoing   __SERVICE__.outbox[] := '{}'; -- the batch's replies, in command order
+    lookup     text[];          -- keys that need an inbox lookup (see above)
+    careful    boolean := false; -- every command looked up (after a compensation)
+    -- New commands' inbox rows not written yet.
+    n_keys     text[] := '{}';
+    n_heads    jsonb[] := '{}';
+    n_phases   text[] := '{}';
+    n_outcomes text[] := '{}';
+    n_replies  jsonb[] := '{}';
+    -- The batch's replies, in command order.
+    o_heads    jsonb[] := '{}';
+    o_outcomes text[] := '{}';
+    o_replies  jsonb[] := '{}';
     handled    int := 0;
     replayed   int := 0;
     failed     int := 0;
@@ -195,6 +236,13 @@ BEGIN
     -- The knobs, read once per batch (a change applies from the next batch); the counters are
     -- decremented with a condition below, so that they never go below 0.
     SELECT * INTO knobs FROM __SERVICE__.behavior WHERE id;
+    SELECT coalesce(array_agg(k), '{}') INTO lookup
+      FROM (SELECT c.k FROM (SELECT value -> 'headers' ->> 'idempotency-key' AS k
+                               FROM jsonb_array_elements(cmds)) AS c
+             WHERE c.k IS NOT NULL
+             GROUP BY c.k
+            HAVING count(*) > 1 OR EXISTS (SELECT 1 FROM __SERVICE__.inbox i
+                                            WHERE i.idempotency_key = c.k)) AS s;
     FOR cmd IN SELECT value FROM jsonb_array_elements(cmds) LOOP
         h := cmd -> 'headers';
         -- Without these there is nobody to answer or nothing to dedupe by: skip (the consumer
@@ -231,23 +279,37 @@ BEGIN
                 UPDATE __SERVICE__.behavior SET fail_next = fail_next - 1
                  WHERE id AND fail_next > 0;
                 IF FOUND THEN
-                    outgoing := outgoing || __SERVICE__.reply_row(cmd, 'failure',
-                                                                '{"reason": "injected failure"}');
+                    o_heads := o_heads || h;
+                    o_outcomes := o_outcomes || 'failure'::text;
+                    o_replies := o_replies || '{"reason": "injected failure"}'::jsonb;
                     failed := failed + 1;
                     CONTINUE;
                 END IF;
             END IF;
         END IF;
 
+        -- The inbox rows not written yet go in before anything reads the inbox.
+        IF (careful OR phase = 'compensation' OR ikey = ANY (lookup))
+           AND cardinality(n_keys) > 0 THEN
+            PERFORM __SERVICE__.record_commands(n_keys, n_heads, n_phases, n_outcomes, n_replies);
+            n_keys := '{}'; n_heads := '{}'; n_phases := '{}'; n_outcomes := '{}'; n_replies := '{}';
+        END IF;
         -- Seen before (a redelivery, or the orchestrator's retry): answer again, change nothing.
         -- The reply goes to the latest attempt: in-reply-to is this command's message-id.
-        SELECT * INTO seen FROM __SERVICE__.inbox WHERE idempotency_key = ikey FOR UPDATE;
-        IF FOUND THEN
-            UPDATE __SERVICE__.inbox SET replies = replies + 1, last_reply_at = now()
-             WHERE idempotency_key = ikey;
-            outgoing := outgoing || __SERVICE__.reply_row(cmd, seen.outcome, seen.reply);
-            replayed := replayed + 1;
-            CONTINUE;
+        IF careful OR ikey = ANY (lookup) THEN
+            SELECT * INTO seen FROM __SERVICE__.inbox WHERE idempotency_key = ikey FOR UPDATE;
+            IF FOUND THEN
+                UPDATE __SERVICE__.inbox SET replies = replies + 1, last_reply_at = now()
+                 WHERE idempotency_key = ikey;
+                o_heads := o_heads || h;
+                o_outcomes := o_outcomes || seen.outcome;
+                o_replies := o_replies || seen.reply;
+                replayed := replayed + 1;
+                CONTINUE;
+            END IF;
+        END IF;
+        IF phase = 'compensation' THEN
+            careful := true; -- it may write its action's tombstone: look up every key from now on
         END IF;
 
         IF isolate THEN
@@ -268,24 +330,26 @@ BEGIN
             reply := res.reply;
         END IF;
 
-        INSERT INTO __SERVICE__.inbox (idempotency_key, message_id, saga_id, step, phase,
-                                       event_type, outcome, reply)
-        VALUES (ikey, h ->> 'message-id', h ->> 'saga-id', h ->> 'saga-step', phase, etype,
-                outcome, reply);
-        outgoing := outgoing || __SERVICE__.reply_row(cmd, outcome, reply);
+        n_keys := n_keys || ikey;
+        n_heads := n_heads || h;
+        n_phases := n_phases || phase;
+        n_outcomes := n_outcomes || outcome;
+        n_replies := n_replies || reply;
+        o_heads := o_heads || h;
+        o_outcomes := o_outcomes || outcome;
+        o_replies := o_replies || reply;
         handled := handled + 1;
         IF outcome = 'failure' THEN
             failed := failed + 1;
         END IF;
     END LOOP;
-    -- Every reply in one INSERT, in command order (seq is the publish order): one statement
-    -- and one NOTIFY per batch rather than per command; none when there is nothing to send (the
-    -- NOTIFY trigger fires per statement, even for no rows).
-    IF cardinality(outgoing) > 0 THEN
-        INSERT INTO __SERVICE__.outbox (id, topic, key, event_type, payload, headers)
-        SELECT r.id, r.topic, r.key, r.event_type, r.payload, r.headers
-          FROM unnest(outgoing) WITH ORDINALITY AS r
-         ORDER BY r.ordinality;
+    IF cardinality(n_keys) > 0 THEN
+        PERFORM __SERVICE__.record_commands(n_keys, n_heads, n_phases, n_outcomes, n_replies);
+    END IF;
+    -- None when there is nothing to send (the NOTIFY trigger fires per statement, even for no
+    -- rows).
+    IF cardinality(o_heads) > 0 THEN
+        PERFORM __SERVICE__.send_replies(o_heads, o_outcomes, o_replies);
     END IF;
     RETURN jsonb_build_object('handled', handled, 'replayed', replayed, 'failed', failed,
                               'dropped', dropped, 'skipped', skipped);

@@ -363,6 +363,48 @@ Test(participants, inventory_release_gives_stock_back_exactly_once)
     cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 1);
 }
 
+/* A new command and its redelivery in one batch: the second is answered from the first's
+ * inbox row (written with the batch's others, before the second is looked up). */
+Test(participants, inventory_a_new_command_twice_in_one_batch_is_handled_once)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    char *counts = handle(
+        "inventory", cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
+        cmd_("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1", reserve_ab),
+        cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab), NULL);
+    cr_assert(strstr(counts, "\"handled\": 2") && strstr(counts, "\"replayed\": 1"), "%s", counts);
+    free(counts);
+    cr_assert_eq(available("a"), 1);
+    cr_assert_eq(available("b"), 0);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 2);
+    cr_assert_eq(replies_to("inventory", "s1-m1"), 2);
+    cr_assert_eq(count("SELECT count(DISTINCT payload) FROM inventory.outbox "
+                       "WHERE headers->>'in-reply-to' = 's1-m1'"),
+                 1);
+}
+
+/* An action and its compensation in one batch (the participant lagged behind the saga's
+ * timeout): the compensation finds the action's inbox row, which handle_batch writes with the
+ * batch's others, and undoes it; then a new reservation in the same batch still succeeds. */
+Test(participants, inventory_reserve_and_release_in_one_batch_give_the_stock_back)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 2)");
+    char *counts = handle(
+        "inventory", cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1", reserve_ab),
+        cmd_("s1", "reserve_inventory", "compensation", "ReleaseStock", "s1-c1",
+             "{\"orderId\": \"o-1\", \"reservationId\": null}"),
+        cmd_("s2", "reserve_inventory", "action", "ReserveStock", "s2-m1", reserve_ab), NULL);
+    cr_assert(strstr(counts, "\"handled\": 3"), "%s", counts);
+    free(counts);
+    assert_reply("inventory", "s1-c1", "payload->>'released'", "true");
+    cr_assert_eq(available("a"), 3);
+    cr_assert_eq(available("b"), 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations WHERE status = 'released'"), 1);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE NOT tombstone"), 3);
+}
+
 Test(participants, inventory_release_before_reserve_is_a_noop_and_refuses_the_late_reserve)
 {
     install("inventory");
