@@ -1153,21 +1153,33 @@ Test(engine, names_round_trip)
     cr_assert_str_eq(saga_history_status_name(SAGA_HIST_TIMED_OUT), "timed_out");
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* Across several refills of the random pool (256 ids each): every id a lowercase v4 uuid,
+ * no two alike. */
 Test(engine, uuid_random_is_a_lowercase_v4_uuid)
 {
-    char a[SAGA_UUID_LEN + 1], b[SAGA_UUID_LEN + 1];
-    saga_uuid_random(a, NULL);
-    saga_uuid_random(b, NULL);
-    cr_assert_eq(strlen(a), SAGA_UUID_LEN);
-    cr_assert_str_neq(a, b);
-    for (int i = 0; i < SAGA_UUID_LEN; i++) {
-        if (i == 8 || i == 13 || i == 18 || i == 23)
-            cr_assert_eq(a[i], '-');
-        else
-            cr_assert(isxdigit((unsigned char)a[i]) && !isupper((unsigned char)a[i]), "%s", a);
+    enum { N = 1000 };
+    static char ids[N][SAGA_UUID_LEN + 1];
+    for (int n = 0; n < N; n++) {
+        char *a = ids[n];
+        saga_uuid_random(a, NULL);
+        cr_assert_eq(strlen(a), SAGA_UUID_LEN);
+        for (int i = 0; i < SAGA_UUID_LEN; i++) {
+            if (i == 8 || i == 13 || i == 18 || i == 23)
+                cr_assert_eq(a[i], '-');
+            else
+                cr_assert(isxdigit((unsigned char)a[i]) && !isupper((unsigned char)a[i]), "%s", a);
+        }
+        cr_assert_eq(a[14], '4', "%s", a);
+        cr_assert(strchr("89ab", a[19]) != NULL, "%s", a);
     }
-    cr_assert_eq(a[14], '4');
-    cr_assert(strchr("89ab", a[19]) != NULL, "%s", a);
+    qsort(ids, N, sizeof(ids[0]), cmp_id);
+    for (int n = 1; n < N; n++)
+        cr_assert_str_neq(ids[n - 1], ids[n]);
 }
 
 /* ---- randomized: many sagas, random definitions, random events, invariants after each ---- */
