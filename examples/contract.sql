@@ -154,7 +154,8 @@ $$;
 -- Handles a batch of commands in the caller's transaction (the participant calls it once per
 -- batch, autocommit: everything below commits or rolls back together). cmds is a JSON array
 -- of {"message_id": ..., "headers": {...}, "payload": {...}}. Per command: the knobs, the
--- inbox (replay), the business change (__SERVICE__.handle_new_command), the inbox row, the reply.
+-- inbox (replay), the business change (__SERVICE__.handle_new_command); the inbox rows and the
+-- replies are written per batch (see handle_batch).
 -- Returns counts: {"handled", "replayed", "failed", "dropped", "skipped"}.
 --
 -- A command that can never succeed is answered with a recorded failure, and its partial changes
@@ -194,8 +195,11 @@ COMMENT ON FUNCTION __SERVICE__.handle_commands(jsonb) IS
 --     before any lookup of the inbox: before a looked-up command and before a compensation
 --     (it reads its action's row), so that every lookup sees the commands before it;
 --   - the replies, together at the end (send_replies).
--- A concurrent replica handling the same key makes one of the two inserts fail (unique
--- violation): that batch is rolled back and retried whole, and then finds the key.
+-- A concurrent replica that commits one of the batch's keys after the batch's lookup makes
+-- this batch's insert fail (unique violation, or a deadlock): the batch is rolled back and
+-- retried whole, and then finds the key. Nothing is applied twice. (With a lookup per command,
+-- a key committed by the other replica before this batch reached it was replayed instead; the
+-- window is now the whole batch, so overlapping replicas, during a rebalance, abort more.)
 CREATE OR REPLACE FUNCTION __SERVICE__.handle_batch(cmds jsonb, isolate boolean)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -236,13 +240,16 @@ BEGIN
     -- The knobs, read once per batch (a change applies from the next batch); the counters are
     -- decremented with a condition below, so that they never go below 0.
     SELECT * INTO knobs FROM __SERVICE__.behavior WHERE id;
+    -- OFFSET 0 keeps the EXISTS a probe of the inbox's key per key: without it, PostgreSQL may
+    -- plan it as a hash of the whole inbox, read at every batch (chosen up to ~40,000 rows, as
+    -- the batch is estimated at 100 keys, and kept while the session's cached plan lasts).
     SELECT coalesce(array_agg(k), '{}') INTO lookup
       FROM (SELECT c.k FROM (SELECT value -> 'headers' ->> 'idempotency-key' AS k
                                FROM jsonb_array_elements(cmds)) AS c
              WHERE c.k IS NOT NULL
              GROUP BY c.k
             HAVING count(*) > 1 OR EXISTS (SELECT 1 FROM __SERVICE__.inbox i
-                                            WHERE i.idempotency_key = c.k)) AS s;
+                                            WHERE i.idempotency_key = c.k OFFSET 0)) AS s;
     FOR cmd IN SELECT value FROM jsonb_array_elements(cmds) LOOP
         h := cmd -> 'headers';
         -- Without these there is nobody to answer or nothing to dedupe by: skip (the consumer
