@@ -405,6 +405,80 @@ Test(participants, inventory_reserve_and_release_in_one_batch_give_the_stock_bac
     cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE NOT tombstone"), 3);
 }
 
+/* Waits (bounded: 20 s) until the backend pid (text) blocks on a lock. */
+static void wait_until_blocked(const char *pid)
+{
+    const char *params[] = {pid};
+    time_t until = time(NULL) + 20;
+    while (pgtest_count(conn,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE pid = $1::int AND wait_event_type = 'Lock'",
+                        1, params) != 1)
+        cr_assert(time(NULL) < until, "backend %s never waited for a lock", pid);
+}
+
+/* Two replicas given the same command (a rebalance): replica A's batch [X, K] has looked its
+ * keys up and waits for a stock row that B holds; B handles K and commits. A's batch then fails
+ * at its inbox insert (unique violation) and leaves nothing behind; run again, it answers K as
+ * a replay. K's reservation happens once. (A per-command lookup replayed K in A's first run;
+ * an insert that skipped existing keys would have reserved K twice.) */
+Test(participants, a_key_another_replica_commits_mid_batch_fails_the_batch_and_applies_once)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 100), ('b', 100)");
+    PGconn *ra = pgtest_connect(db.url), *rb = pgtest_connect(db.url);
+    char *pid = pgtest_value(ra, "SELECT pg_backend_pid()::text", 0, NULL);
+    const char *on_b = "{\"orderId\": \"o-x\", \"items\": [{\"sku\": \"b\", \"qty\": 1}]}";
+    const char *on_a = "{\"orderId\": \"o-k\", \"items\": [{\"sku\": \"a\", \"qty\": 1}]}";
+    char *x = command("sx", "reserve_inventory", "action", "ReserveStock", "sx-m", on_b);
+    char *k1 = command("sk", "reserve_inventory", "action", "ReserveStock", "sk-m1", on_a);
+    char *k2 = command("sk", "reserve_inventory", "action", "ReserveStock", "sk-m2", on_a);
+    char *batch_a = NULL, *batch_b = NULL;
+    cr_assert(asprintf(&batch_a, "[%s, %s]", x, k1) > 0 && asprintf(&batch_b, "[%s]", k2) > 0);
+    const char *sql = "SELECT inventory.handle_commands($1::jsonb)::text";
+
+    pgtest_exec(rb, "BEGIN");
+    pgtest_exec(rb, "SELECT 1 FROM inventory.stock WHERE sku = 'b' FOR UPDATE");
+    const char *pa[] = {batch_a};
+    cr_assert_eq(PQsendQueryParams(ra, sql, 1, NULL, pa, NULL, NULL, 0), 1, "%s",
+                 PQerrorMessage(ra));
+    wait_until_blocked(pid);
+    const char *pb[] = {batch_b};
+    char *counts_b = pgtest_value(rb, sql, 1, pb);
+    cr_assert(strstr(counts_b, "\"handled\": 1"), "%s", counts_b);
+    pgtest_exec(rb, "COMMIT");
+
+    PGresult *res = PQgetResult(ra);
+    cr_assert_eq(PQresultStatus(res), PGRES_FATAL_ERROR, "A's batch: %s",
+                 PQresStatus(PQresultStatus(res)));
+    cr_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "23505", "%s",
+                     PQresultErrorMessage(res));
+    PQclear(res);
+    cr_assert_null(PQgetResult(ra));
+    cr_assert_eq(available("a"), 99, "K reserved once, by B");
+    cr_assert_eq(available("b"), 100, "X undone with A's batch");
+
+    char *counts_a = pgtest_value(ra, sql, 1, pa); /* the participant's retry */
+    cr_assert(strstr(counts_a, "\"handled\": 1") && strstr(counts_a, "\"replayed\": 1"), "%s",
+              counts_a);
+    cr_assert_eq(available("a"), 99);
+    cr_assert_eq(available("b"), 99);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.reservations"), 2);
+    cr_assert_eq(replies_to("inventory", "sk-m1"), 1);
+    cr_assert_eq(replies_to("inventory", "sk-m2"), 1);
+
+    free(counts_a);
+    free(counts_b);
+    free(batch_a);
+    free(batch_b);
+    free(x);
+    free(k1);
+    free(k2);
+    free(pid);
+    PQfinish(ra);
+    PQfinish(rb);
+}
+
 Test(participants, inventory_release_before_reserve_is_a_noop_and_refuses_the_late_reserve)
 {
     install("inventory");
