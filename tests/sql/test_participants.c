@@ -405,18 +405,6 @@ Test(participants, inventory_reserve_and_release_in_one_batch_give_the_stock_bac
     cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE NOT tombstone"), 3);
 }
 
-/* Waits (bounded: 20 s) until the backend pid (text) blocks on a lock. */
-static void wait_until_blocked(const char *pid)
-{
-    const char *params[] = {pid};
-    time_t until = time(NULL) + 20;
-    while (pgtest_count(conn,
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE pid = $1::int AND wait_event_type = 'Lock'",
-                        1, params) != 1)
-        cr_assert(time(NULL) < until, "backend %s never waited for a lock", pid);
-}
-
 /* Two replicas given the same command (a rebalance): replica A's batch [X, K] has looked its
  * keys up and waits for a stock row that B holds; B handles K and commits. A's batch then fails
  * at its inbox insert (unique violation) and leaves nothing behind; run again, it answers K as
@@ -442,7 +430,7 @@ Test(participants, a_key_another_replica_commits_mid_batch_fails_the_batch_and_a
     const char *pa[] = {batch_a};
     cr_assert_eq(PQsendQueryParams(ra, sql, 1, NULL, pa, NULL, NULL, 0), 1, "%s",
                  PQerrorMessage(ra));
-    wait_until_blocked(pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     const char *pb[] = {batch_b};
     char *counts_b = pgtest_value(rb, sql, 1, pb);
     cr_assert(strstr(counts_b, "\"handled\": 1"), "%s", counts_b);

@@ -58,7 +58,6 @@ static char *start_saga(PGconn *c, const char *name, const char *input, const ch
     return pgtest_value(c, "SELECT saga.start($1, $2::jsonb, $3)", 3, params);
 }
 
-static void wait_until_blocked(PGconn *observer, const char *pid);
 static char *receive_value(PGconn *c);
 
 /* ---- register_definition ---------------------------------------------------------------- */
@@ -120,7 +119,7 @@ Test(definitions, concurrent_registration_of_one_version)
     pgtest_exec(first, "BEGIN");
     PQclear(pgtest_query(first, sql, 3, a));
     cr_assert_eq(PQsendQueryParams(second, sql, 3, NULL, a, NULL, NULL, 0), 1);
-    wait_until_blocked(conn, pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     pgtest_exec(first, "COMMIT");
     char *got = receive_value(second);
     cr_assert_str_eq(got, "unchanged");
@@ -131,7 +130,7 @@ Test(definitions, concurrent_registration_of_one_version)
     pgtest_exec(first, "BEGIN");
     PQclear(pgtest_query(first, sql, 3, a));
     cr_assert_eq(PQsendQueryParams(second, sql, 3, NULL, b, NULL, NULL, 0), 1);
-    wait_until_blocked(conn, pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     pgtest_exec(first, "COMMIT");
     PGresult *res = PQgetResult(second);
     cr_assert_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
@@ -233,16 +232,6 @@ Test(start, same_idempotency_key_returns_the_same_saga)
     free(c);
 }
 
-/* Is the backend pid (text) waiting on a lock? */
-static bool waits_on_lock(PGconn *observer, const char *pid)
-{
-    const char *params[] = {pid};
-    return pgtest_count(observer,
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE pid = $1::int AND wait_event_type = 'Lock'",
-                        1, params) == 1;
-}
-
 /* Sends saga.start on c without waiting for the result. */
 static void send_start(PGconn *c, const char *key)
 {
@@ -262,15 +251,6 @@ static char *receive_value(PGconn *c)
     return value;
 }
 
-/* Waits (bounded, by polling the server) until the backend pid blocks on a lock. */
-static void wait_until_blocked(PGconn *observer, const char *pid)
-{
-    time_t until = time(NULL) + 20;
-    while (!waits_on_lock(observer, pid) && time(NULL) < until)
-        ;
-    cr_assert(waits_on_lock(observer, pid), "backend %s never waited on a lock", pid);
-}
-
 Test(start, concurrent_same_key_gives_one_saga)
 {
     PGconn *first = pgtest_connect(db.url);
@@ -282,7 +262,7 @@ Test(start, concurrent_same_key_gives_one_saga)
     char *a = start_saga(first, "order_fulfillment", good_input, "race-1");
     send_start(second, "race-1");
     /* The second waits on the unique index until the first ends. */
-    wait_until_blocked(conn, pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     pgtest_exec(first, "COMMIT");
     char *b = receive_value(second);
     cr_assert_str_eq(a, b);
@@ -294,7 +274,7 @@ Test(start, concurrent_same_key_gives_one_saga)
     pgtest_exec(first, "BEGIN");
     a = start_saga(first, "order_fulfillment", good_input, "race-2");
     send_start(second, "race-2");
-    wait_until_blocked(conn, pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     pgtest_exec(first, "ROLLBACK");
     b = receive_value(second);
     cr_assert_str_neq(a, b);
@@ -702,7 +682,7 @@ Test(history, a_delete_waiting_for_a_writer_deletes_what_it_wrote)
     cr_assert_eq(PQsendQueryParams(deleter, "DELETE FROM saga.instances WHERE id = $1::uuid", 1,
                                    NULL, params, NULL, NULL, 0),
                  1);
-    wait_until_blocked(conn, pid);
+    pgtest_wait_blocked(conn, pid, 20000);
     pgtest_exec(writer, "COMMIT");
     PGresult *res = PQgetResult(deleter);
     cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(res));

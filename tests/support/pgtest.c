@@ -232,6 +232,22 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void pgtest_wait_blocked(PGconn *observer, const char *pid, int timeout_ms)
+{
+    /* A client-side loop: pg_stat_activity is read once per transaction by the server, so a
+     * poll inside one statement would not see the change. */
+    const char *params[] = {pid};
+    int64_t until = now_ms() + timeout_ms;
+    while (pgtest_count(observer,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE pid = $1::int AND wait_event_type = 'Lock'",
+                        1, params) != 1) {
+        cr_assert(now_ms() < until, "backend %s never waited for a lock (%d ms)", pid, timeout_ms);
+        struct timespec pause = {0, 2 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+}
+
 PGnotify *pgtest_wait_notify(PGconn *conn, int timeout_ms)
 {
     int64_t until = now_ms() + timeout_ms;
