@@ -578,10 +578,11 @@ Test(orchestrator_ops, saga_started_during_a_claim_is_not_left_to_the_poll)
     saga_e2e_start(&w, "e2e_timeout", "o-during-1", NULL, NULL, &first);
     /* The claim of the first saga waits for the lock, inside its transaction. */
     int64_t deadline = proc_now_ms() + 20000;
+    const char *dbname[] = {w.db.name}; /* not another suite's (they share the cluster) */
     while (pgtest_count(w.conn,
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%apply_batch%'",
-                        0, NULL) == 0) {
+                        "AND query LIKE '%apply_batch%' AND datname = $1",
+                        1, dbname) == 0) {
         cr_assert(proc_now_ms() < deadline, "the claim never waited for the outbox lock");
         struct timespec ts = {0, 10 * 1000000L};
         nanosleep(&ts, NULL);

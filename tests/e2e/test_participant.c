@@ -147,9 +147,10 @@ static void wait_outbox_rows(struct proc *p, long n)
     }
 }
 
-/* Waits (a bounded poll, each round waiting 20 ms in the server) until a handle_commands call
- * other than other's (NULL: any) waits for a lock (of type wait_event, e.g. "advisory"; NULL:
- * any); fails the test with the participant's log and message otherwise. */
+/* Waits (a bounded poll, each round waiting 20 ms in the server) until a handle_commands call in
+ * this test's database (other suites share the cluster) other than other's (NULL: any) waits for
+ * a lock (of type wait_event, e.g. "advisory"; NULL: any); fails the test with the participant's
+ * log and message otherwise. */
 static void wait_batch_waits(struct proc *p, const char *wait_event, PGconn *other,
                              const char *message)
 {
@@ -160,7 +161,8 @@ static void wait_batch_waits(struct proc *p, const char *wait_event, PGconn *oth
     while (pgtest_count(conn,
                         "SELECT count(*) FROM pg_stat_activity, pg_sleep(0.02)"
                         " WHERE wait_event_type = 'Lock' AND wait_event = coalesce($1, wait_event)"
-                        "   AND pid <> $2::int AND query LIKE '%handle_commands%'",
+                        "   AND pid <> $2::int AND query LIKE '%handle_commands%'"
+                        "   AND datname = current_database()", /* not another test's */
                         2, params) == 0) {
         if (proc_now_ms() > deadline) {
             proc_dump(p, "example-participant", 8192);
