@@ -46,8 +46,11 @@ DECLARE
     payload  jsonb := cmd -> 'payload';
     order_id text;
     wanted   jsonb;
+    skus     text[];
+    qtys     int[];
+    no_sku   boolean;
+    bad_qty  boolean;
     line     record;
-    have     int;
     res_id   uuid;
     released jsonb;
 BEGIN
@@ -58,39 +61,51 @@ BEGIN
            OR jsonb_array_length(payload -> 'items') = 0 THEN
             RAISE EXCEPTION 'payload.items must be a non-empty array' USING ERRCODE = '22023';
         END IF;
-        -- One line per sku ({"sku", "qty"} or {"sku", "quantity"}), quantities summed.
-        SELECT jsonb_agg(jsonb_build_object('sku', sku, 'qty', qty) ORDER BY sku) INTO wanted
-          FROM (SELECT inventory.required_text(i, 'sku') AS sku,
+        -- One line per sku ({"sku", "qty"} or {"sku", "quantity"}), quantities summed, in sku
+        -- order: as the reservation's items (wanted) and as arrays for the loop below.
+        SELECT jsonb_agg(jsonb_build_object('sku', sku, 'qty', qty) ORDER BY sku),
+               array_agg(sku ORDER BY sku), array_agg(qty::int ORDER BY sku),
+               bool_or(sku IS NULL), bool_or(qty IS NULL OR qty <= 0)
+          INTO wanted, skus, qtys, no_sku, bad_qty
+          FROM (SELECT CASE WHEN jsonb_typeof(i -> 'sku') = 'string' THEN nullif(i ->> 'sku', '')
+                       END AS sku,
                        sum(coalesce(i ->> 'qty', i ->> 'quantity')::int) AS qty
                   FROM jsonb_array_elements(payload -> 'items') AS i
                  GROUP BY 1) AS lines;
-        IF EXISTS (SELECT 1 FROM jsonb_array_elements(wanted) AS w
-                    WHERE (w ->> 'qty') IS NULL OR (w ->> 'qty')::int <= 0) THEN
-            RAISE EXCEPTION 'payload.items: every item needs a positive qty' USING ERRCODE = '22023';
+        IF no_sku THEN
+            RAISE EXCEPTION 'payload.items: every item needs a sku (a non-empty string)'
+                USING ERRCODE = '22023';
         END IF;
-        -- Lock the rows in sku order, then all or nothing: the first sku short of stock fails
-        -- the whole reservation. One primary-key lookup per line: a join of the lines with
-        -- inventory.stock is planned as a hash join over the whole table (the planner guesses
-        -- 100 lines), measured at ~0.7 ms a command with 1,000 products.
-        -- The sku order keeps two commands that lock the same skus from deadlocking each
-        -- other, not two batches: a batch holds its earlier commands' locks until it commits,
-        -- so two replicas' batches can deadlock (one reserves sku-1 then, in a later command,
-        -- sku-2; the other sku-2 then sku-1). PostgreSQL aborts one of them (SQLSTATE 40P01),
-        -- nothing of that batch is applied, and the participant retries it whole as after any
-        -- database error (tests/e2e/test_participant.c,
+        IF bad_qty THEN
+            RAISE EXCEPTION 'payload.items: every item needs a positive qty'
+                USING ERRCODE = '22023';
+        END IF;
+        -- All or nothing, one statement per line: each line takes its stock if there is enough
+        -- (an unknown sku has none); the first line short of stock gives back the lines taken
+        -- before it and fails the whole reservation. (A lock then a check would be two
+        -- statements a line, and a statement costs PostgreSQL its executor set-up and the
+        -- table's CHECK whatever its rows: bench/participant-batch.) One primary-key lookup per
+        -- line: a join of the lines with inventory.stock is planned as a hash join over the
+        -- whole table (the planner guesses 100 lines), measured at ~0.7 ms a command with 1,000
+        -- products.
+        -- The rows are locked in sku order, which keeps two commands that lock the same skus
+        -- from deadlocking each other, not two batches: a batch holds its earlier commands'
+        -- locks until it commits, so two replicas' batches can deadlock (one reserves sku-1
+        -- then, in a later command, sku-2; the other sku-2 then sku-1). PostgreSQL aborts one of
+        -- them (SQLSTATE 40P01), nothing of that batch is applied, and the participant retries
+        -- it whole as after any database error (tests/e2e/test_participant.c,
         -- a_deadlocked_batch_is_retried_and_applied_once).
-        FOR line IN SELECT w.sku, w.qty FROM jsonb_to_recordset(wanted) AS w(sku text, qty int)
-                     ORDER BY w.sku LOOP
-            SELECT s.available INTO have FROM inventory.stock s WHERE s.sku = line.sku FOR UPDATE;
-            IF coalesce(have, 0) < line.qty THEN -- NULL: an unknown sku has no stock
+        FOR k IN 1 .. cardinality(skus) LOOP
+            UPDATE inventory.stock SET available = available - qtys[k]
+             WHERE sku = skus[k] AND available >= qtys[k];
+            IF NOT FOUND THEN
+                FOR j IN 1 .. k - 1 LOOP
+                    UPDATE inventory.stock SET available = available + qtys[j] WHERE sku = skus[j];
+                END LOOP;
                 outcome := 'failure';
-                reply := jsonb_build_object('reason', 'out of stock', 'sku', line.sku);
+                reply := jsonb_build_object('reason', 'out of stock', 'sku', skus[k]);
                 RETURN;
             END IF;
-        END LOOP;
-        FOR line IN SELECT w.sku, w.qty FROM jsonb_to_recordset(wanted) AS w(sku text, qty int)
-        LOOP
-            UPDATE inventory.stock SET available = available - line.qty WHERE sku = line.sku;
         END LOOP;
         INSERT INTO inventory.reservations (saga_id, order_id, items, status)
         VALUES (cmd -> 'headers' ->> 'saga-id', order_id, wanted, 'reserved')

@@ -512,23 +512,29 @@ Test(participants, inventory_bad_commands_do_not_stop_the_batch)
     char *no_items = command("s3", "reserve_inventory", "action", "ReserveStock", "s3-m1",
                              "{\"orderId\": \"o-3\"}");
     char *unknown = command("s4", "reserve_inventory", "action", "CountStock", "s4-m1", "{}");
+    char *no_sku = command("s5", "reserve_inventory", "action", "ReserveStock", "s5-m1",
+                           "{\"orderId\": \"o-5\", \"items\": [{\"sku\": \"a\", \"qty\": 1}, "
+                           "{\"sku\": \"\", \"qty\": 1}]}");
     char *counts = handle("inventory", "{\"payload\": {}}", bad_qty, "{\"headers\": {}}", no_items,
-                          unknown, good, NULL);
+                          unknown, no_sku, good, NULL);
     cr_assert(strstr(counts, "\"skipped\": 2"), "%s", counts);
-    cr_assert(strstr(counts, "\"handled\": 4"), "%s", counts);
-    cr_assert(strstr(counts, "\"failed\": 3"), "%s", counts);
+    cr_assert(strstr(counts, "\"handled\": 5"), "%s", counts);
+    cr_assert(strstr(counts, "\"failed\": 4"), "%s", counts);
     free(counts);
     free(good);
     free(bad_qty);
     free(no_items);
     free(unknown);
+    free(no_sku);
     assert_reply("inventory", "s1-m1", "headers->>'outcome'", "success");
     assert_reply("inventory", "s2-m1", "payload->>'reason'", "invalid command");
     assert_reply("inventory", "s3-m1", "payload->>'reason'", "invalid command");
     assert_reply("inventory", "s4-m1", "payload->>'reason'", "unknown command type");
-    cr_assert_eq(available("a"), 3); /* the bad qty changed nothing */
+    assert_reply("inventory", "s5-m1", "payload->>'detail'",
+                 "payload.items: every item needs a sku (a non-empty string)");
+    cr_assert_eq(available("a"), 3); /* the bad qty and the empty sku changed nothing */
     /* An invalid command is a recorded failure: its retry gets the same answer. */
-    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE outcome = 'failure'"), 3);
+    cr_assert_eq(count("SELECT count(*) FROM inventory.inbox WHERE outcome = 'failure'"), 4);
 }
 
 Test(participants, inventory_drop_and_fail_knobs)
