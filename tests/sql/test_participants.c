@@ -467,6 +467,53 @@ Test(participants, a_key_another_replica_commits_mid_batch_fails_the_batch_and_a
     PQfinish(rb);
 }
 
+/* The reservation's conditional UPDATE tests the stock of its snapshot and does not wait for
+ * a transaction holding the row: one that is giving stock back (a release, a restock) would
+ * make it answer "out of stock" for stock about to be there. A line found short is locked
+ * (which waits for that transaction) and tried again. */
+Test(participants, inventory_reserve_waits_for_stock_being_given_back)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5)");
+    PGconn *ra = pgtest_connect(db.url), *rb = pgtest_connect(db.url);
+    char *pid = pgtest_value(ra, "SELECT pg_backend_pid()::text", 0, NULL);
+    pgtest_exec(rb, "BEGIN");
+    pgtest_exec(rb, "UPDATE inventory.stock SET available = available + 10 WHERE sku = 'a'");
+    char *cmd = command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1",
+                        "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"a\", \"qty\": 8}]}");
+    char *batch = NULL;
+    cr_assert(asprintf(&batch, "[%s]", cmd) > 0);
+    const char *p[] = {batch};
+    cr_assert_eq(PQsendQueryParams(ra, "SELECT inventory.handle_commands($1::jsonb)::text", 1, NULL,
+                                   p, NULL, NULL, 0),
+                 1, "%s", PQerrorMessage(ra));
+    pgtest_wait_blocked(conn, pid, 20000); /* fails the test if the reservation did not wait */
+    pgtest_exec(rb, "COMMIT");
+    PGresult *res = PQgetResult(ra);
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(res));
+    PQclear(res);
+    cr_assert_null(PQgetResult(ra));
+    assert_reply("inventory", "s1-m1", "headers->>'outcome'", "success");
+    cr_assert_eq(available("a"), 7);
+    free(batch);
+    free(cmd);
+    free(pid);
+    PQfinish(ra);
+    PQfinish(rb);
+}
+
+Test(participants, inventory_every_item_needs_a_positive_qty_not_only_their_sum)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 10)");
+    handle1("inventory", command("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1",
+                                 "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"a\", "
+                                 "\"qty\": 5}, {\"sku\": \"a\", \"qty\": -3}]}"));
+    assert_reply("inventory", "s1-m1", "payload->>'detail'",
+                 "payload.items: every item needs a positive qty");
+    cr_assert_eq(available("a"), 10);
+}
+
 Test(participants, inventory_release_before_reserve_is_a_noop_and_refuses_the_late_reserve)
 {
     install("inventory");
