@@ -215,6 +215,7 @@ static bool sqlstate_transient(const char *state)
         "3F", /* invalid schema */
         "42", /* undefined table or function, insufficient privilege: the deployment */
         "0A", /* feature not supported */
+        "26", /* invalid SQL statement name: a prepared statement gone (a pooler between us) */
     };
     for (size_t i = 0; i < sizeof(classes) / sizeof(classes[0]); i++)
         if (!strncmp(state, classes[i], 2))
@@ -1244,11 +1245,11 @@ static void state_cb(struct pgloop *pg, bool up, void *arg)
      * Bitmap scans too: with a backlog, the claim's "pending" branch read every pending saga
      * through a bitmap scan and sorted them all to keep one batch (37 ms per claim with 5,000
      * pending), where the ordered scan of its partial index stops after the batch.
-     * With such plans a statement's plan does not depend on its parameters' values, so
-     * plan_cache_mode = force_generic_plan: each prepared statement (saga_lock, saga_dedupe,
-     * saga.apply_batch's statements) is planned once (and again after an invalidation), where
-     * PostgreSQL would plan it at each of its first five executions of the session and of
-     * every invalidation before it settles on the generic plan. */
+     * With such plans a statement's plan depends little on its parameters' values (the lookup
+     * of replies seen before may hash a small inbox), so plan_cache_mode = force_generic_plan:
+     * each prepared statement (saga_lock, saga_dedupe, saga.apply_batch's statements) is
+     * planned once (and again after an invalidation), where PostgreSQL would plan it at each
+     * of its first five executions in the session before it settles on the generic plan. */
     const char *session = w->replies ? "SET enable_seqscan = off; SET enable_hashjoin = off; "
                                        "SET enable_mergejoin = off; SET enable_bitmapscan = off; "
                                        "SET plan_cache_mode = force_generic_plan"
