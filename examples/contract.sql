@@ -186,7 +186,7 @@ COMMENT ON FUNCTION __SERVICE__.handle_commands(jsonb) IS
 -- Per command it runs only what that command needs; what every command needs is done once
 -- for the batch (a statement costs PostgreSQL its executor set-up and its table's CHECKs
 -- whatever its rows; with a lookup, an inbox insert and a reply_row call per command, payment
--- took 127 µs a command, now 108: bench/participant-batch, 2026-11-26):
+-- took 127 µs a command, now 108: bench/participant-batch's new sessions of 2026-11-26):
 --   - the inbox lookup: one query finds the batch's keys that need one (already in the
 --     inbox, or twice in the batch); the other commands are new, unless the batch writes an
 --     inbox row itself (a compensation's tombstone), so from the first new compensation on
