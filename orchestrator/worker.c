@@ -1063,12 +1063,15 @@ static void start_reply_batch(struct worker *w)
                 "PREPARE saga_lock(uuid[]) AS SELECT %s FROM saga.instances WHERE id = ANY ($1) "
                 "ORDER BY id FOR UPDATE; "
                 /* Index probes per reply (a UNION of two ANY scans was planned in parallel
-                 * over large tables: ~20 ms a batch against ~3). */
+                 * over large tables: ~20 ms a batch against ~3). OFFSET 0 keeps each EXISTS a
+                 * probe: the generic plan, made once per session, hashed the whole inbox at
+                 * every batch while its statistics said it was small (EXPLAIN, empty tables),
+                 * and kept doing so until the next invalidation however much it grew. */
                 "PREPARE saga_dedupe(uuid[], uuid[]) AS SELECT r.mid::text "
                 "FROM unnest($1, $2) AS r(mid, irt) "
-                "WHERE EXISTS (SELECT 1 FROM saga.inbox b WHERE b.message_id = r.mid) "
+                "WHERE EXISTS (SELECT 1 FROM saga.inbox b WHERE b.message_id = r.mid OFFSET 0) "
                 "OR EXISTS (SELECT 1 FROM saga.step_history h WHERE h.message_id = r.irt "
-                "AND h.reply_message_id = r.mid); ",
+                "AND h.reply_message_id = r.mid OFFSET 0); ",
                 store_instance_columns);
     sql_add(&b, "BEGIN; EXECUTE saga_lock('{");
     size_t ids = 0;
