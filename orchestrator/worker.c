@@ -1248,8 +1248,9 @@ static void state_cb(struct pgloop *pg, bool up, void *arg)
      * Bitmap scans too: with a backlog, the claim's "pending" branch read every pending saga
      * through a bitmap scan and sorted them all to keep one batch (37 ms per claim with 5,000
      * pending), where the ordered scan of its partial index stops after the batch.
-     * With such plans a statement's plan depends little on its parameters' values (the lookup
-     * of replies seen before may hash a small inbox), so plan_cache_mode = force_generic_plan:
+     * With such plans a statement's plan depends little on its parameters' values (and the
+     * lookup of replies seen before is kept to probes: saga_dedupe's OFFSET 0), so
+     * plan_cache_mode = force_generic_plan:
      * each prepared statement (saga_lock, saga_dedupe, saga.apply_batch's statements) is
      * planned once (and again after an invalidation), where PostgreSQL would plan it at each
      * of its first five executions in the session before it settles on the generic plan. */
