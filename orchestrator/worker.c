@@ -1250,17 +1250,15 @@ static void state_cb(struct pgloop *pg, bool up, void *arg)
      * pending), where the ordered scan of its partial index stops after the batch.
      * With such plans a statement's plan depends little on its parameters' values (and the
      * lookup of replies seen before is kept to probes: saga_dedupe's OFFSET 0), so
-     * plan_cache_mode = force_generic_plan:
-     * each prepared statement (saga_lock, saga_dedupe, saga.apply_batch's statements) is
-     * planned once (and again after an invalidation), where PostgreSQL would plan it at each
-     * of its first five executions in the session before it settles on the generic plan. */
-    const char *session = w->replies ? "SET enable_seqscan = off; SET enable_hashjoin = off; "
-                                       "SET enable_mergejoin = off; SET enable_bitmapscan = off; "
-                                       "SET plan_cache_mode = force_generic_plan"
-                                     : "SET enable_seqscan = off; SET enable_hashjoin = off; "
-                                       "SET enable_mergejoin = off; SET enable_bitmapscan = off; "
-                                       "SET plan_cache_mode = force_generic_plan; "
-                                       "LISTEN saga_wakeup";
+     * plan_cache_mode = force_generic_plan: each prepared statement (saga_lock, saga_dedupe,
+     * saga.apply_batch's statements) is planned once (and again after an invalidation), where
+     * PostgreSQL would plan it at each of its first five executions in the session before it
+     * settles on the generic plan. */
+#define SESSION_PLANNER                                                                            \
+    "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off; "            \
+    "SET enable_bitmapscan = off; SET plan_cache_mode = force_generic_plan"
+    const char *session = w->replies ? SESSION_PLANNER : SESSION_PLANNER "; LISTEN saga_wakeup";
+#undef SESSION_PLANNER
     if (pgloop_query_simple(w->pg, session, listen_cb, w))
         return;
 }

@@ -64,9 +64,9 @@ void pgtest_expect_error(PGconn *conn, const char *sql, int nparams, const char 
  * which must LISTEN already. Returns it (caller's, PQfreemem) or NULL on timeout. */
 PGnotify *pgtest_wait_notify(PGconn *conn, int timeout_ms);
 
-/* Waits (at most timeout_ms, polling pg_stat_activity on observer, in the server) until the
- * backend pid (text, as pg_backend_pid() gives it) waits for a lock; fails the test on
- * timeout. */
+/* Waits (at most timeout_ms, polling pg_stat_activity on observer every 2 ms from the client)
+ * until the backend pid (text, as pg_backend_pid() gives it) waits for a lock; fails the test
+ * on timeout. */
 void pgtest_wait_blocked(PGconn *observer, const char *pid, int timeout_ms);
 
 /* Returns an already received notification without waiting (after one round trip to the
