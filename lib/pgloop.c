@@ -207,7 +207,14 @@ static void read_results(struct pgloop *pg)
             pg->last = res;
             continue;
         }
-        /* NULL: the query is complete. */
+        /* NULL: the query is complete. A NOTIFY that came while it ran was sent by the server
+         * just before the query's end and was parsed by PQgetResult above, or still sits
+         * unparsed in libpq's buffer behind it: the socket will not become readable for it
+         * again, so it is delivered now (before the result: the query is still in flight,
+         * and notify_cb cannot send one). Delivered only at the start of the next read, it
+         * waited for the next event on this connection: on an idle relay table, the
+         * fallback poll. */
+        deliver_notifies(pg);
         PGresult *last = pg->last;
         pgloop_result_cb cb = pg->result_cb;
         void *cb_arg = pg->result_arg;

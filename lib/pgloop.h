@@ -19,7 +19,8 @@ struct pgloop;
 typedef void (*pgloop_result_cb)(struct pgloop *pg, PGresult *res, void *arg);
 /* Connection ready (ok) or failed/lost (!ok, message in pgloop_error()). */
 typedef void (*pgloop_state_cb)(struct pgloop *pg, bool ok, void *arg);
-/* A NOTIFY arrived: channel and payload are borrowed. */
+/* A NOTIFY arrived: channel and payload are borrowed. Called from the loop, also while a query
+ * is in flight (just before its result_cb): it cannot send a query itself. */
 typedef void (*pgloop_notify_cb)(struct pgloop *pg, const char *channel, const char *payload,
                                  void *arg);
 
