@@ -607,3 +607,62 @@ Test(migrate, a_serialization_failure_at_commit_is_retried)
                  1);
     cr_assert(lock_is_free());
 }
+
+/* sql/012: saga.instances' value rules move from table CHECKs to domains without rewriting
+ * the table (a catalog change, its rows and storage kept), and every rule still refuses a bad
+ * value. Run on a database holding sagas migrated up to 011. */
+Test(migrate, instances_rules_become_domains_without_a_rewrite)
+{
+    char err[1024];
+    size_t before = 0;
+    while (before < migrations_builtin_count && migrations_builtin[before].version <= 11)
+        before++;
+    cr_assert_lt(before, migrations_builtin_count, "no migration after 011");
+    cr_assert_eq(migrate_apply(conn, migrations_builtin, before, err, sizeof(err)), (int)before,
+                 "%s", err);
+    pgtest_exec(conn,
+                "SELECT saga.register_definition('o', 1, '{\"saga\": \"o\", \"version\": 1, "
+                "\"steps\": [{\"name\": \"a\"}]}');"
+                "SELECT saga.start('o', jsonb_build_object('n', i)) FROM generate_series(1, 50) i;"
+                "UPDATE saga.instances SET status = 'running', phase = 'compensation', "
+                "wait = 'backoff', pending_request = 'retry' WHERE input->>'n' = '7'");
+    const char *file = "SELECT pg_relation_filenode('saga.instances')::text";
+    const char *rows = "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM saga.instances i";
+    char *file_before = pgtest_value(conn, file, 0, NULL);
+    char *rows_before = pgtest_value(conn, rows, 0, NULL);
+
+    cr_assert_eq(
+        migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err)),
+        (int)(migrations_builtin_count - before), "%s", err);
+    char *file_after = pgtest_value(conn, file, 0, NULL);
+    char *rows_after = pgtest_value(conn, rows, 0, NULL);
+    cr_assert_str_eq(file_after, file_before, "saga.instances was rewritten");
+    cr_assert_str_eq(rows_after, rows_before, "saga.instances' rows changed");
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM pg_constraint WHERE contype = 'c' "
+                              "AND conrelid = 'saga.instances'::regclass",
+                              0, NULL),
+                 0, "table CHECKs left on saga.instances");
+
+    static const char *const bad[][2] = {{"status = 'paused'", "saga_status"},
+                                         {"phase = 'undo'", "saga_phase"},
+                                         {"wait = 'forever'", "saga_wait"},
+                                         {"trace_id = 'ABC'", "trace_id"},
+                                         {"pending_request = 'pause'", "operator_request"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char sql[256], state[6], msg[256];
+        snprintf(sql, sizeof(sql), "UPDATE saga.instances SET %s WHERE input->>'n' = '1'",
+                 bad[i][0]);
+        pgtest_expect_error(conn, sql, 0, NULL, state, msg, sizeof(msg));
+        cr_assert_str_eq(state, "23514", "%s: %s", bad[i][0], msg);
+        cr_assert(strstr(msg, bad[i][1]), "%s: %s", bad[i][0], msg);
+    }
+    /* The values the rules allow still go in. */
+    pgtest_exec(conn, "UPDATE saga.instances SET status = 'failed', phase = 'action', wait = "
+                      "'reply', pending_request = 'abort', trace_id = repeat('ab', 16) "
+                      "WHERE input->>'n' = '1'");
+    free(file_before);
+    free(rows_before);
+    free(file_after);
+    free(rows_after);
+}
