@@ -22,6 +22,47 @@
 -- the primary key and the status index are kept); the two partial indexes whose predicates
 -- name status and pending_request are rebuilt, a read of the table each: ~1 s per million
 -- sagas in all (0.18 s for 200,000 here).
+--
+-- Before upgrading: views (and policies, functions with SQL-standard bodies) that read those
+-- columns must be dropped and created again after (checked below: the migration stops and
+-- names them). A client's server-side prepared statement that returns one of the columns
+-- fails once with "cached plan must not change result type" and must be prepared again (the
+-- orchestrator does so by itself).
+
+-- A view, rule, policy or SQL-standard function body that reads one of the five columns
+-- would make the type change fail with PostgreSQL's "cannot alter type of a column used by a
+-- view or rule" (and the orchestrator would not start): named here first, with what to do.
+DO $$
+DECLARE
+    blockers text;
+BEGIN
+    SELECT string_agg(DISTINCT what, ', ' ORDER BY what) INTO blockers
+      FROM (SELECT CASE d.classid
+                       WHEN 'pg_rewrite'::regclass THEN
+                           'view ' || (SELECT r.ev_class::regclass::text FROM pg_rewrite r
+                                        WHERE r.oid = d.objid)
+                       WHEN 'pg_policy'::regclass THEN
+                           'policy ' || (SELECT p.polname || ' on ' || p.polrelid::regclass::text
+                                           FROM pg_policy p WHERE p.oid = d.objid)
+                       WHEN 'pg_proc'::regclass THEN 'function ' || d.objid::regprocedure::text
+                       ELSE pg_describe_object(d.classid, d.objid, d.objsubid)
+                   END AS what
+              FROM pg_depend d
+              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+             WHERE d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = 'saga.instances'::regclass
+               AND a.attname IN ('status', 'phase', 'wait', 'trace_id', 'pending_request')
+               AND d.classid IN ('pg_rewrite'::regclass, 'pg_policy'::regclass,
+                                 'pg_proc'::regclass)) s;
+    IF blockers IS NOT NULL THEN
+        RAISE EXCEPTION '012_instances_checked_by_domains changes the type of saga.instances''s '
+                        'status, phase, wait, trace_id and pending_request (text to domains '
+                        'over text), which % read: drop them, let the migration run, then '
+                        'create them again', blockers
+            USING ERRCODE = 'SG030';
+    END IF;
+END
+$$;
 
 CREATE DOMAIN saga.saga_status AS text;
 CREATE DOMAIN saga.saga_phase AS text;
@@ -60,3 +101,7 @@ COMMENT ON DOMAIN saga.saga_phase IS 'saga.instances.phase: action or compensati
 COMMENT ON DOMAIN saga.saga_wait IS 'saga.instances.wait: none, reply or backoff';
 COMMENT ON DOMAIN saga.trace_id IS 'A W3C trace-id: 32 lowercase hex digits';
 COMMENT ON DOMAIN saga.operator_request IS 'saga.instances.pending_request: retry or abort';
+
+-- A type change drops the columns' planner statistics; autovacuum would gather them again only
+-- after enough of the table changed. A sample of the table, under the lock already held.
+ANALYZE saga.instances (status, phase, wait, trace_id, pending_request);

@@ -666,3 +666,29 @@ Test(migrate, instances_rules_become_domains_without_a_rewrite)
     free(file_after);
     free(rows_after);
 }
+
+/* sql/012 cannot change the type of a column a view reads: it stops first, names the view and
+ * says what to do, and changes nothing; without the view it goes through. */
+Test(migrate, instances_domains_wait_for_views_on_the_columns)
+{
+    char err[1024];
+    size_t before = 0;
+    while (before < migrations_builtin_count && migrations_builtin[before].version <= 11)
+        before++;
+    cr_assert_eq(migrate_apply(conn, migrations_builtin, before, err, sizeof(err)), (int)before,
+                 "%s", err);
+    pgtest_exec(conn, "CREATE VIEW public.saga_dashboard AS "
+                      "SELECT status, count(*) FROM saga.instances GROUP BY status");
+    cr_assert_eq(
+        migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err)), -1);
+    cr_assert(strstr(err, "view saga_dashboard") && strstr(err, "drop them"), "%s", err);
+    cr_assert_eq(pgtest_count(conn, "SELECT max(version) FROM saga.schema_migrations", 0, NULL),
+                 11);
+    cr_assert_eq(
+        pgtest_count(conn, "SELECT count(*) FROM pg_type WHERE typname = 'saga_status'", 0, NULL),
+        0, "a domain was left behind");
+    pgtest_exec(conn, "DROP VIEW public.saga_dashboard");
+    cr_assert_eq(
+        migrate_apply(conn, migrations_builtin, migrations_builtin_count, err, sizeof(err)),
+        (int)(migrations_builtin_count - before), "%s", err);
+}
