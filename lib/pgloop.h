@@ -20,7 +20,8 @@ typedef void (*pgloop_result_cb)(struct pgloop *pg, PGresult *res, void *arg);
 /* Connection ready (ok) or failed/lost (!ok, message in pgloop_error()). */
 typedef void (*pgloop_state_cb)(struct pgloop *pg, bool ok, void *arg);
 /* A NOTIFY arrived: channel and payload are borrowed. Called from the loop, also while a query
- * is in flight (just before its result_cb): it cannot send a query itself. */
+ * is in flight (just before its result_cb): it cannot send a query, and must not close or
+ * destroy the pgloop (set a flag, schedule work). */
 typedef void (*pgloop_notify_cb)(struct pgloop *pg, const char *channel, const char *payload,
                                  void *arg);
 

@@ -414,32 +414,32 @@ int store_batch_add_inbox(struct store_batch *b, const char *message_id, const c
                           const char *saga_id, const char *topic, int partition, int64_t offset,
                           const char *disposition)
 {
-    struct store_text *t = begin(b, STORE_INBOX, "message_id");
-    put_str(t, message_id);
-    key(t, "in_reply_to");
-    put_str(t, in_reply_to);
-    key(t, "saga_id");
-    put_str(t, saga_id);
-    key(t, "topic");
+    struct store_text *t = begin(b, STORE_INBOX, "topic");
     put_str(t, topic);
-    key(t, "partition");
-    put_int(t, partition);
     key(t, "offset");
     put_int(t, offset);
+    key(t, "saga_id");
+    put_str(t, saga_id);
+    key(t, "partition");
+    put_int(t, partition);
+    key(t, "message_id");
+    put_str(t, message_id);
     key(t, "disposition");
     put_str(t, disposition);
+    key(t, "in_reply_to");
+    put_str(t, in_reply_to);
     return end(t);
 }
 
 int store_batch_add_ignored(struct store_batch *b, const char *in_reply_to, const char *saga_id,
                             const cJSON *reply)
 {
-    struct store_text *t = begin(b, STORE_IGNORED, "in_reply_to");
-    put_str(t, in_reply_to);
+    struct store_text *t = begin(b, STORE_IGNORED, "reply");
+    put_json(t, reply);
     key(t, "saga_id");
     put_str(t, saga_id);
-    key(t, "reply");
-    put_json(t, reply);
+    key(t, "in_reply_to");
+    put_str(t, in_reply_to);
     return end(t);
 }
 
@@ -447,23 +447,26 @@ int store_batch_add_dead_letter(struct store_batch *b, const char *topic, int pa
                                 int64_t offset, const char *key_text, const cJSON *headers,
                                 const char *payload, const char *error)
 {
-    struct store_text *t = begin(b, STORE_DEAD_LETTERS, "topic");
+    struct store_text *t;
+    if (key_text) {
+        t = begin(b, STORE_DEAD_LETTERS, "key");
+        put_str(t, key_text);
+        key(t, "error");
+    } else {
+        t = begin(b, STORE_DEAD_LETTERS, "error");
+    }
+    put_str(t, error);
+    key(t, "topic");
     put_str(t, topic);
-    key(t, "partition");
-    put_int(t, partition);
     key(t, "offset");
     put_int(t, offset);
-    if (key_text) {
-        key(t, "key");
-        put_str(t, key_text);
-    }
     key(t, "headers");
     put_json(t, headers);
     if (payload) {
         key(t, "payload");
         put_str(t, payload);
     }
-    key(t, "error");
-    put_str(t, error);
+    key(t, "partition");
+    put_int(t, partition);
     return end(t);
 }

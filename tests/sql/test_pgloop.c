@@ -98,7 +98,9 @@ static struct pgloop *listening(struct ev_loop *loop, struct ctx *c)
     return pg;
 }
 
-/* The session notifies itself: the notification comes right after the query's own result. */
+/* The session notifies itself: the server sends the notification between the query's result
+ * and its end, and it is delivered no later than the result (this held before the fix too;
+ * the next test is the one that failed). */
 Test(pgloop, a_notification_sent_by_the_query_comes_with_its_result)
 {
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
@@ -136,9 +138,9 @@ static int wait_unread(struct pgloop *pg, int than, int timeout_ms)
 
 /* A NOTIFY that reaches the client right behind a query's end, in the same read: the query's
  * result and the notification are both on the socket before the loop looks (as when the relay
- * is busy elsewhere). libpq stops parsing at the end of the query, so the notification was
- * read off the socket but not parsed; with nothing more to come, it waited for the
- * connection's next event. */
+ * is busy elsewhere). libpq reads both at once and parses the notification into its list while
+ * it finishes the query; pgloop asked for notifications only before a read's results, so with
+ * nothing more to come on the socket it waited for the connection's next event. */
 Test(pgloop, a_notification_read_behind_a_query_is_not_left_behind)
 {
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
@@ -151,7 +153,7 @@ Test(pgloop, a_notification_read_behind_a_query_is_not_left_behind)
     /* The server is done with the query (idle again) and its answer is on the socket. */
     for (int waited = 0; pgtest_count(conn,
                                       "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int "
-                                      "AND state = 'idle'",
+                                      "AND state = 'idle' AND query = 'SELECT 1'",
                                       1, params) != 1;
          waited++)
         cr_assert_lt(waited, 10000, "the query never ended");

@@ -133,6 +133,9 @@ Test(store, every_string_comes_back_as_it_went_in)
     assert_jsonb_order(cJSON_GetObjectItemCaseSensitive(only(doc, "outbox"), "headers"), "headers");
     assert_jsonb_order(only(doc, "sent"), "sent");
     assert_jsonb_order(only(doc, "resolved"), "resolved");
+    assert_jsonb_order(only(doc, "inbox"), "inbox");
+    assert_jsonb_order(only(doc, "ignored"), "ignored");
+    assert_jsonb_order(only(doc, "dead_letters"), "dead_letters");
 
     const cJSON *in = only(doc, "instances");
     cr_assert_str_eq(get_str(in, "error"), nasty);
@@ -150,6 +153,8 @@ Test(store, every_string_comes_back_as_it_went_in)
     cr_assert_str_eq(get_str(out, "key"), nasty);
     const cJSON *h = cJSON_GetObjectItemCaseSensitive(out, "headers");
     cr_assert_str_eq(get_str(h, "correlation-id"), nasty);
+    cr_assert_str_eq(get_str(h, "saga-id"), row.state.id);
+    cr_assert_eq(cJSON_GetArraySize(h), 2);
     cr_assert_null(cJSON_GetObjectItemCaseSensitive(h, "message-id"));
     cr_assert_null(cJSON_GetObjectItemCaseSensitive(h, "event-type"));
     const cJSON *payload = cJSON_GetObjectItemCaseSensitive(out, "payload");
@@ -179,6 +184,67 @@ Test(store, every_string_comes_back_as_it_went_in)
     cJSON_Delete(reply);
     cJSON_Delete(row.state.replies);
     free(text);
+}
+
+/* Headers are sorted for speed only: every one of a command's headers is in the document once
+ * with its value, however many there are, beyond the ones the sort handles (16) too. */
+static void check_headers(size_t count)
+{
+    struct saga_step_def steps[1];
+    struct saga_definition def;
+    struct saga_row row;
+    one_step_saga(steps, &def, &row);
+    struct saga_header headers[24];
+    char names[24][32], values[24][32];
+    cr_assert_leq(count, 24);
+    for (size_t i = 0; i < count; i++) {
+        /* message-id and event-type (not written), then x-<n> in descending order. */
+        if (i < 2)
+            snprintf(names[i], sizeof(names[i]), "%s", i ? "event-type" : "message-id");
+        else
+            snprintf(names[i], sizeof(names[i]), "x-%zu", count - i);
+        snprintf(values[i], sizeof(values[i]), "v%zu", i);
+        headers[i] = (struct saga_header){names[i], values[i]};
+    }
+    struct saga_message msg;
+    memset(&msg, 0, sizeof(msg));
+    strcpy(msg.message_id, "bbbbbbbb-2222-3333-4444-555555555555");
+    msg.topic = "t";
+    msg.key = "k";
+    msg.type = "T";
+    msg.payload = "{}";
+    msg.headers = headers;
+    msg.header_count = count;
+    struct saga_effects fx;
+    memset(&fx, 0, sizeof(fx));
+    fx.messages = &msg;
+    fx.message_count = 1;
+    struct store_batch b;
+    cr_assert_eq(store_batch_init(&b), 0);
+    cr_assert_eq(store_batch_add_effects(&b, &row, &fx, NULL), 0);
+    char *text = store_batch_finish(&b);
+    cJSON *doc = cJSON_Parse(text);
+    cr_assert(doc, "not JSON: %s", text);
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(only(doc, "outbox"), "headers");
+    size_t n = 0;
+    for (const cJSON *k = h->child; k; k = k->next) {
+        n++;
+        for (const cJSON *o = k->next; o; o = o->next)
+            cr_assert_str_neq(k->string, o->string, "%zu headers: %s twice", count, k->string);
+    }
+    cr_assert_eq(n, count - 2, "%zu headers: %zu in the document: %s", count, n, text);
+    for (size_t i = 2; i < count; i++)
+        cr_assert_str_eq(get_str(h, names[i]), values[i], "%zu headers", count);
+    if (count <= 16)
+        assert_jsonb_order(h, "headers");
+    cJSON_Delete(doc);
+    free(text);
+}
+
+Test(store, every_header_once_however_many)
+{
+    for (size_t count = 4; count <= 24; count++)
+        check_headers(count);
 }
 
 /* A timeout resolves its attempt without a reply, and an event that is no reply has no id:
