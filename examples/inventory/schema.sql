@@ -5,9 +5,21 @@
 -- this service's name). Idempotent. Here: the service's tables and inventory.execute.
 CREATE SCHEMA IF NOT EXISTS inventory;
 
+-- Value rules as domains, not table CHECKs (why: examples/README.md, "Copying it", step 2).
+DO $$
+BEGIN
+    IF to_regtype('inventory.stock_level') IS NULL THEN
+        CREATE DOMAIN inventory.stock_level AS int CHECK (VALUE >= 0);
+    END IF;
+    IF to_regtype('inventory.reservation_status') IS NULL THEN
+        CREATE DOMAIN inventory.reservation_status AS text CHECK (VALUE IN ('reserved', 'released'));
+    END IF;
+END;
+$$;
+
 CREATE TABLE IF NOT EXISTS inventory.stock (
     sku       text PRIMARY KEY,
-    available int  NOT NULL CHECK (available >= 0)
+    available inventory.stock_level NOT NULL
 );
 -- Every reservation and release updates its rows: half of each page is kept free so that the
 -- new row version fits beside the old one (a HOT update: no index entry, and the dead version
@@ -28,7 +40,7 @@ CREATE TABLE IF NOT EXISTS inventory.reservations (
     saga_id     text        NOT NULL,
     order_id    text        NOT NULL,
     items       jsonb       NOT NULL, -- [{"sku": ..., "qty": n}], one entry per sku
-    status      text        NOT NULL CHECK (status IN ('reserved', 'released')),
+    status      inventory.reservation_status NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     released_at timestamptz
 );

@@ -6,11 +6,20 @@
 -- this service's name). Idempotent. Here: the service's tables and orders.execute.
 CREATE SCHEMA IF NOT EXISTS orders;
 
+-- Value rules as domains, not table CHECKs (why: examples/README.md, "Copying it", step 2).
+DO $$
+BEGIN
+    IF to_regtype('orders.order_status') IS NULL THEN
+        CREATE DOMAIN orders.order_status AS text CHECK (VALUE IN ('approved', 'rejected'));
+    END IF;
+END;
+$$;
+
 CREATE TABLE IF NOT EXISTS orders.orders (
     order_id    text        PRIMARY KEY,
     saga_id     text        NOT NULL,
     customer_id text,
-    status      text        NOT NULL CHECK (status IN ('approved', 'rejected')),
+    status      orders.order_status NOT NULL,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 

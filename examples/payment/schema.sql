@@ -6,13 +6,25 @@
 -- this service's name). Idempotent. Here: the service's tables and payment.execute.
 CREATE SCHEMA IF NOT EXISTS payment;
 
+-- Value rules as domains, not table CHECKs (why: examples/README.md, "Copying it", step 2).
+DO $$
+BEGIN
+    IF to_regtype('payment.positive_amount') IS NULL THEN
+        CREATE DOMAIN payment.positive_amount AS numeric CHECK (VALUE > 0);
+    END IF;
+    IF to_regtype('payment.payment_status') IS NULL THEN
+        CREATE DOMAIN payment.payment_status AS text CHECK (VALUE IN ('authorized', 'refunded'));
+    END IF;
+END;
+$$;
+
 CREATE TABLE IF NOT EXISTS payment.payments (
     id          uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     saga_id     text        NOT NULL,
     order_id    text        NOT NULL,
     customer_id text        NOT NULL,
-    amount      numeric     NOT NULL CHECK (amount > 0),
-    status      text        NOT NULL CHECK (status IN ('authorized', 'refunded')),
+    amount      payment.positive_amount NOT NULL,
+    status      payment.payment_status NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     refunded_at timestamptz
 );

@@ -6,12 +6,21 @@
 -- this service's name). Idempotent. Here: the service's tables and shipping.execute.
 CREATE SCHEMA IF NOT EXISTS shipping;
 
+-- Value rules as domains, not table CHECKs (why: examples/README.md, "Copying it", step 2).
+DO $$
+BEGIN
+    IF to_regtype('shipping.shipment_status') IS NULL THEN
+        CREATE DOMAIN shipping.shipment_status AS text CHECK (VALUE IN ('scheduled', 'shipped'));
+    END IF;
+END;
+$$;
+
 CREATE TABLE IF NOT EXISTS shipping.shipments (
     id          uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     saga_id     text        NOT NULL,
     order_id    text        NOT NULL,
     items       jsonb,
-    status      text        NOT NULL CHECK (status IN ('scheduled', 'shipped')),
+    status      shipping.shipment_status NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 

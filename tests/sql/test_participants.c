@@ -652,6 +652,43 @@ Test(participants, schemas_apply_twice_and_keep_their_data)
     }
 }
 
+/* The services' value rules are domains, not table CHECKs (a table's CHECKs are planned again
+ * at every statement that writes it: each command's own INSERT or UPDATE), and every rule still
+ * refuses a bad value. */
+Test(participants, value_rules_are_domains_and_still_refuse)
+{
+    const char *services[] = {"inventory", "payment", "orders", "shipping"};
+    for (size_t i = 0; i < 4; i++)
+        install(services[i]);
+    cr_assert_eq(count("SELECT count(*) FROM pg_constraint WHERE contype = 'c' AND conrelid IN "
+                       "('inventory.stock'::regclass, 'inventory.reservations'::regclass, "
+                       "'payment.payments'::regclass, 'orders.orders'::regclass, "
+                       "'shipping.shipments'::regclass)"),
+                 0, "a business table still has a CHECK");
+    static const char *const bad[] = {
+        "INSERT INTO inventory.stock VALUES ('a', -1)",
+        "INSERT INTO inventory.reservations (saga_id, order_id, items, status) "
+        "VALUES ('s', 'o', '[]', 'lost')",
+        "INSERT INTO payment.payments (saga_id, order_id, customer_id, amount, status) "
+        "VALUES ('s', 'o', 'c', 0, 'authorized')",
+        "INSERT INTO payment.payments (saga_id, order_id, customer_id, amount, status) "
+        "VALUES ('s', 'o', 'c', 1, 'pending')",
+        "INSERT INTO orders.orders (order_id, saga_id, status) VALUES ('o', 's', 'maybe')",
+        "INSERT INTO shipping.shipments (saga_id, order_id, status) VALUES ('s', 'o', 'lost')"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char state[6], msg[256];
+        pgtest_expect_error(conn, bad[i], 0, NULL, state, msg, sizeof(msg));
+        cr_assert_str_eq(state, "23514", "%s: %s", bad[i], msg);
+    }
+    /* A stock going below zero through an update is refused too. */
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 1)");
+    char state[6];
+    pgtest_expect_error(conn, "UPDATE inventory.stock SET available = available - 2", 0, NULL,
+                        state, NULL, 0);
+    cr_assert_str_eq(state, "23514");
+    cr_assert_eq(available("a"), 1);
+}
+
 /* ---------------------------------------------------------------------------------------
  * payment
  * ------------------------------------------------------------------------------------- */
