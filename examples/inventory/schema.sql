@@ -98,8 +98,8 @@ BEGIN
         -- All or nothing, one statement per line: each line takes its stock if there is enough
         -- (an unknown sku has none); the first line short of stock gives back the lines taken
         -- before it and fails the whole reservation. (A lock then a check would be two
-        -- statements a line, and a statement costs PostgreSQL its executor set-up and the
-        -- table's CHECK whatever its rows: bench/participant-batch.) A line found short is
+        -- statements a line, and a statement costs PostgreSQL its executor set-up whatever
+        -- its rows: bench/participant-batch.) A line found short is
         -- locked and tried once more before it fails: the UPDATE tests the stock it sees in its
         -- snapshot and does not wait for a transaction that holds the row, which may be giving
         -- stock back (a release, a restock); the lock waits for it, and the second UPDATE's

@@ -4,6 +4,7 @@
  * and not wait for the connection's next event (an idle relay table waited for its fallback
  * poll: RELAY_POLL_INTERVAL). */
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +34,8 @@ static void teardown(void)
 TestSuite(pgloop, .init = setup, .fini = teardown, .timeout = 60);
 
 struct ctx {
-    bool ready, failed;
+    bool ready;
+    int states; /* state_cb calls: connected or failed */
     int results;
     int notifies;
     int notifies_at_result; /* notifies delivered when the last result came */
@@ -44,7 +46,7 @@ static void state_cb(struct pgloop *pg, bool ok, void *arg)
 {
     struct ctx *c = arg;
     c->ready = ok;
-    c->failed = !ok;
+    c->states++;
 }
 
 static void notify_cb(struct pgloop *pg, const char *channel, const char *payload, void *arg)
@@ -66,6 +68,13 @@ static void result_cb(struct pgloop *pg, PGresult *res, void *arg)
 
 static void tick_cb(struct ev_loop *loop, ev_timer *w, int revents) {}
 
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* Runs the loop until *count reaches want, at most timeout_ms (a 10 ms timer keeps it
  * turning: the condition is checked after every event). */
 static bool run_until(struct ev_loop *loop, const int *count, int want, int timeout_ms)
@@ -73,7 +82,7 @@ static bool run_until(struct ev_loop *loop, const int *count, int want, int time
     ev_timer tick;
     ev_timer_init(&tick, tick_cb, 0.01, 0.01);
     ev_timer_start(loop, &tick);
-    for (int waited = 0; *count < want && waited < timeout_ms; waited += 10)
+    for (int64_t until = now_ms() + timeout_ms; *count < want && now_ms() < until;)
         ev_run(loop, EVRUN_ONCE);
     ev_timer_stop(loop, &tick);
     return *count >= want;
@@ -85,13 +94,7 @@ static struct pgloop *listening(struct ev_loop *loop, struct ctx *c)
     struct pgloop *pg = pgloop_create(loop, db.url, state_cb, notify_cb, c);
     cr_assert(pg);
     cr_assert_eq(pgloop_connect(pg), 0);
-    for (int waited = 0; !c->ready && !c->failed && waited < 10000; waited += 10) {
-        ev_timer tick;
-        ev_timer_init(&tick, tick_cb, 0.01, 0.0);
-        ev_timer_start(loop, &tick);
-        ev_run(loop, EVRUN_ONCE);
-        ev_timer_stop(loop, &tick);
-    }
+    run_until(loop, &c->states, 1, 10000);
     cr_assert(c->ready, "not connected: %s", pgloop_error(pg) ? pgloop_error(pg) : "timeout");
     cr_assert_eq(pgloop_query_simple(pg, "LISTEN c", result_cb, c), 0);
     cr_assert(run_until(loop, &c->results, 1, 10000), "LISTEN never completed");
@@ -124,15 +127,19 @@ static int unread(struct pgloop *pg)
     return n;
 }
 
+static void pause_1ms(void)
+{
+    struct timespec ms = {0, 1000000L};
+    nanosleep(&ms, NULL);
+}
+
 /* Waits (at most timeout_ms, 1 ms apart: the socket has no event to wait on outside the loop)
  * until more than `than` bytes wait on pg's socket; returns how many. */
 static int wait_unread(struct pgloop *pg, int than, int timeout_ms)
 {
     int n;
-    for (int waited = 0; (n = unread(pg)) <= than && waited < timeout_ms; waited++) {
-        struct timespec ms = {0, 1000000L};
-        nanosleep(&ms, NULL);
-    }
+    for (int64_t until = now_ms() + timeout_ms; (n = unread(pg)) <= than && now_ms() < until;)
+        pause_1ms();
     return n;
 }
 
@@ -151,12 +158,14 @@ Test(pgloop, a_notification_read_behind_a_query_is_not_left_behind)
     const char *params[] = {pid};
     cr_assert_eq(pgloop_query_simple(pg, "SELECT 1", result_cb, &c), 0);
     /* The server is done with the query (idle again) and its answer is on the socket. */
-    for (int waited = 0; pgtest_count(conn,
-                                      "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int "
-                                      "AND state = 'idle' AND query = 'SELECT 1'",
-                                      1, params) != 1;
-         waited++)
-        cr_assert_lt(waited, 10000, "the query never ended");
+    int64_t until = now_ms() + 10000;
+    while (pgtest_count(conn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int "
+                        "AND state = 'idle' AND query = 'SELECT 1'",
+                        1, params) != 1) {
+        cr_assert_lt(now_ms(), until, "the query never ended");
+        pause_1ms();
+    }
     int result_bytes = wait_unread(pg, 0, 10000);
     cr_assert_gt(result_bytes, 0, "no answer on the socket");
     pgtest_exec(conn, "NOTIFY c, 'behind'");
