@@ -702,28 +702,24 @@ static void uuid_text(const char *raw, char out[37])
     out[o] = '\0';
 }
 
-/* A jsonb value in binary: a version byte (1) and the text. Returns false if it is not that. */
-static bool jsonb_text(PGresult *res, int row, int col, const char **text, size_t *len)
+/* payload and headers come as text (outbox_sql.c renders them): in binary format, the text's
+ * bytes. */
+static void text_value(PGresult *res, int row, int col, const char **text, size_t *len)
 {
-    int n = PQgetlength(res, row, col);
-    const char *v = PQgetvalue(res, row, col);
-    if (n < 1 || v[0] != 1)
-        return false;
-    *text = v + 1;
-    *len = (size_t)n - 1;
-    return true;
+    *text = PQgetvalue(res, row, col);
+    *len = (size_t)PQgetlength(res, row, col);
 }
 
-/* The fixed-size columns have their size and the jsonb columns their version byte (NOT NULL
- * columns, so a NULL reads as length 0 and fails these checks too). */
+/* The fixed-size columns have their size, and payload and headers (NOT NULL columns) are not
+ * NULL. */
 static bool claim_shape_ok(PGresult *res)
 {
     if (PQnfields(res) != 9)
         return false;
     for (int i = 0; i < PQntuples(res); i++)
         if (PQgetlength(res, i, 0) != 8 || PQgetlength(res, i, 1) != 16 ||
-            PQgetlength(res, i, 7) != 8 || PQgetlength(res, i, 8) != 8 ||
-            PQgetvalue(res, i, 5)[0] != 1 || PQgetvalue(res, i, 6)[0] != 1)
+            PQgetlength(res, i, 7) != 8 || PQgetlength(res, i, 8) != 8 || PQgetisnull(res, i, 5) ||
+            PQgetisnull(res, i, 6))
             return false;
     return true;
 }
@@ -876,8 +872,8 @@ static void claim_result_cb(struct pgloop *pg, PGresult *res, void *arg)
         const char *key = PQgetvalue(res, i, 3);
         const char *payload = "", *extra = "";
         size_t payload_len = 0, extra_len = 0;
-        (void)jsonb_text(res, i, 5, &payload, &payload_len); /* checked by claim_shape_ok */
-        (void)jsonb_text(res, i, 6, &extra, &extra_len);
+        text_value(res, i, 5, &payload, &payload_len);
+        text_value(res, i, 6, &extra, &extra_len);
         const char *event_type = PQgetvalue(res, i, 4);
         rd_kafka_headers_t *h = make_headers(id, event_type, extra, extra_len);
         size_t key_len = key_null ? 0 : (size_t)PQgetlength(res, i, 3);

@@ -63,8 +63,10 @@ static int claim_budget(PGconn *claimer, const char *floor, const char *low, con
     for (int i = 0; i < PQntuples(r); i++) {
         cr_assert_eq(PQgetlength(r, i, 0), 8, "seq is a binary int8");
         cr_assert_eq(PQgetlength(r, i, 1), 16, "id is a binary uuid");
-        cr_assert_eq(PQgetvalue(r, i, 5)[0], 1, "payload is binary jsonb (version 1)");
-        cr_assert_str_eq(PQgetvalue(r, i, 5) + 1, "{\"a\": 1}");
+        /* payload and headers as text: their bytes, no jsonb version byte */
+        cr_assert_eq(PQgetlength(r, i, 5), 8, "payload is its text");
+        cr_assert_str_eq(PQgetvalue(r, i, 5), "{\"a\": 1}");
+        cr_assert_str_eq(PQgetvalue(r, i, 6), "{}", "headers is its text");
         cr_assert_eq(PQgetlength(r, i, 7), 8, "created_at is a binary timestamptz");
         cr_assert_eq(PQgetlength(r, i, 8), 8, "upto is a binary int8");
         len += (size_t)snprintf(out + len, outlen - len, "%s%lld", i ? "," : "",
@@ -256,5 +258,50 @@ Test(relay_claim, plans_made_on_an_empty_outbox_use_the_seq_index)
         cr_expect(!strstr(plan, "Seq Scan"), "%s:\n%s", plans[i], plan);
         cr_expect(strstr(plan, "outbox_seq_key"), "%s:\n%s", plans[i], plan);
     }
+    PQfinish(c);
+}
+
+/* The capped claim renders each row's payload and headers once, for both its byte count and
+ * its result (rendered twice, a 100-row claim cost ~40% more). Both statements return them as
+ * text, so nothing renders them again when the result is sent; and in the capped plan no
+ * octet_length casts in place ("octet_length((x.payload)::text)"): each reads the rendered
+ * column, which EXPLAIN shows wrapped in one more pair of parentheses. */
+Test(relay_claim, capped_claim_renders_payload_and_headers_once)
+{
+    bool locked;
+    PGconn *c = claimer_session(&locked);
+    cr_assert(locked);
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, key, event_type, payload) VALUES "
+                      "(gen_random_uuid(), 't', 'k', 'e', '{\"a\": 1}')");
+    const char *params[] = {"1", "0", "100", "1", "1000000"};
+    for (int capped = 0; capped < 2; capped++) {
+        PGresult *r = PQexecPrepared(c, capped ? "relay_claim_capped" : "relay_claim",
+                                     capped ? 5 : 4, params, NULL, NULL, 1);
+        cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+        cr_assert_eq(PQntuples(r), 1);
+        cr_expect_eq(PQftype(r, 5), 25, "payload is text (oid 25), not %u", PQftype(r, 5));
+        cr_expect_eq(PQftype(r, 6), 25, "headers is text (oid 25), not %u", PQftype(r, 6));
+        PQclear(r);
+    }
+    PGresult *r =
+        PQexec(c, "EXPLAIN (VERBOSE, COSTS OFF) EXECUTE relay_claim_capped(1, 0, 100, 1, 1000000)");
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+    int in_place = 0, reads = 0;
+    char plan[8192] = "";
+    size_t len = 0;
+    for (int k = 0; k < PQntuples(r); k++) {
+        const char *line = PQgetvalue(r, k, 0);
+        for (const char *p = line; (p = strstr(p, "octet_length((")); p++) {
+            if (p[strlen("octet_length((")] == '(')
+                reads++;
+            else
+                in_place++;
+        }
+        if (len < sizeof(plan) - 1)
+            len += (size_t)snprintf(plan + len, sizeof(plan) - len, "%s\n", line);
+    }
+    PQclear(r);
+    cr_expect_eq(in_place, 0, "octet_length renders in place %d times:\n%s", in_place, plan);
+    cr_expect(reads >= 2, "octet_length of the rendered payload and headers not found:\n%s", plan);
     PQfinish(c);
 }
