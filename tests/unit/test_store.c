@@ -1,12 +1,14 @@
 /* The orchestrator's saga.apply_batch document (orchestrator/store.c): written as JSON text
  * directly, so what it writes must parse, and every string must come back as it went in,
  * whatever bytes it holds (error texts, header values and reply data come from outside). */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 
+#include "diag.h"
 #include "orchestrator.h"
 
 /* Quotes, backslashes, every control character, a DEL and UTF-8. */
@@ -281,4 +283,196 @@ Test(store, only_a_reply_names_itself_on_the_attempt)
         cJSON_Delete(doc);
         free(text);
     }
+}
+
+/* ---- the whole path, byte for byte ---------------------------------------------------- */
+
+/* A definition whose templates use every kind of placeholder: exact ones of each JSON type
+ * (kept as they are), interpolations of strings, numbers, arrays and missing paths, literal
+ * scalars, nested arrays and objects, keys and strings that need escaping; a compensation
+ * that reads a reply; a pivot. */
+static const char golden_definition[] =
+    "{\"saga\": \"golden\", \"version\": 3, \"reply_topic\": \"saga.replies\","
+    " \"input\": {\"required\": [\"orderId\", \"items\", \"amount\", \"ratio\", \"gift\", "
+    "\"note\", \"none\", \"nope\"]},"
+    " \"defaults\": {\"timeout\": \"10s\", \"retry\": {\"max_attempts\": 2, \"backoff\": "
+    "\"200ms\", \"max_backoff\": \"5s\"}},"
+    " \"steps\": ["
+    "  {\"name\": \"reserve\", \"participant\": \"inventory\","
+    "   \"command\": {\"topic\": \"inventory.commands\", \"type\": \"ReserveStock\","
+    "    \"key\": \"{{input.orderId}}\","
+    "    \"payload\": {\"orderId\": \"{{input.orderId}}\", \"items\": \"{{input.items}}\","
+    "     \"amount\": \"{{input.amount}}\", \"ratio\": \"{{input.ratio}}\", \"gift\": "
+    "\"{{input.gift}}\","
+    "     \"note\": \"{{input.note}}\", \"none\": \"{{input.none}}\", \"missing\": "
+    "\"{{input.nope}}\","
+    "     \"text\": \"order {{input.orderId}} x{{input.amount}} {{input.items}} [{{input.nope}}] "
+    "{{ saga.name }}/{{saga.id}}\","
+    "     \"lit\": [1, 2.5, -3e-7, 1e300, true, false, null, \"s\\\"q\\\\\\u0001\", {\"k\\n\": "
+    "[]}, "
+    "{}],"
+    "     \"first\": \"{{input.items.0.sku}}\", \"corr\": \"{{saga.correlation_id}}\"}},"
+    "   \"compensation\": {\"topic\": \"inventory.commands\", \"type\": \"ReleaseStock\","
+    "    \"payload\": {\"reservationId\": \"{{steps.reserve.reply.reservationId}}\","
+    "     \"all\": \"{{steps.reserve.reply}}\", \"why\": \"undo {{steps.reserve.reply.n}}\"}},"
+    "   \"timeout\": \"5s\"},"
+    "  {\"name\": \"pay\", \"participant\": \"payment\","
+    "   \"command\": {\"topic\": \"payment.commands\", \"type\": \"Authorize\","
+    "    \"key\": \"{{steps.reserve.reply.n}}\","
+    "    \"payload\": {\"reservation\": \"{{steps.reserve.reply}}\", \"amount\": "
+    "\"{{input.amount}}\"}}, \"compensation\": null},"
+    "  {\"name\": \"approve\", \"participant\": \"orders\", \"pivot\": true,"
+    "   \"command\": {\"topic\": \"orders.commands\", \"type\": \"Approve\","
+    "    \"payload\": {\"auth\": \"{{steps.pay.reply.auth}}\"}}}"
+    " ]}";
+
+static void golden_uuid(char out[SAGA_UUID_LEN + 1], void *arg)
+{
+    int *n = arg;
+    snprintf(out, SAGA_UUID_LEN + 1, "%08x-0000-4000-8000-%012x", 0xa0000000u + (unsigned)*n,
+             (unsigned)(*n * 7919));
+    (*n)++;
+}
+
+/* Applies ev to row and appends the transaction's document (effects, instance; a reply the
+ * saga ignores goes to the inbox and ignored) to out. */
+static void golden_step(struct saga_row *row, const struct saga_event *ev,
+                        const struct saga_engine_env *env, const char *reply_id, FILE *out)
+{
+    struct saga_effects fx;
+    struct store_batch b;
+    cr_assert_eq(store_batch_init(&b), 0);
+    cr_assert_eq(saga_engine_apply(row->def, &row->state, ev, env, &fx), 0);
+    if (fx.outcome == SAGA_APPLIED) {
+        cr_assert_eq(store_batch_add_effects(&b, row, &fx, reply_id), 0);
+        cr_assert_eq(store_batch_add_instance(&b, row), 0);
+    } else {
+        cr_assert_eq(store_batch_add_inbox(&b, reply_id, ev->in_reply_to, row->state.id,
+                                           "saga.replies", 2, 77, "ignored"),
+                     0);
+        cr_assert_eq(store_batch_add_ignored(&b, ev->in_reply_to, row->state.id, ev->reply), 0);
+    }
+    saga_effects_clear(&fx);
+    char *text = store_batch_finish(&b);
+    cr_assert(text);
+    fprintf(out, "%s\n", text);
+    free(text);
+}
+
+static void golden_reply(struct saga_row *row, const struct saga_engine_env *env, bool success,
+                         const char *data, const char *reply_id, FILE *out)
+{
+    cJSON *reply = cJSON_Parse(data);
+    cr_assert(reply, "bad reply JSON: %s", data);
+    char irt[SAGA_UUID_LEN + 1];
+    snprintf(irt, sizeof(irt), "%s", row->state.waiting_message_id);
+    struct saga_event ev = {.kind = SAGA_EV_REPLY,
+                            .now_ms = 1795000002000LL,
+                            .in_reply_to = irt,
+                            .success = success,
+                            .reply = reply};
+    golden_step(row, &ev, env, reply_id, out);
+    cJSON_Delete(reply);
+}
+
+/* Everything the orchestrator writes for two sagas (one completes, one fails, compensates,
+ * then gets a stale reply) must stay the same to the byte: the commands' payloads, keys and
+ * headers, the step history and the instances, as saga.apply_batch receives them. The
+ * expected text is tests/unit/golden/apply_documents.inc (SAGA_GOLDEN_WRITE=<that file>
+ * rewrites it from this build: only when a change of the output is intended). */
+Test(store, the_documents_of_two_sagas_are_the_same_to_the_byte)
+{
+    struct saga_definition *def = NULL;
+    struct diag_list errs;
+    memset(&errs, 0, sizeof(errs));
+    cr_assert_eq(saga_definition_parse("golden.json", golden_definition,
+                                       sizeof(golden_definition) - 1, &def, &errs),
+                 0, "%s", errs.count ? errs.items[0] : "");
+    diag_clear(&errs);
+    int counter = 1;
+    struct saga_engine_env env = {.new_uuid = golden_uuid, .arg = &counter};
+    char *got = NULL;
+    size_t got_len = 0;
+    FILE *out = open_memstream(&got, &got_len);
+    cr_assert(out);
+
+    static const char input[] =
+        "{\"orderId\": \"o-\\\"1\\\\\\n\\u0002é\", \"amount\": 1234567, \"ratio\": 0.1, "
+        "\"gift\": true, \"note\": null, \"items\": [{\"sku\": \"s-1\", \"qty\": 2}, {\"sku\": "
+        "\"s-2\", \"qty\": 1.5e-3}], \"none\": {}}";
+    for (int s = 0; s < 2; s++) {
+        struct saga_row row;
+        memset(&row, 0, sizeof(row));
+        row.def = def;
+        cJSON *in = cJSON_Parse(input);
+        cr_assert(in);
+        saga_state_init(&row.state,
+                        s ? "22222222-2222-4222-8222-222222222222"
+                          : "11111111-1111-4111-8111-111111111111",
+                        in, s ? "corr-\t2" : NULL, s ? NULL : "0123456789abcdef0123456789ABCDEF");
+        struct saga_event start = {.kind = SAGA_EV_START, .now_ms = 1795000001000LL};
+        golden_step(&row, &start, &env, NULL, out);
+        golden_reply(&row, &env, true,
+                     "{\"reservationId\": \"r-\\\"x\\u001f\", \"n\": 42, \"f\": -0.25, \"big\": "
+                     "12345678901234567890, \"arr\": [null, {\"a\": [1, \"\\u00e9\"]}]}",
+                     "b0000000-0000-4000-8000-000000000001", out);
+        if (s == 0) {
+            golden_reply(&row, &env, true, "{\"auth\": \"A-1\", \"amount\": 99.99}",
+                         "b0000000-0000-4000-8000-000000000002", out);
+            golden_reply(&row, &env, true, "{\"status\": \"approved\"}",
+                         "b0000000-0000-4000-8000-000000000003", out);
+            cr_assert_eq(row.state.status, SAGA_COMPLETED);
+        } else {
+            struct saga_event timeout = {.kind = SAGA_EV_TIMEOUT, .now_ms = 1795001000000LL};
+            golden_step(&row, &timeout, &env, NULL, out);
+            timeout.now_ms += 1000;
+            golden_step(&row, &timeout, &env, NULL, out); /* the backoff is over: resent */
+            golden_reply(&row, &env, false, "{\"reason\": \"declined \\\"hard\\\"\"}",
+                         "b0000000-0000-4000-8000-000000000004", out);
+            cr_assert_eq(row.state.status, SAGA_COMPENSATING);
+            struct saga_event stale = {.kind = SAGA_EV_REPLY,
+                                       .now_ms = 1795001000001LL,
+                                       .in_reply_to = "a0000000-0000-4000-8000-000000000000",
+                                       .success = true};
+            golden_step(&row, &stale, &env, "b0000000-0000-4000-8000-000000000005", out);
+            golden_reply(&row, &env, true, "{\"released\": true}",
+                         "b0000000-0000-4000-8000-000000000006", out);
+            cr_assert_eq(row.state.status, SAGA_COMPENSATED);
+        }
+        store_row_clear(&row);
+    }
+    fclose(out);
+    saga_definition_destroy(def);
+
+    /* SAGA_GOLDEN_WRITE=<file>: writes what this build makes, as the C text of the .inc. */
+    const char *write = getenv("SAGA_GOLDEN_WRITE");
+    if (write) {
+        FILE *f = fopen(write, "w");
+        cr_assert(f, "cannot write %s", write);
+        fputs("/* Generated by test_store (SAGA_GOLDEN_WRITE): the expected documents. */\n\"", f);
+        for (size_t i = 0; i < got_len; i++) {
+            unsigned char c = (unsigned char)got[i];
+            if (c == '\n')
+                fputs("\\n\"\n\"", f);
+            else if (c == '"' || c == '\\')
+                fprintf(f, "\\%c", c);
+            else if (c < 0x20 || c >= 0x7f)
+                fprintf(f, "\\%03o", c);
+            else
+                fputc(c, f);
+        }
+        fputs("\"\n", f);
+        fclose(f);
+    }
+    static const char want[] =
+#include "golden/apply_documents.inc"
+        ;
+    size_t want_len = sizeof(want) - 1, at = 0;
+    while (at < got_len && at < want_len && got[at] == want[at])
+        at++;
+    cr_assert(at == got_len && at == want_len,
+              "the documents differ from golden/apply_documents.inc at byte %zu (of %zu, %zu "
+              "expected):\n  got:  %.160s\n  want: %.160s",
+              at, got_len, want_len, got + (at > 40 ? at - 40 : 0), want + (at > 40 ? at - 40 : 0));
+    free(got);
 }
