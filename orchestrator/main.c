@@ -15,6 +15,7 @@
 #include "migrate.h"
 #include "orchestrator.h"
 #include "settings.h"
+#include "uuid.h"
 
 #define SETTINGS_TABLE(s)                                                                          \
     {                                                                                              \
@@ -350,7 +351,7 @@ int main(int argc, char **argv)
              s->definitions_dir);
 
     orch.loop = ev_default_loop(EVFLAG_AUTO);
-    orch.env.new_uuid = saga_uuid_random;
+    orch.env.new_uuid = saga_uuid_v7;
     if (replies_start(&orch, err, sizeof(err))) {
         log_error("configuration: %s", err);
         fprintf(stderr, "saga-orchestrator: %s\n", err);

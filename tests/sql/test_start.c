@@ -190,6 +190,39 @@ Test(start, inserts_a_pending_saga_with_the_latest_version)
                  3);
 }
 
+/* Saga ids are time-ordered (version 7, sql/013): the version and variant bits, the time of
+ * the call in their first 48 bits, and later sagas sort after earlier ones by id (a
+ * millisecond apart at least: within one they are random). saga.uuid_v7 works under the
+ * search_path saga.start runs with. */
+Test(start, saga_ids_are_time_ordered_version_7)
+{
+    char *ids[3];
+    for (int i = 0; i < 3; i++) {
+        ids[i] = start_saga(conn, "order_fulfillment", good_input, NULL);
+        PQclear(pgtest_query(conn, "SELECT pg_sleep(0.002)", 0, NULL));
+    }
+    for (int i = 0; i < 3; i++) {
+        const char *p[] = {ids[i]};
+        char *ok = pgtest_value(
+            conn,
+            "SELECT substr($1, 15, 1) = '7' AND substr($1, 20, 1) IN ('8', '9', 'a', 'b') AND "
+            "abs(('x' || lpad(replace(left($1, 13), '-', ''), 16, '0'))::bit(64)::bigint - "
+            "extract(epoch FROM clock_timestamp()) * 1000) < 60000",
+            1, p);
+        cr_expect_str_eq(ok, "t", "saga id %s: not a version 7 uuid of now", ids[i]);
+        free(ok);
+        if (i > 0)
+            cr_expect(strcmp(ids[i - 1], ids[i]) < 0, "%s before %s", ids[i - 1], ids[i]);
+    }
+    for (int i = 0; i < 3; i++)
+        free(ids[i]);
+    pgtest_exec(conn, "SET search_path = pg_catalog, pg_temp");
+    char *v = pgtest_value(conn, "SELECT substr(saga.uuid_v7()::text, 15, 1)", 0, NULL);
+    cr_expect_str_eq(v, "7");
+    free(v);
+    pgtest_exec(conn, "RESET search_path");
+}
+
 Test(start, is_atomic_with_the_callers_transaction)
 {
     pgtest_exec(conn, "CREATE TABLE public.orders (id text PRIMARY KEY)");
