@@ -92,16 +92,40 @@ static const enum store_section section_order[STORE_SECTIONS] = {
     STORE_SENT,     STORE_INBOX,     STORE_OUTBOX,      STORE_IGNORED,
     STORE_RESOLVED, STORE_INSTANCES, STORE_DEAD_LETTERS};
 
+/* The sections' buffers of the last batch cleared on this thread, kept for the next one: a
+ * batch's sections grow to hundreds of KB by doubling, and allocating and freeing them at
+ * every batch was a visible part of the orchestrator's malloc time (the daemon builds one
+ * batch at a time on its loop's thread). At most one buffer per section is kept. */
+static _Thread_local struct {
+    char *text;
+    size_t cap;
+} spare[STORE_SECTIONS];
+
 int store_batch_init(struct store_batch *b)
 {
     memset(b, 0, sizeof(*b));
+    for (int i = 0; i < STORE_SECTIONS; i++) {
+        if (!spare[i].text)
+            continue;
+        b->sec[i].text = spare[i].text;
+        b->sec[i].cap = spare[i].cap;
+        b->sec[i].text[0] = '\0';
+        spare[i].text = NULL;
+        spare[i].cap = 0;
+    }
     return 0;
 }
 
 void store_batch_clear(struct store_batch *b)
 {
-    for (int i = 0; i < STORE_SECTIONS; i++)
-        free(b->sec[i].text);
+    for (int i = 0; i < STORE_SECTIONS; i++) {
+        if (!spare[i].text && b->sec[i].text) {
+            spare[i].text = b->sec[i].text;
+            spare[i].cap = b->sec[i].cap;
+        } else {
+            free(b->sec[i].text);
+        }
+    }
     memset(b, 0, sizeof(*b));
 }
 
@@ -132,97 +156,132 @@ static void put_s(struct store_text *t, const char *s)
     put(t, s, strlen(s));
 }
 
+/* A string literal, its length known at compile time. */
+#define put_lit(t, lit) put((t), "" lit, sizeof(lit) - 1)
+
 /* A JSON string (quotes and escapes: '"', '\\' and the control characters, as cJSON prints
  * them; other bytes as they are), or null for NULL. */
 static void put_str(struct store_text *t, const char *s)
 {
     if (!s) {
-        put_s(t, "null");
+        put_lit(t, "null");
         return;
     }
-    put_s(t, "\"");
+    put_lit(t, "\"");
     const char *run = s;
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+    const unsigned char *c = (const unsigned char *)s;
+    for (; *c; c++) {
         if (*c >= 0x20 && *c != '"' && *c != '\\')
             continue;
         put(t, run, (size_t)((const char *)c - run));
-        char esc[8];
         switch (*c) {
         case '"':
-            put_s(t, "\\\"");
+            put_lit(t, "\\\"");
             break;
         case '\\':
-            put_s(t, "\\\\");
+            put_lit(t, "\\\\");
             break;
         case '\b':
-            put_s(t, "\\b");
+            put_lit(t, "\\b");
             break;
         case '\f':
-            put_s(t, "\\f");
+            put_lit(t, "\\f");
             break;
         case '\n':
-            put_s(t, "\\n");
+            put_lit(t, "\\n");
             break;
         case '\r':
-            put_s(t, "\\r");
+            put_lit(t, "\\r");
             break;
         case '\t':
-            put_s(t, "\\t");
+            put_lit(t, "\\t");
             break;
-        default:
-            snprintf(esc, sizeof(esc), "\\u%04x", *c);
-            put_s(t, esc);
+        default: {
+            static const char hex[] = "0123456789abcdef";
+            char esc[6] = {'\\', 'u', '0', '0', hex[*c >> 4], hex[*c & 15]};
+            put(t, esc, sizeof(esc));
+        }
         }
         run = (const char *)c + 1;
     }
-    put_s(t, run);
-    put_s(t, "\"");
+    put(t, run, (size_t)((const char *)c - run));
+    put_lit(t, "\"");
 }
 
+/* Decimal digits, as "%lld" writes them (snprintf was a visible share of the batch's CPU). */
 static void put_int(struct store_text *t, long long v)
 {
     char digits[24];
-    int n = snprintf(digits, sizeof(digits), "%lld", v);
-    put(t, digits, (size_t)n);
+    size_t n = sizeof(digits);
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        digits[--n] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        digits[--n] = '-';
+    put(t, digits + n, sizeof(digits) - n);
 }
 
-/* A cJSON value as JSON text (null for NULL). */
+/* A cJSON value as JSON text (null for NULL), as cJSON_PrintUnformatted writes it, printed
+ * straight into the section: cJSON_PrintPreallocated fails when the room left is too small
+ * (cJSON asks for 5 bytes to spare), and the room is then doubled. */
 static void put_json(struct store_text *t, const cJSON *v)
 {
     if (!v) {
-        put_s(t, "null");
+        put_lit(t, "null");
         return;
     }
-    char *text = cJSON_PrintUnformatted(v);
-    if (!text) {
-        t->failed = true;
-        return;
+    size_t room = 256;
+    for (;;) {
+        if (t->failed)
+            return;
+        if (t->cap - t->len < room + 1) {
+            size_t cap = t->cap ? t->cap : 1024;
+            while (cap - t->len < room + 1)
+                cap *= 2;
+            char *grown = realloc(t->text, cap);
+            if (!grown) {
+                t->failed = true;
+                return;
+            }
+            t->text = grown;
+            t->cap = cap;
+        }
+        size_t avail = t->cap - t->len;
+        if (avail > INT32_MAX)
+            avail = INT32_MAX;
+        if (cJSON_PrintPreallocated((cJSON *)v, t->text + t->len, (int)avail, 0)) {
+            t->len += strlen(t->text + t->len);
+            return;
+        }
+        t->text[t->len] = '\0';
+        if (avail == INT32_MAX) {
+            t->failed = true; /* cJSON prints into an int's worth at most */
+            return;
+        }
+        room = avail * 2;
     }
-    put_s(t, text);
-    free(text);
 }
 
 /* Starts an element of a section's array ("{" after a comma when not the first) and its first
  * key; key() writes the next ones. */
-static struct store_text *begin(struct store_batch *b, enum store_section s, const char *first)
+static struct store_text *begin_n(struct store_batch *b, enum store_section s, const char *open,
+                                  size_t n)
 {
     struct store_text *t = &b->sec[s];
-    put_s(t, t->len ? ",{\"" : "{\"");
-    put_s(t, first);
-    put_s(t, "\":");
+    if (t->len)
+        put_lit(t, ",");
+    put(t, open, n);
     return t;
 }
-
-static void key(struct store_text *t, const char *name)
-{
-    put_s(t, ",\"");
-    put_s(t, name);
-    put_s(t, "\":");
-}
+/* The keys are literals: each one's text, quotes and colon included, is one constant. */
+#define begin(b, s, first) begin_n((b), (s), "{\"" first "\":", sizeof("{\"" first "\":") - 1)
+#define key(t, name) put_lit((t), ",\"" name "\":")
 
 static int end(struct store_text *t)
 {
-    put_s(t, "}");
+    put_lit(t, "}");
     return t->failed ? -1 : 0;
 }
 
@@ -242,8 +301,14 @@ char *store_batch_finish(struct store_batch *b)
         doc[len++] = '{';
         for (int k = 0; k < STORE_SECTIONS; k++) {
             int i = (int)section_order[k];
-            len += (size_t)snprintf(doc + len, total - len, "%s\"%s\":[", k ? "," : "",
-                                    section_names[i]);
+            if (k)
+                doc[len++] = ',';
+            size_t nl = strlen(section_names[i]);
+            doc[len++] = '"';
+            memcpy(doc + len, section_names[i], nl);
+            len += nl;
+            memcpy(doc + len, "\":[", 3);
+            len += 3;
             if (b->sec[i].len) {
                 memcpy(doc + len, b->sec[i].text, b->sec[i].len);
                 len += b->sec[i].len;
@@ -269,9 +334,9 @@ static int jsonb_key_cmp(const char *a, const char *b)
 static void put_header(struct store_text *t, const struct saga_header *h, bool comma)
 {
     if (comma)
-        put_s(t, ",");
+        put_lit(t, ",");
     put_str(t, h->name);
-    put_s(t, ":");
+    put_lit(t, ":");
     put_str(t, h->value);
 }
 
@@ -288,7 +353,7 @@ static bool header_from_row(const char *name)
 static void put_headers(struct store_text *t, const struct saga_message *m)
 {
     size_t order[SORTED_HEADERS_MAX], n = 0;
-    put_s(t, "{");
+    put_lit(t, "{");
     if (m->header_count > SORTED_HEADERS_MAX) {
         for (size_t h = 0; h < m->header_count; h++)
             if (!header_from_row(m->headers[h].name))
@@ -306,7 +371,7 @@ static void put_headers(struct store_text *t, const struct saga_message *m)
         for (size_t k = 0; k < n; k++)
             put_header(t, &m->headers[order[k]], k > 0);
     }
-    put_s(t, "}");
+    put_lit(t, "}");
 }
 
 static const char *step_name(const struct saga_definition *def, int step)
@@ -391,7 +456,10 @@ int store_batch_add_instance(struct store_batch *b, const struct saga_row *row)
         put_json(t, st->replies);
     }
     key(t, "pivot_sent");
-    put_s(t, st->pivot_sent ? "true" : "false");
+    if (st->pivot_sent)
+        put_lit(t, "true");
+    else
+        put_lit(t, "false");
     key(t, "step_index");
     put_int(t, st->step);
     key(t, "budget_base");
@@ -400,11 +468,14 @@ int store_batch_add_instance(struct store_batch *b, const struct saga_row *row)
     if (st->deadline_ms)
         put_int(t, st->deadline_ms);
     else
-        put_s(t, "null");
+        put_lit(t, "null");
     key(t, "current_step");
     put_str(t, step_name(row->def, st->step));
     key(t, "clear_request");
-    put_s(t, row->clear_request ? "true" : "false");
+    if (row->clear_request)
+        put_lit(t, "true");
+    else
+        put_lit(t, "false");
     key(t, "waiting_message_id");
     put_str(t, st->waiting_message_id[0] ? st->waiting_message_id : NULL);
     return end(t);
