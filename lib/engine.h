@@ -86,17 +86,20 @@ struct saga_event {
     const char *reason;      /* ABORT: operator's reason (borrowed, may be NULL) */
 };
 
+/* name and value belong to the message (see saga_message): never freed one by one. */
 struct saga_header {
-    char *name;  /* owned */
-    char *value; /* owned */
+    char *name;
+    char *value;
 };
 
-/* One message to write into the orchestrator's outbox. */
+/* One message to write into the orchestrator's outbox. The engine makes every message and
+ * saga_effects_clear() frees it: topic, type and the headers' names and values live in the
+ * headers' one allocation (not to be freed one by one). */
 struct saga_message {
     char message_id[SAGA_UUID_LEN + 1];
-    char *topic;                 /* owned */
+    char *topic;                 /* in the headers' allocation */
     char *key;                   /* owned */
-    char *type;                  /* owned: event-type */
+    char *type;                  /* in the headers' allocation: event-type */
     char *payload;               /* owned: rendered JSON text */
     struct saga_header *headers; /* owned array: every header the spec lists */
     size_t header_count;
