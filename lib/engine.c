@@ -455,7 +455,7 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
     const cJSON *key_tmpl = md->key ? md->key : (comp ? s->command.key : NULL);
     char err[256] = "";
     char traceparent[56];
-    cJSON *ctx = NULL, *payload = NULL;
+    cJSON *ctx = NULL;
     int rc = -1;
 
     memset(m, 0, sizeof(*m));
@@ -526,9 +526,9 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
         goto cleanup;
     }
     if (md->payload) {
-        if (template_render(md->payload, ctx, &payload, err, sizeof(err)) < 0)
+        /* Rendered straight to text: the same bytes as printing the rendered value. */
+        if (template_render_json(md->payload, ctx, &m->payload, err, sizeof(err)) < 0)
             goto cleanup;
-        m->payload = cJSON_PrintUnformatted(payload);
     } else {
         m->payload = strdup("{}");
     }
@@ -536,7 +536,6 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
         goto cleanup;
     rc = 0;
 cleanup:
-    cJSON_Delete(payload);
     cJSON_Delete(ctx);
     if (rc < 0)
         message_clear(m);

@@ -1,6 +1,7 @@
 #include "template.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -119,6 +120,89 @@ static int text_append(struct text *t, const char *s, size_t n)
     return 0;
 }
 
+/* Appends v as cJSON_PrintUnformatted writes it, printed in place: cJSON_PrintPreallocated
+ * fails when the room left is too small (cJSON asks for 5 bytes to spare), and the room is then
+ * doubled. (A print buffer allocated, grown and freed per value was a visible share of the
+ * orchestrator's CPU: every command's payload is rendered.) */
+static int text_append_json(struct text *t, const cJSON *v)
+{
+    size_t room = 128;
+    for (;;) {
+        if (text_append(t, "", 0) < 0) /* a buffer, NUL-terminated */
+            return -1;
+        if (t->cap - t->len < room + 1) {
+            size_t cap = t->cap;
+            while (cap - t->len < room + 1)
+                cap *= 2;
+            char *buf = realloc(t->buf, cap);
+            if (!buf)
+                return -1;
+            t->buf = buf;
+            t->cap = cap;
+        }
+        size_t avail = t->cap - t->len;
+        if (avail > INT_MAX)
+            avail = INT_MAX;
+        if (cJSON_PrintPreallocated((cJSON *)v, t->buf + t->len, (int)avail, 0)) {
+            t->len += strlen(t->buf + t->len);
+            return 0;
+        }
+        t->buf[t->len] = '\0';
+        if (avail == INT_MAX)
+            return -1; /* cJSON prints into an int's worth at most */
+        room = avail * 2;
+    }
+}
+
+/* Appends s as a JSON string, escaped as cJSON prints one: '"', '\\' and the control
+ * characters (\b \f \n \r \t by name, the others as \u00xx), every other byte as it is. */
+static int text_append_json_string(struct text *t, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (text_append(t, "\"", 1) < 0)
+        return -1;
+    const char *run = s;
+    const unsigned char *c = (const unsigned char *)s;
+    for (; *c; c++) {
+        if (*c >= 0x20 && *c != '"' && *c != '\\')
+            continue;
+        char esc[6] = {'\\', 0, '0', '0', hex[*c >> 4], hex[*c & 15]};
+        size_t n = 2;
+        switch (*c) {
+        case '"':
+            esc[1] = '"';
+            break;
+        case '\\':
+            esc[1] = '\\';
+            break;
+        case '\b':
+            esc[1] = 'b';
+            break;
+        case '\f':
+            esc[1] = 'f';
+            break;
+        case '\n':
+            esc[1] = 'n';
+            break;
+        case '\r':
+            esc[1] = 'r';
+            break;
+        case '\t':
+            esc[1] = 't';
+            break;
+        default:
+            esc[1] = 'u';
+            n = 6;
+        }
+        if (text_append(t, run, (size_t)((const char *)c - run)) < 0 || text_append(t, esc, n) < 0)
+            return -1;
+        run = (const char *)c + 1;
+    }
+    if (text_append(t, run, (size_t)((const char *)c - run)) < 0)
+        return -1;
+    return text_append(t, "\"", 1);
+}
+
 /* Appends a value as interpolated text: strings raw, null or missing as nothing, others as
  * compact JSON. */
 static int text_append_value(struct text *t, const cJSON *v)
@@ -127,12 +211,7 @@ static int text_append_value(struct text *t, const cJSON *v)
         return text_append(t, "", 0);
     if (cJSON_IsString(v))
         return text_append(t, v->valuestring, strlen(v->valuestring));
-    char *json = cJSON_PrintUnformatted(v);
-    if (!json)
-        return -1;
-    int rc = text_append(t, json, strlen(json));
-    free(json);
-    return rc;
+    return text_append_json(t, v);
 }
 
 static void set_err(char *err, size_t errlen, const char *json_path, const char *msg)
@@ -143,6 +222,35 @@ static void set_err(char *err, size_t errlen, const char *json_path, const char 
         snprintf(err, errlen, "%s: %s", json_path, msg);
     else
         snprintf(err, errlen, "%s", msg);
+}
+
+/* Interpolates string s, whose first placeholder ph was found with scan_next(s, pos, ...),
+ * into t (NUL-terminated). Returns 0, or -1 with err set (a malformed placeholder further on,
+ * or out of memory). */
+static int interpolate(const char *s, size_t pos, struct placeholder ph, const cJSON *ctx,
+                       struct text *t, const char *json_path, char *err, size_t errlen)
+{
+    char msg[512];
+    size_t copied = 0;
+    for (;;) {
+        if (text_append(t, s + copied, ph.start - copied) < 0 ||
+            text_append_value(t, lookup(ctx, ph.path, ph.path_len)) < 0)
+            goto oom;
+        copied = ph.end;
+        enum scan_result r = scan_next(s, &pos, &ph, msg, sizeof(msg));
+        if (r == SCAN_DONE)
+            break;
+        if (r == SCAN_BAD) {
+            set_err(err, errlen, json_path, msg);
+            return -1;
+        }
+    }
+    if (text_append(t, s + copied, strlen(s + copied)) < 0)
+        goto oom;
+    return 0;
+oom:
+    set_err(err, errlen, json_path, "out of memory");
+    return -1;
 }
 
 /* Renders one string. */
@@ -170,30 +278,12 @@ static cJSON *render_string(const char *s, const cJSON *ctx, const char *json_pa
     }
 
     struct text t = {0};
-    size_t copied = 0;
     cJSON *out = NULL;
-    for (;;) {
-        if (text_append(&t, s + copied, ph.start - copied) < 0 ||
-            text_append_value(&t, lookup(ctx, ph.path, ph.path_len)) < 0)
-            goto oom;
-        copied = ph.end;
-        r = scan_next(s, &pos, &ph, msg, sizeof(msg));
-        if (r == SCAN_DONE)
-            break;
-        if (r == SCAN_BAD) {
-            set_err(err, errlen, json_path, msg);
-            goto cleanup;
-        }
+    if (interpolate(s, pos, ph, ctx, &t, json_path, err, errlen) == 0) {
+        out = cJSON_CreateString(t.buf);
+        if (!out)
+            set_err(err, errlen, json_path, "out of memory");
     }
-    if (text_append(&t, s + copied, strlen(s + copied)) < 0)
-        goto oom;
-    out = cJSON_CreateString(t.buf);
-    if (!out)
-        goto oom;
-    goto cleanup;
-oom:
-    set_err(err, errlen, json_path, "out of memory");
-cleanup:
     free(t.buf);
     return out;
 }
@@ -201,16 +291,45 @@ cleanup:
 /* json_path is a buffer of PATH_MAX-ish size that the recursion extends and restores. */
 #define JSON_PATH_MAX 1024
 
-static void path_push(char *json_path, size_t *saved, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void path_push(char *json_path, size_t *saved, const char *fmt, ...)
+/* Appends ".<key>" (is_array false) or "[<index>]" to json_path, cut to fit as snprintf
+ * would; *saved gets the length to restore. (Called for every value rendered: without
+ * vsnprintf it costs a copy.) */
+static void path_push(char *json_path, size_t *saved, bool is_array, const char *key, int index)
 {
-    *saved = strlen(json_path);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(json_path + *saved, JSON_PATH_MAX - *saved, fmt, ap);
-    va_end(ap);
+    size_t len = strlen(json_path);
+    *saved = len;
+    char num[16];
+    const char *parts[3];
+    size_t lens[3];
+    if (is_array) {
+        size_t n = sizeof(num);
+        unsigned u = index < 0 ? 0U - (unsigned)index : (unsigned)index;
+        do {
+            num[--n] = (char)('0' + u % 10);
+            u /= 10;
+        } while (u);
+        if (index < 0)
+            num[--n] = '-';
+        parts[0] = "[";
+        lens[0] = 1;
+        parts[1] = num + n;
+        lens[1] = sizeof(num) - n;
+        parts[2] = "]";
+        lens[2] = 1;
+    } else {
+        parts[0] = ".";
+        lens[0] = 1;
+        parts[1] = key ? key : "(null)";
+        lens[1] = strlen(parts[1]);
+        parts[2] = "";
+        lens[2] = 0;
+    }
+    for (int i = 0; i < 3; i++) {
+        size_t n = lens[i] < JSON_PATH_MAX - 1 - len ? lens[i] : JSON_PATH_MAX - 1 - len;
+        memcpy(json_path + len, parts[i], n);
+        len += n;
+    }
+    json_path[len] = '\0';
 }
 
 static cJSON *render_value(const cJSON *tmpl, const cJSON *ctx, char *json_path, char *err,
@@ -234,10 +353,7 @@ static cJSON *render_value(const cJSON *tmpl, const cJSON *ctx, char *json_path,
     int i = 0;
     for (const cJSON *item = tmpl->child; item; item = item->next, i++) {
         size_t saved;
-        if (is_array)
-            path_push(json_path, &saved, "[%d]", i);
-        else
-            path_push(json_path, &saved, ".%s", item->string);
+        path_push(json_path, &saved, is_array, item->string, i);
         cJSON *v = render_value(item, ctx, json_path, err, errlen);
         json_path[saved] = '\0';
         if (!v)
@@ -273,11 +389,132 @@ int template_render(const cJSON *tmpl, const cJSON *ctx, cJSON **out, char *err,
     return *out ? 0 : -1;
 }
 
+/* Renders tmpl as JSON text into t: what cJSON_PrintUnformatted writes for the value
+ * render_value makes, without making it. */
+static int render_json(const cJSON *tmpl, const cJSON *ctx, struct text *t, char *json_path,
+                       char *err, size_t errlen)
+{
+    if (cJSON_IsString(tmpl)) {
+        const char *s = tmpl->valuestring;
+        char msg[512];
+        struct placeholder ph;
+        size_t pos = 0;
+        enum scan_result r = scan_next(s, &pos, &ph, msg, sizeof(msg));
+        if (r == SCAN_BAD) {
+            set_err(err, errlen, json_path, msg);
+            return -1;
+        }
+        int rc;
+        if (r == SCAN_DONE) {
+            rc = text_append_json_string(t, s);
+        } else if (ph.start == 0 && s[ph.end] == '\0') {
+            /* Exact placeholder: the value itself, type kept. */
+            const cJSON *v = lookup(ctx, ph.path, ph.path_len);
+            rc = v ? text_append_json(t, v) : text_append(t, "null", 4);
+        } else {
+            struct text it = {0};
+            if (interpolate(s, pos, ph, ctx, &it, json_path, err, errlen) < 0) {
+                free(it.buf);
+                return -1;
+            }
+            rc = text_append_json_string(t, it.buf);
+            free(it.buf);
+        }
+        if (rc < 0)
+            set_err(err, errlen, json_path, "out of memory");
+        return rc;
+    }
+    if (!cJSON_IsArray(tmpl) && !cJSON_IsObject(tmpl)) {
+        if (text_append_json(t, tmpl) < 0) {
+            set_err(err, errlen, json_path, "out of memory");
+            return -1;
+        }
+        return 0;
+    }
+    bool is_array = cJSON_IsArray(tmpl);
+    if (text_append(t, is_array ? "[" : "{", 1) < 0)
+        goto oom;
+    int i = 0;
+    for (const cJSON *item = tmpl->child; item; item = item->next, i++) {
+        if (i > 0 && text_append(t, ",", 1) < 0)
+            goto oom;
+        if (!is_array && (text_append_json_string(t, item->string ? item->string : "") < 0 ||
+                          text_append(t, ":", 1) < 0))
+            goto oom;
+        size_t saved;
+        path_push(json_path, &saved, is_array, item->string, i);
+        int rc = render_json(item, ctx, t, json_path, err, errlen);
+        json_path[saved] = '\0';
+        if (rc < 0)
+            return -1;
+    }
+    if (text_append(t, is_array ? "]" : "}", 1) < 0)
+        goto oom;
+    return 0;
+oom:
+    set_err(err, errlen, json_path, "out of memory");
+    return -1;
+}
+
+int template_render_json(const cJSON *tmpl, const cJSON *ctx, char **out, char *err, size_t errlen)
+{
+    char json_path[JSON_PATH_MAX] = "";
+    struct text t = {0};
+
+    *out = NULL;
+    if (!tmpl) {
+        set_err(err, errlen, json_path, "no template");
+        return -1;
+    }
+    if (render_json(tmpl, ctx, &t, json_path, err, errlen) < 0) {
+        free(t.buf);
+        return -1;
+    }
+    *out = t.buf;
+    return 0;
+}
+
 int template_render_text(const cJSON *tmpl, const cJSON *ctx, char **out, char *err, size_t errlen)
 {
     cJSON *v = NULL;
 
     *out = NULL;
+    /* A string (every key template): its text made directly, as below it comes out of the
+     * rendered value. */
+    if (cJSON_IsString(tmpl)) {
+        const char *s = tmpl->valuestring;
+        char msg[512];
+        struct placeholder ph;
+        size_t pos = 0;
+        enum scan_result r = scan_next(s, &pos, &ph, msg, sizeof(msg));
+        if (r == SCAN_BAD) {
+            set_err(err, errlen, "", msg);
+            return -1;
+        }
+        if (r == SCAN_DONE) {
+            *out = strdup(s);
+        } else if (ph.start == 0 && s[ph.end] == '\0') {
+            const cJSON *val = lookup(ctx, ph.path, ph.path_len);
+            if (!val || cJSON_IsNull(val))
+                *out = strdup("");
+            else if (cJSON_IsString(val))
+                *out = strdup(val->valuestring);
+            else
+                *out = cJSON_PrintUnformatted(val);
+        } else {
+            struct text it = {0};
+            if (interpolate(s, pos, ph, ctx, &it, "", err, errlen) < 0) {
+                free(it.buf);
+                return -1;
+            }
+            *out = it.buf;
+        }
+        if (!*out) {
+            set_err(err, errlen, "", "out of memory");
+            return -1;
+        }
+        return 0;
+    }
     if (template_render(tmpl, ctx, &v, err, errlen) < 0)
         return -1;
     if (cJSON_IsString(v))
@@ -326,10 +563,7 @@ static int foreach_value(const cJSON *tmpl, char *json_path, template_path_cb pa
     int i = 0;
     for (const cJSON *item = tmpl->child; item; item = item->next, i++) {
         size_t saved;
-        if (is_array)
-            path_push(json_path, &saved, "[%d]", i);
-        else
-            path_push(json_path, &saved, ".%s", item->string);
+        path_push(json_path, &saved, is_array, item->string, i);
         if (foreach_value(item, json_path, path_cb, bad_cb, arg) < 0)
             rc = -1;
         json_path[saved] = '\0';

@@ -26,6 +26,12 @@ __attribute__((warn_unused_result)) int template_render(const cJSON *tmpl, const
 __attribute__((warn_unused_result)) int template_render_text(const cJSON *tmpl, const cJSON *ctx,
                                                              char **out, char *err, size_t errlen);
 
+/* Renders tmpl to compact JSON text: the same bytes as cJSON_PrintUnformatted() of what
+ * template_render() makes, without making it (the orchestrator renders every command's
+ * payload so). Same errors. On success *out is a new string the caller frees with free(). */
+__attribute__((warn_unused_result)) int template_render_json(const cJSON *tmpl, const cJSON *ctx,
+                                                             char **out, char *err, size_t errlen);
+
 /* Calls cb for every placeholder path found in tmpl (strings, nested arrays and objects).
  * json_path is the JSON path of the string holding it, relative to tmpl ("" for tmpl
  * itself, ".items[2]" below it). Returns 0, or -1 after calling bad_cb (may be NULL) for

@@ -254,3 +254,110 @@ Test(template, foreach_path_reports_malformed)
     cr_expect_eq(template_foreach_path(tmpl, NULL, NULL, NULL), -1);
     cJSON_Delete(tmpl);
 }
+
+/* template_render_json and template_render_text make their text without the rendered value:
+ * it must be the same bytes as printing that value, and the same errors. */
+static const char *const same_bytes_templates[] = {
+    "{\"orderId\": \"{{input.orderId}}\", \"items\": \"{{input.items}}\", \"amount\": "
+    "\"{{input.amount}}\", \"flag\": \"{{input.flag}}\", \"nothing\": \"{{input.nothing}}\", "
+    "\"missing\": \"{{input.nope.deeper}}\", \"customer\": \"{{input.customer}}\"}",
+    "\"order {{input.orderId}} of {{ input.count }}: {{input.items}} {{input.customer.tags}} "
+    "[{{input.nothing}}|{{input.nope}}] by {{saga.name}}/{{saga.id}}\"",
+    "[1, -2.5, 3e-9, 1e300, 12345678901234567890, true, false, null, \"plain\", [], {}, "
+    "[[{\"k\": [\"{{input.items.1.sku}}\"]}]]]",
+    "{\"esc\\\"aped\\n\\u0001key\": \"q\\\" b\\\\ n\\n r\\r t\\t b\\b f\\f \\u0001\\u001f "
+    "del\\u007f "
+    "é 😀 {{input.orderId}}\", \"plain\\t\": \"no placeholder \\\" \\u0002\"}",
+    "\"{{steps.reserve_inventory.reply}}\"",
+    "\"{{steps.reserve_inventory.reply.lines}}\"",
+    "\"{{input.nothing}}\"",
+    "\"{{input.nope}}\"",
+    "\"{{saga.correlation_id}}\"",
+    "\"no placeholder at all\"",
+    "42",
+    "null",
+    "{}",
+    "{\"a\": \"{{input.orderId}} {{\"}",
+    "{\"a\": [1, {\"b\": \"{{}}\"}]}",
+    "{\"a\": \"{{input..x}}\"}",
+    "\"x {{input.orderId}} {{.bad}}\"",
+};
+
+Test(template, render_json_writes_what_printing_the_value_writes)
+{
+    for (size_t i = 0; i < sizeof(same_bytes_templates) / sizeof(same_bytes_templates[0]); i++) {
+        cJSON *tmpl = cJSON_Parse(same_bytes_templates[i]);
+        cr_assert_not_null(tmpl, "bad test template %s", same_bytes_templates[i]);
+        cJSON *v = NULL;
+        char err1[256] = "", err2[256] = "";
+        int rc1 = template_render(tmpl, ctx, &v, err1, sizeof(err1));
+        char *want = rc1 == 0 ? cJSON_PrintUnformatted(v) : NULL;
+        char *got = NULL;
+        int rc2 = template_render_json(tmpl, ctx, &got, err2, sizeof(err2));
+        cr_assert_eq(rc2, rc1, "%s: %d against %d (%s)", same_bytes_templates[i], rc2, rc1, err2);
+        if (rc1 == 0)
+            cr_assert_str_eq(got, want, "%s", same_bytes_templates[i]);
+        else
+            cr_assert_str_eq(err2, err1, "%s", same_bytes_templates[i]);
+        free(got);
+        free(want);
+        cJSON_Delete(v);
+        cJSON_Delete(tmpl);
+    }
+    char *got = (char *)1;
+    char err[256] = "";
+    cr_assert_eq(template_render_json(NULL, ctx, &got, err, sizeof(err)), -1);
+    cr_assert_null(got);
+    cr_assert_str_eq(err, "no template");
+}
+
+/* render_text of a string template is made directly too: as from the rendered value. */
+Test(template, render_text_of_a_string_is_the_rendered_value_as_text)
+{
+    for (size_t i = 0; i < sizeof(same_bytes_templates) / sizeof(same_bytes_templates[0]); i++) {
+        cJSON *tmpl = cJSON_Parse(same_bytes_templates[i]);
+        cr_assert_not_null(tmpl);
+        cJSON *v = NULL;
+        char err1[256] = "", err2[256] = "";
+        int rc1 = template_render(tmpl, ctx, &v, err1, sizeof(err1));
+        char *want = NULL;
+        if (rc1 == 0)
+            want = cJSON_IsString(v) ? strdup(v->valuestring)
+                   : cJSON_IsNull(v) ? strdup("")
+                                     : cJSON_PrintUnformatted(v);
+        char *got = NULL;
+        int rc2 = template_render_text(tmpl, ctx, &got, err2, sizeof(err2));
+        cr_assert_eq(rc2, rc1, "%s", same_bytes_templates[i]);
+        if (rc1 == 0)
+            cr_assert_str_eq(got, want, "%s", same_bytes_templates[i]);
+        else
+            cr_assert_str_eq(err2, err1, "%s", same_bytes_templates[i]);
+        free(got);
+        free(want);
+        cJSON_Delete(v);
+        cJSON_Delete(tmpl);
+    }
+}
+
+/* A value larger than the first room the text is printed into (and than cJSON's own first
+ * buffer) comes out whole. */
+Test(template, render_json_of_a_large_value)
+{
+    cJSON *big = cJSON_CreateArray();
+    for (int i = 0; i < 3000; i++)
+        cJSON_AddItemToArray(big, cJSON_CreateNumber(i * 1.25));
+    cJSON_AddItemToObject(cJSON_GetObjectItemCaseSensitive(ctx, "input"), "big", big);
+    cJSON *tmpl = cJSON_Parse("{\"a\": \"{{input.big}}\", \"b\": \"x {{input.big}}\"}");
+    cJSON *v = NULL;
+    char err[256] = "";
+    cr_assert_eq(template_render(tmpl, ctx, &v, err, sizeof(err)), 0);
+    char *want = cJSON_PrintUnformatted(v);
+    char *got = NULL;
+    cr_assert_eq(template_render_json(tmpl, ctx, &got, err, sizeof(err)), 0);
+    cr_assert_gt(strlen(got), 20000);
+    cr_assert_str_eq(got, want);
+    free(got);
+    free(want);
+    cJSON_Delete(v);
+    cJSON_Delete(tmpl);
+}
