@@ -1,6 +1,9 @@
--- 013_time_ordered_ids: saga ids are time-ordered (UUID version 7, RFC 9562), as the
--- orchestrator's message ids are since the same release (lib/uuid.c).
+-- 013_start_ids_and_required_keys: saga.start makes time-ordered saga ids (UUID version 7,
+-- RFC 9562), as the orchestrator's message ids are since the same release (lib/uuid.c), and
+-- checks the input's required keys against a column of saga.definitions instead of reading
+-- the definition's body.
 --
+-- Time-ordered ids.
 -- A random (version 4) key puts each new entry of a btree on a random leaf page. saga.instances'
 -- primary key gets one per saga at saga.start and one more at each of its ~5 updates (they
 -- change indexed columns, so none is a HOT update), and the table is kept: once its index no
@@ -37,7 +40,30 @@ $$;
 COMMENT ON FUNCTION saga.uuid_v7() IS
     'A time-ordered uuid (version 7): saga ids (saga.start); usable for any table''s keys';
 
--- saga.start as in 006 (and 010's owner's rights), with saga.uuid_v7() for the new saga's id.
+-- Required keys. saga.start read the latest definition's whole body (~1 KB stored, compressed:
+-- decompressed at every call) to list the keys its input must have, one row per key, every
+-- time: ~19 µs of a ~100 µs call (10,000 calls, 5 rounds, the order saga's definition: 24.5
+-- µs for the read and the check against 5.9 with the keys in a column and `?&`). The keys are
+-- now a stored generated column, computed when a definition is registered (or its body
+-- changed by hand), and the missing ones are only listed when one is missing.
+CREATE FUNCTION saga.required_keys(body jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN pg_catalog.jsonb_typeof(body OPERATOR(pg_catalog.#>) '{input,required}') = 'array'
+                THEN ARRAY(SELECT pg_catalog.jsonb_array_elements_text(
+                                      body OPERATOR(pg_catalog.#>) '{input,required}'))
+           END
+$$;
+COMMENT ON FUNCTION saga.required_keys(jsonb) IS
+    'The input keys a definition requires (its input.required as text; NULL when it has none)';
+-- A small table (one row per registered version): the rewrite is immediate.
+ALTER TABLE saga.definitions
+    ADD COLUMN required_keys text[] GENERATED ALWAYS AS (saga.required_keys(body)) STORED;
+COMMENT ON COLUMN saga.definitions.required_keys IS
+    'input.required of body as text (generated); what saga.start checks the input against';
+
+-- saga.start as in 006 (and 010's owner's rights), with saga.uuid_v7() for the new saga's id
+-- and the required keys from saga.definitions.required_keys.
 CREATE OR REPLACE FUNCTION saga.start(saga_name text, input jsonb, idempotency_key text DEFAULT NULL,
                            correlation_id text DEFAULT NULL, traceparent text DEFAULT NULL)
 RETURNS uuid
@@ -47,12 +73,12 @@ AS $$
 #variable_conflict use_column
 DECLARE
     def_version int;
-    def_body    jsonb;
+    required    text[];
     missing     text[];
     trace       text;
     new_id      uuid;
 BEGIN
-    SELECT d.version, d.body INTO def_version, def_body
+    SELECT d.version, d.required_keys INTO def_version, required
       FROM saga.definitions d
      WHERE d.name = start.saga_name
      ORDER BY d.version DESC
@@ -69,19 +95,17 @@ BEGIN
             USING ERRCODE = 'SG002';
     END IF;
 
-    IF jsonb_typeof(def_body #> '{input,required}') = 'array' THEN
+    IF required IS NOT NULL AND NOT (input ?& required) THEN
         SELECT array_agg(k ORDER BY ord) INTO missing
-          FROM jsonb_array_elements_text(def_body #> '{input,required}') WITH ORDINALITY AS r(k, ord)
+          FROM unnest(required) WITH ORDINALITY AS r(k, ord)
          WHERE NOT (start.input ? k);
-        IF missing IS NOT NULL THEN
-            IF cardinality(missing) = 1 THEN
-                RAISE EXCEPTION 'saga "%": input is missing required key "%"', saga_name, missing[1]
-                    USING ERRCODE = 'SG003';
-            END IF;
-            RAISE EXCEPTION 'saga "%": input is missing required keys %', saga_name,
-                '"' || array_to_string(missing, '", "') || '"'
+        IF cardinality(missing) = 1 THEN
+            RAISE EXCEPTION 'saga "%": input is missing required key "%"', saga_name, missing[1]
                 USING ERRCODE = 'SG003';
         END IF;
+        RAISE EXCEPTION 'saga "%": input is missing required keys %', saga_name,
+            '"' || array_to_string(missing, '", "') || '"'
+            USING ERRCODE = 'SG003';
     END IF;
 
     IF traceparent IS NOT NULL THEN

@@ -368,6 +368,43 @@ Test(start, missing_required_keys_are_named)
     cr_assert_eq(instance_count(conn), 1);
 }
 
+/* The required keys come from saga.definitions.required_keys (sql/013), generated from the
+ * body: set at registration, NULL without input.required (any object then starts), and
+ * following a body changed by hand. */
+Test(start, required_keys_are_a_column_generated_from_the_body)
+{
+    char *keys = pgtest_value(conn,
+                              "SELECT required_keys::text FROM saga.definitions "
+                              "WHERE name = 'order_fulfillment'",
+                              0, NULL);
+    cr_assert_str_eq(keys, "{orderId,customerId,items,amount}");
+    free(keys);
+
+    const char *plain[] = {"no_required", "1", "{\"steps\": []}"};
+    PQclear(
+        pgtest_query(conn, "SELECT saga.register_definition($1, $2::int, $3::jsonb)", 3, plain));
+    cr_assert_eq(pgtest_count(conn,
+                              "SELECT count(*) FROM saga.definitions "
+                              "WHERE name = 'no_required' AND required_keys IS NULL",
+                              0, NULL),
+                 1);
+    free(start_saga(conn, "no_required", "{}", NULL));
+    cr_assert_eq(instance_count(conn), 1);
+
+    pgtest_exec(conn, "UPDATE saga.definitions SET body = jsonb_set(body, '{input,required}', "
+                      "'[\"orderId\", \"coupon\"]') WHERE name = 'order_fulfillment'");
+    {
+        const char *params[] = {"order_fulfillment", good_input};
+        char state[6], msg[512];
+        pgtest_expect_error(conn, "SELECT saga.start($1, $2::jsonb)", 2, params, state, msg,
+                            sizeof(msg));
+        cr_assert_str_eq(state, "SG003", "message: %s", msg);
+        cr_assert_str_eq(msg,
+                         "saga \"order_fulfillment\": input is missing required key \"coupon\"");
+    }
+    cr_assert_eq(instance_count(conn), 1);
+}
+
 Test(start, malformed_traceparent)
 {
     static const char *const bad[] = {
