@@ -17,13 +17,21 @@ const char *const store_instance_columns =
 
 static const char *const wait_names[] = {"none", "reply", "backoff"};
 
+/* snprintf(out, size, "%s", s) without the format parsing (every row read copies three). */
+static void copy_str(char *out, size_t size, const char *s)
+{
+    size_t n = strnlen(s, size - 1);
+    memcpy(out, s, n);
+    out[n] = '\0';
+}
+
 int store_read_row(const struct registry *reg, void *result, int i, struct saga_row *out, char *err,
                    size_t errlen)
 {
     PGresult *res = result;
     memset(out, 0, sizeof(*out));
     const char *id = PQgetvalue(res, i, 0);
-    snprintf(out->name, sizeof(out->name), "%s", PQgetvalue(res, i, 1));
+    copy_str(out->name, sizeof(out->name), PQgetvalue(res, i, 1));
     out->version = atoi(PQgetvalue(res, i, 2));
     out->def = registry_find(reg, out->name, out->version);
     if (!out->def) {
@@ -54,15 +62,14 @@ int store_read_row(const struct registry *reg, void *result, int i, struct saga_
         if (!strcmp(PQgetvalue(res, i, 8), wait_names[k]))
             st->wait = (enum saga_wait)k;
     if (!PQgetisnull(res, i, 9))
-        snprintf(st->waiting_message_id, sizeof(st->waiting_message_id), "%s",
-                 PQgetvalue(res, i, 9));
+        copy_str(st->waiting_message_id, sizeof(st->waiting_message_id), PQgetvalue(res, i, 9));
     st->deadline_ms = PQgetisnull(res, i, 10) ? 0 : strtoll(PQgetvalue(res, i, 10), NULL, 10);
     st->pivot_sent = !strcmp(PQgetvalue(res, i, 11), "t");
     st->replies = cJSON_Parse(PQgetvalue(res, i, 13));
     if (!PQgetisnull(res, i, 16))
         st->error = strdup(PQgetvalue(res, i, 16));
     if (!PQgetisnull(res, i, 17))
-        snprintf(out->pending_request, sizeof(out->pending_request), "%s", PQgetvalue(res, i, 17));
+        copy_str(out->pending_request, sizeof(out->pending_request), PQgetvalue(res, i, 17));
     if (!PQgetisnull(res, i, 18))
         out->request_reason = strdup(PQgetvalue(res, i, 18));
     return 0;
@@ -159,6 +166,17 @@ static void put_s(struct store_text *t, const char *s)
 /* A string literal, its length known at compile time. */
 #define put_lit(t, lit) put((t), "" lit, sizeof(lit) - 1)
 
+/* Bytes a JSON string cannot hold as they are: '"', '\\' and the control characters (NUL
+ * included: it ends the string). A table: the scan of every string of the document, byte by
+ * byte, was the largest single part of building it. */
+static const bool needs_escape[256] = {
+    [0x00] = true, [0x01] = true, [0x02] = true, [0x03] = true, [0x04] = true, [0x05] = true,
+    [0x06] = true, [0x07] = true, [0x08] = true, [0x09] = true, [0x0a] = true, [0x0b] = true,
+    [0x0c] = true, [0x0d] = true, [0x0e] = true, [0x0f] = true, [0x10] = true, [0x11] = true,
+    [0x12] = true, [0x13] = true, [0x14] = true, [0x15] = true, [0x16] = true, [0x17] = true,
+    [0x18] = true, [0x19] = true, [0x1a] = true, [0x1b] = true, [0x1c] = true, [0x1d] = true,
+    [0x1e] = true, [0x1f] = true, ['"'] = true,  ['\\'] = true};
+
 /* A JSON string (quotes and escapes: '"', '\\' and the control characters, as cJSON prints
  * them; other bytes as they are), or null for NULL. */
 static void put_str(struct store_text *t, const char *s)
@@ -170,9 +188,11 @@ static void put_str(struct store_text *t, const char *s)
     put_lit(t, "\"");
     const char *run = s;
     const unsigned char *c = (const unsigned char *)s;
-    for (; *c; c++) {
-        if (*c >= 0x20 && *c != '"' && *c != '\\')
-            continue;
+    for (;; c++) {
+        while (!needs_escape[*c])
+            c++;
+        if (!*c)
+            break;
         put(t, run, (size_t)((const char *)c - run));
         switch (*c) {
         case '"':
