@@ -1,9 +1,13 @@
 #include "template.h"
 
 #include <ctype.h>
+#include <float.h>
+#include <locale.h>
+#include <math.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,40 +124,6 @@ static int text_append(struct text *t, const char *s, size_t n)
     return 0;
 }
 
-/* Appends v as cJSON_PrintUnformatted writes it, printed in place: cJSON_PrintPreallocated
- * fails when the room left is too small (cJSON asks for 5 bytes to spare), and the room is then
- * doubled. (A print buffer allocated, grown and freed per value was a visible share of the
- * orchestrator's CPU: every command's payload is rendered.) */
-static int text_append_json(struct text *t, const cJSON *v)
-{
-    size_t room = 128;
-    for (;;) {
-        if (text_append(t, "", 0) < 0) /* a buffer, NUL-terminated */
-            return -1;
-        if (t->cap - t->len < room + 1) {
-            size_t cap = t->cap;
-            while (cap - t->len < room + 1)
-                cap *= 2;
-            char *buf = realloc(t->buf, cap);
-            if (!buf)
-                return -1;
-            t->buf = buf;
-            t->cap = cap;
-        }
-        size_t avail = t->cap - t->len;
-        if (avail > INT_MAX)
-            avail = INT_MAX;
-        if (cJSON_PrintPreallocated((cJSON *)v, t->buf + t->len, (int)avail, 0)) {
-            t->len += strlen(t->buf + t->len);
-            return 0;
-        }
-        t->buf[t->len] = '\0';
-        if (avail == INT_MAX)
-            return -1; /* cJSON prints into an int's worth at most */
-        room = avail * 2;
-    }
-}
-
 /* Appends s as a JSON string, escaped as cJSON prints one: '"', '\\' and the control
  * characters (\b \f \n \r \t by name, the others as \u00xx), every other byte as it is. */
 static int text_append_json_string(struct text *t, const char *s)
@@ -201,6 +171,101 @@ static int text_append_json_string(struct text *t, const char *s)
     if (text_append(t, run, (size_t)((const char *)c - run)) < 0)
         return -1;
     return text_append(t, "\"", 1);
+}
+
+/* A number as cJSON 1.7.15's print_number writes it: null for NaN and infinities, else with 15
+ * significant digits ("%1.15g") when that reads back the same (within DBL_EPSILON), else 17;
+ * the locale's decimal point written as '.'. An integral value below 1e15 comes out of
+ * "%1.15g" as its digits (-0 included) and reads back exactly: those (most numbers in the
+ * orchestrator's documents) are written without printf. */
+static int text_append_number(struct text *t, const cJSON *v)
+{
+    double d = v->valuedouble;
+    char num[32];
+    int n;
+    if (isnan(d) || isinf(d))
+        return text_append(t, "null", 4);
+    if (fabs(d) < 1e15 && d == trunc(d)) {
+        size_t k = sizeof(num);
+        int64_t i = (int64_t)d;
+        uint64_t u = i < 0 ? 0ULL - (uint64_t)i : (uint64_t)i;
+        do {
+            num[--k] = (char)('0' + u % 10);
+            u /= 10;
+        } while (u);
+        if (signbit(d))
+            num[--k] = '-';
+        return text_append(t, num + k, sizeof(num) - k);
+    }
+    n = snprintf(num, sizeof(num), "%1.15g", d);
+    double back = strtod(num, NULL);
+    double max = fabs(back) > fabs(d) ? fabs(back) : fabs(d);
+    if (!(fabs(back - d) <= max * DBL_EPSILON))
+        n = snprintf(num, sizeof(num), "%1.17g", d);
+    if (n < 0 || n > 25) /* cJSON's buffer holds 25 characters */
+        return -1;
+    char point = localeconv()->decimal_point[0];
+    for (int i = 0; i < n; i++)
+        if (num[i] == point)
+            num[i] = '.';
+    return text_append(t, num, (size_t)n);
+}
+
+/* Appends v as cJSON_PrintUnformatted writes it (-1 where that returns NULL: out of memory, an
+ * invalid item or a raw one without text). (cJSON's print allocates, grows and frees a buffer
+ * per call, and prints every number through sprintf and sscanf: a visible share of the
+ * orchestrator's CPU.) */
+static int text_append_json(struct text *t, const cJSON *v)
+{
+    switch (v->type & 0xFF) {
+    case cJSON_NULL:
+        return text_append(t, "null", 4);
+    case cJSON_False:
+        return text_append(t, "false", 5);
+    case cJSON_True:
+        return text_append(t, "true", 4);
+    case cJSON_Number:
+        return text_append_number(t, v);
+    case cJSON_Raw:
+        if (!v->valuestring)
+            return -1;
+        return text_append(t, v->valuestring, strlen(v->valuestring));
+    case cJSON_String:
+        return text_append_json_string(t, v->valuestring ? v->valuestring : "");
+    case cJSON_Array:
+    case cJSON_Object: {
+        bool is_array = (v->type & 0xFF) == cJSON_Array;
+        if (text_append(t, is_array ? "[" : "{", 1) < 0)
+            return -1;
+        for (const cJSON *c = v->child; c; c = c->next) {
+            if (c != v->child && text_append(t, ",", 1) < 0)
+                return -1;
+            if (!is_array && (text_append_json_string(t, c->string ? c->string : "") < 0 ||
+                              text_append(t, ":", 1) < 0))
+                return -1;
+            if (text_append_json(t, c) < 0)
+                return -1;
+        }
+        return text_append(t, is_array ? "]" : "}", 1);
+    }
+    default:
+        return -1;
+    }
+}
+
+int template_print_json(char **buf, size_t *len, size_t *cap, const cJSON *v)
+{
+    struct text t = {*buf, *len, *cap};
+    int rc = v ? text_append_json(&t, v) : -1;
+    if (rc == 0 && !t.buf)
+        rc = text_append(&t, "", 0);
+    *buf = t.buf;
+    *cap = t.cap;
+    if (rc == 0)
+        *len = t.len;
+    else if (t.buf)
+        t.buf[*len] = '\0';
+    return rc;
 }
 
 /* Appends a value as interpolated text: strings raw, null or missing as nothing, others as

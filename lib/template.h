@@ -32,6 +32,13 @@ __attribute__((warn_unused_result)) int template_render_text(const cJSON *tmpl, 
 __attribute__((warn_unused_result)) int template_render_json(const cJSON *tmpl, const cJSON *ctx,
                                                              char **out, char *err, size_t errlen);
 
+/* Appends v (borrowed) to the text *buf of *len bytes (*cap allocated; *buf may be NULL),
+ * growing it with realloc: the same bytes as cJSON_PrintUnformatted(v), NUL-terminated.
+ * Returns 0, or -1 where that returns NULL (out of memory, an invalid item); *len is then
+ * unchanged (*buf and *cap may have grown). */
+__attribute__((warn_unused_result)) int template_print_json(char **buf, size_t *len, size_t *cap,
+                                                            const cJSON *v);
+
 /* Calls cb for every placeholder path found in tmpl (strings, nested arrays and objects).
  * json_path is the JSON path of the string holding it, relative to tmpl ("" for tmpl
  * itself, ".items[2]" below it). Returns 0, or -1 after calling bad_cb (may be NULL) for

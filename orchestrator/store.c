@@ -8,6 +8,7 @@
 #include <libpq-fe.h>
 
 #include "orchestrator.h"
+#include "template.h"
 
 const char *const store_instance_columns =
     "id, saga_name, saga_version, status, step_index, phase, attempt, budget_base, wait, "
@@ -244,44 +245,15 @@ static void put_int(struct store_text *t, long long v)
 }
 
 /* A cJSON value as JSON text (null for NULL), as cJSON_PrintUnformatted writes it, printed
- * straight into the section: cJSON_PrintPreallocated fails when the room left is too small
- * (cJSON asks for 5 bytes to spare), and the room is then doubled. */
+ * straight into the section (template_print_json). */
 static void put_json(struct store_text *t, const cJSON *v)
 {
     if (!v) {
         put_lit(t, "null");
         return;
     }
-    size_t room = 256;
-    for (;;) {
-        if (t->failed)
-            return;
-        if (t->cap - t->len < room + 1) {
-            size_t cap = t->cap ? t->cap : 1024;
-            while (cap - t->len < room + 1)
-                cap *= 2;
-            char *grown = realloc(t->text, cap);
-            if (!grown) {
-                t->failed = true;
-                return;
-            }
-            t->text = grown;
-            t->cap = cap;
-        }
-        size_t avail = t->cap - t->len;
-        if (avail > INT32_MAX)
-            avail = INT32_MAX;
-        if (cJSON_PrintPreallocated((cJSON *)v, t->text + t->len, (int)avail, 0)) {
-            t->len += strlen(t->text + t->len);
-            return;
-        }
-        t->text[t->len] = '\0';
-        if (avail == INT32_MAX) {
-            t->failed = true; /* cJSON prints into an int's worth at most */
-            return;
-        }
-        room = avail * 2;
-    }
+    if (!t->failed && template_print_json(&t->text, &t->len, &t->cap, v) < 0)
+        t->failed = true;
 }
 
 /* Starts an element of a section's array ("{" after a comma when not the first) and its first
