@@ -51,12 +51,10 @@ static size_t utf8_char_len(const unsigned char *s, size_t n)
     return len;
 }
 
-char *reply_text(const void *data, size_t n)
+/* reply_text's conversion into out (room for n * 3 + 1 bytes); returns the length. */
+static size_t text_into(const void *data, size_t n, char *out)
 {
     const unsigned char *s = data;
-    char *out = malloc(n * 3 + 1); /* each bad byte becomes U+FFFD, 3 bytes */
-    if (!out)
-        return NULL;
     size_t o = 0;
     for (size_t i = 0; i < n;) {
         size_t len = s[i] ? utf8_char_len(s + i, n - i) : 0;
@@ -71,6 +69,14 @@ char *reply_text(const void *data, size_t n)
         }
     }
     out[o] = '\0';
+    return o;
+}
+
+char *reply_text(const void *data, size_t n)
+{
+    char *out = malloc(n * 3 + 1); /* each bad byte becomes U+FFFD, 3 bytes */
+    if (out)
+        text_into(data, n, out);
     return out;
 }
 
@@ -112,11 +118,17 @@ static bool uuid_ok(const char *s, size_t n)
     return true;
 }
 
-static int header_uuid(rd_kafka_headers_t *hdrs, const char *name, char out[SAGA_UUID_LEN + 1])
-{
-    const void *val;
+/* A header's value as rd_kafka_header_get_last would give it. */
+struct header_value {
+    const void *val; /* NULL: missing, or a header without a value */
     size_t size;
-    if (!hdrs || rd_kafka_header_get_last(hdrs, name, &val, &size) || !val || !uuid_ok(val, size))
+};
+
+static int header_uuid(const struct header_value *h, char out[SAGA_UUID_LEN + 1])
+{
+    const void *val = h->val;
+    size_t size = h->size;
+    if (!val || !uuid_ok(val, size))
         return -1;
     memcpy(out, val, size);
     out[size] = '\0';
@@ -139,18 +151,20 @@ static bool hex_run(const char *s, size_t n)
 /* The trace-id of a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>"; a later version may add
  * fields after a '-'), lowercased, into out; "" when missing or malformed (version ff, an
  * all-zero trace or parent id). The raw header, as text, goes to raw (cut to fit). */
-static void header_trace_id(rd_kafka_headers_t *hdrs, char out[33], char raw[64])
+static void header_trace_id(const struct header_value *h, char out[33], char raw[64])
 {
-    const void *val;
-    size_t size;
+    const void *val = h->val;
+    size_t size = h->size;
     out[0] = raw[0] = '\0';
-    if (!hdrs || rd_kafka_header_get_last(hdrs, "traceparent", &val, &size) || !val)
+    if (!val)
         return;
-    char *text = reply_text(val, size < 63 ? size : 63);
-    if (text) {
-        snprintf(raw, 64, "%s", text);
-        free(text);
-    }
+    /* As text, cut to 63 bytes (a cut may split a character, as ever). */
+    char text[63 * 3 + 1];
+    size_t len = text_into(val, size < 63 ? size : 63, text);
+    if (len > 63)
+        len = 63;
+    memcpy(raw, text, len);
+    raw[len] = '\0';
     const char *s = val;
     if (size < 55 || (size > 55 && s[55] != '-') || !isxdigit((unsigned char)s[0]) ||
         !isxdigit((unsigned char)s[1]) ||
@@ -164,6 +178,27 @@ static void header_trace_id(rd_kafka_headers_t *hdrs, char out[33], char raw[64]
     out[32] = '\0';
 }
 
+enum { H_MESSAGE_ID, H_IN_REPLY_TO, H_SAGA_ID, H_OUTCOME, H_TRACEPARENT, H_WANTED };
+
+/* The last value of each header reply_parse reads, in one pass over the headers (five
+ * rd_kafka_header_get_last calls compared every name five times). */
+static void headers_wanted(rd_kafka_headers_t *hdrs, struct header_value h[H_WANTED])
+{
+    static const char *const names[H_WANTED] = {"message-id", "in-reply-to", "saga-id", "outcome",
+                                                "traceparent"};
+    memset(h, 0, H_WANTED * sizeof(*h));
+    const char *name;
+    const void *val;
+    size_t size;
+    for (size_t idx = 0; hdrs && !rd_kafka_header_get_all(hdrs, idx, &name, &val, &size); idx++)
+        for (int k = 0; k < H_WANTED; k++)
+            if (!strcmp(name, names[k])) {
+                h[k].val = val;
+                h[k].size = size;
+                break;
+            }
+}
+
 void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
 {
     memset(out, 0, sizeof(*out));
@@ -171,16 +206,18 @@ void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
     rd_kafka_headers_t *hdrs = NULL;
     rd_kafka_message_headers(msg, &hdrs);
     const char *problem = NULL;
-    const void *val;
-    size_t size;
-    header_trace_id(hdrs, out->trace_id, out->traceparent);
-    if (header_uuid(hdrs, "message-id", out->message_id))
+    struct header_value h[H_WANTED];
+    headers_wanted(hdrs, h);
+    const void *val = h[H_OUTCOME].val;
+    size_t size = h[H_OUTCOME].size;
+    header_trace_id(&h[H_TRACEPARENT], out->trace_id, out->traceparent);
+    if (header_uuid(&h[H_MESSAGE_ID], out->message_id))
         problem = "header message-id is missing or not a uuid";
-    else if (header_uuid(hdrs, "in-reply-to", out->in_reply_to))
+    else if (header_uuid(&h[H_IN_REPLY_TO], out->in_reply_to))
         problem = "header in-reply-to is missing or not a uuid";
-    else if (header_uuid(hdrs, "saga-id", out->saga_id))
+    else if (header_uuid(&h[H_SAGA_ID], out->saga_id))
         problem = "header saga-id is missing or not a uuid";
-    else if (rd_kafka_header_get_last(hdrs, "outcome", &val, &size) || !val)
+    else if (!val)
         problem = "header outcome is missing";
     else if (size == 7 && !memcmp(val, "success", 7))
         out->success = true;
