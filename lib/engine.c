@@ -19,9 +19,12 @@
  * wants jitter can add it to the deadline it schedules. */
 
 /* Work in progress for one event. st starts as a shallow copy of the caller's state; the
- * owned fields that change (replies, error) are replaced by new allocations, never modified
- * in place, so that on failure the caller's state is untouched and on success the old ones
- * are freed. input, correlation_id and trace_id never change. */
+ * owned field that changes (error) is replaced by a new allocation, never modified in place,
+ * so that on failure the caller's state is untouched and on success the old one is freed.
+ * input, correlation_id and trace_id never change. The replies are not copied: a succeeded
+ * action's reply waits in new_reply (its key set) and goes into the state's replies object
+ * at the end, when nothing can fail any more (copying the whole object at every reply was a
+ * visible share of the orchestrator's CPU); context_build shows it in the meantime. */
 struct work {
     const struct saga_definition *def;
     const struct saga_engine_env *env;
@@ -29,6 +32,8 @@ struct work {
     struct saga_state st;
     struct saga_effects *fx;
     int64_t now;
+    cJSON *new_reply;   /* owned until the end: stored under new_reply->string */
+    cJSON *new_replies; /* owned until the end: the replies object of a state without one */
 };
 
 /* ---- names ---- */
@@ -385,9 +390,23 @@ static cJSON *context_build(const struct work *w)
     }
     if (add_cs(ctx, "steps", steps = cJSON_CreateObject()) < 0)
         goto fail;
+    /* The replies as they will be: new_reply in place of the first of the same name, or
+     * after them all. */
+    bool placed = !w->new_reply;
     for (cJSON *r = w->st.replies ? w->st.replies->child : NULL; r; r = r->next) {
+        const cJSON *value = r;
+        if (!placed && r->string && !strcmp(r->string, w->new_reply->string)) {
+            value = w->new_reply;
+            placed = true;
+        }
         cJSON *entry = cJSON_CreateObject();
-        if (add_cs(steps, r->string, entry) < 0 || add_borrowed(entry, "reply", r) < 0)
+        if (add_cs(steps, value->string, entry) < 0 || add_borrowed(entry, "reply", value) < 0)
+            goto fail;
+    }
+    if (!placed) {
+        cJSON *entry = cJSON_CreateObject();
+        if (add_cs(steps, w->new_reply->string, entry) < 0 ||
+            add_borrowed(entry, "reply", w->new_reply) < 0)
             goto fail;
     }
     if (add_cs(ctx, "saga", saga = cJSON_CreateObject()) < 0 ||
@@ -623,29 +642,46 @@ static int on_start(struct work *w)
     return send_attempt(w) < 0 ? -1 : SAGA_APPLIED;
 }
 
-/* Stores a copy of a succeeded action's reply data under the step's name. */
+/* Stores a copy of a succeeded action's reply data under the step's name: made ready here
+ * (everything allocated), put into the replies by replies_commit. */
 static int replies_store(struct work *w, const cJSON *reply)
 {
-    cJSON *replies = w->st.replies ? cJSON_Duplicate(w->st.replies, 1) : cJSON_CreateObject();
     cJSON *data = reply ? cJSON_Duplicate(reply, 1) : cJSON_CreateNull();
-    if (!replies || !data)
-        goto fail;
-    const char *name = cur_step(w)->name;
-    if (cJSON_GetObjectItemCaseSensitive(replies, name)) {
-        if (!cJSON_ReplaceItemInObjectCaseSensitive(replies, name, data))
-            goto fail;
-    } else if (!cJSON_AddItemToObject(replies, name, data)) {
-        goto fail;
+    if (!data)
+        return -1;
+    if (!(data->type & cJSON_StringIsConst))
+        free(data->string); /* the key the duplicated item had, if any */
+    data->type &= ~cJSON_StringIsConst;
+    data->string = strdup(cur_step(w)->name);
+    if (!data->string ||
+        (!w->st.replies && !w->new_replies && !(w->new_replies = cJSON_CreateObject()))) {
+        cJSON_Delete(data);
+        return -1;
     }
-    /* st.replies is either the caller's (left alone) or an earlier copy: never both. */
-    if (w->st.replies != w->orig->replies)
-        cJSON_Delete(w->st.replies);
-    w->st.replies = replies;
+    cJSON_Delete(w->new_reply);
+    w->new_reply = data;
     return 0;
-fail:
-    cJSON_Delete(replies);
-    cJSON_Delete(data);
-    return -1;
+}
+
+/* Puts new_reply into the state's replies, in place of the first of the same name or last,
+ * as cJSON_ReplaceItemInObjectCaseSensitive / cJSON_AddItemToObject would. Cannot fail:
+ * nothing is allocated. */
+static void replies_commit(struct work *w)
+{
+    if (!w->new_reply)
+        return;
+    cJSON *replies = w->st.replies ? w->st.replies : w->new_replies;
+    if (replies == w->new_replies)
+        w->new_replies = NULL;
+    cJSON *same = replies->child;
+    while (same && !(same->string && !strcmp(same->string, w->new_reply->string)))
+        same = same->next;
+    if (same)
+        cJSON_ReplaceItemViaPointer(replies, same, w->new_reply);
+    else
+        cJSON_AddItemToArray(replies, w->new_reply);
+    w->new_reply = NULL;
+    w->st.replies = replies;
 }
 
 static int on_reply(struct work *w, const struct saga_event *ev)
@@ -827,18 +863,21 @@ int saga_engine_apply(const struct saga_definition *def, struct saga_state *stat
     }
 
     if (rc < 0) {
-        if (w.st.replies != state->replies)
-            cJSON_Delete(w.st.replies);
+        cJSON_Delete(w.new_reply);
+        cJSON_Delete(w.new_replies);
         if (w.st.error != state->error)
             free(w.st.error);
         saga_effects_clear(fx);
         return -1;
     }
     fx->outcome = (enum saga_outcome)rc;
-    if (fx->outcome != SAGA_APPLIED)
-        return 0; /* w.st was not touched */
-    if (w.st.replies != state->replies)
-        cJSON_Delete(state->replies);
+    if (fx->outcome != SAGA_APPLIED) {
+        cJSON_Delete(w.new_reply); /* none: w.st was not touched */
+        cJSON_Delete(w.new_replies);
+        return 0;
+    }
+    replies_commit(&w);
+    cJSON_Delete(w.new_replies); /* not needed after all */
     if (w.st.error != state->error)
         free(state->error);
     *state = w.st;

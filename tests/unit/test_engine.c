@@ -1463,3 +1463,73 @@ Test(engine, randomized, .timeout = 120)
     free(rd);
     free(h);
 }
+
+/* A succeeded action's reply goes into the state's replies when the event is applied: in place
+ * of a reply already there under the step's name (the others, and their order, kept), after
+ * them otherwise; the next command's template sees it; an event that fails or is ignored
+ * leaves the replies as they were. */
+Test(engine, a_reply_replaces_its_steps_entry_in_place)
+{
+    struct step_spec specs[] = {
+        {.name = "a", .topic = "t", .type = "A", .ctype = "UndoA"},
+        {.name = "b",
+         .topic = "t",
+         .type = "B",
+         .key = "\"{{steps.a.reply.k}}\"",
+         .payload = "{\"all\": \"{{steps}}\", \"a\": \"{{steps.a.reply}}\"}",
+         .ctype = "UndoB"},
+    };
+    struct saga_definition *def = def_build("r", specs, 2);
+    unsigned long counter = 0;
+    struct saga_engine_env env = {counter_uuid, &counter};
+    struct saga_state st;
+    saga_state_init(&st, SAGA_ID, cJSON_CreateObject(), NULL, NULL);
+    struct saga_effects fx = {0};
+    struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = 1};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    saga_effects_clear(&fx);
+    /* As if read back from the database with entries already there (x, then a, then y). */
+    st.replies = cJSON_Parse("{\"x\": 1, \"a\": {\"old\": true}, \"y\": [2]}");
+    cJSON *reply = cJSON_Parse("{\"k\": \"new-key\", \"n\": 5}");
+    /* A reply to another message: ignored, replies untouched. */
+    ev = (struct saga_event){.kind = SAGA_EV_REPLY,
+                             .now_ms = 2,
+                             .in_reply_to = "00000000-0000-4000-8000-999999999999",
+                             .success = true,
+                             .reply = reply};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_eq(fx.outcome, SAGA_IGNORED);
+    saga_effects_clear(&fx);
+    char *text = cJSON_PrintUnformatted(st.replies);
+    cr_assert_str_eq(text, "{\"x\":1,\"a\":{\"old\":true},\"y\":[2]}");
+    free(text);
+
+    char irt[SAGA_UUID_LEN + 1];
+    snprintf(irt, sizeof(irt), "%s", st.waiting_message_id);
+    ev.in_reply_to = irt;
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_eq(fx.outcome, SAGA_APPLIED);
+    text = cJSON_PrintUnformatted(st.replies);
+    cr_assert_str_eq(text, "{\"x\":1,\"a\":{\"k\":\"new-key\",\"n\":5},\"y\":[2]}");
+    free(text);
+    cr_assert_eq(fx.message_count, 1);
+    cr_assert_str_eq(fx.messages[0].key, "new-key");
+    cr_assert_str_eq(fx.messages[0].payload,
+                     "{\"all\":{\"x\":{\"reply\":1},\"a\":{\"reply\":{\"k\":\"new-key\",\"n\":5}},"
+                     "\"y\":{\"reply\":[2]}},\"a\":{\"k\":\"new-key\",\"n\":5}}");
+    saga_effects_clear(&fx);
+
+    /* The last step's reply, into a state without replies: a new object holding it alone. */
+    cJSON_Delete(st.replies);
+    st.replies = NULL;
+    snprintf(irt, sizeof(irt), "%s", st.waiting_message_id);
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_eq(st.status, SAGA_COMPLETED);
+    text = cJSON_PrintUnformatted(st.replies);
+    cr_assert_str_eq(text, "{\"b\":{\"k\":\"new-key\",\"n\":5}}");
+    free(text);
+    saga_effects_clear(&fx);
+    cJSON_Delete(reply);
+    saga_state_clear(&st);
+    def_free(def);
+}
