@@ -490,11 +490,10 @@ static void apply_event(const struct saga_engine_env *env, struct saga_row *row,
 {
     struct saga_effects fx;
     enum saga_status before = row->state.status;
-    char stepname[128];
-    snprintf(stepname, sizeof(stepname), "%s",
-             row->state.step >= 0 && (size_t)row->state.step < row->def->step_count
-                 ? row->def->steps[row->state.step].name
-                 : "-");
+    const char *stepname = row->state.step >= 0 && (size_t)row->state.step < row->def->step_count
+                               ? row->def->steps[row->state.step].name
+                               : "-";
+    (void)stepname; /* for the logs */
     if (saga_engine_apply(row->def, &row->state, ev, env, &fx))
         die("the engine could not apply an event");
     *outcome = fx.outcome;
@@ -545,14 +544,14 @@ static char *send_apply(struct saga_row *rows, size_t n, struct store_batch *b)
 static void lock_and_dedupe_texts(const struct reply_msg *r, size_t n)
 {
     struct buf sql = {0};
-    char part[64];
     buf_puts(&sql, "BEGIN; EXECUTE saga_lock('{");
     size_t ids = 0;
     for (size_t i = 0; i < n; i++) {
         if (r[i].error)
             continue;
-        snprintf(part, sizeof(part), "%s%s", ids++ ? "," : "", r[i].saga_id);
-        buf_puts(&sql, part);
+        if (ids++)
+            buf_put(&sql, ",", 1);
+        buf_put(&sql, r[i].saga_id, strlen(r[i].saga_id));
     }
     buf_puts(&sql, "}')");
     size_t cap = n * 40 + 3;
@@ -563,9 +562,14 @@ static void lock_and_dedupe_texts(const struct reply_msg *r, size_t n)
     for (size_t i = 0; i < n; i++) {
         if (r[i].error)
             continue;
-        len += (size_t)snprintf(mids + len, cap - len, "%s%s", len > 1 ? "," : "", r[i].message_id);
-        ilen += (size_t)snprintf(irts + ilen, cap - ilen, "%s%s", ilen > 1 ? "," : "",
-                                 r[i].in_reply_to);
+        if (len > 1)
+            mids[len++] = ',';
+        memcpy(mids + len, r[i].message_id, SAGA_UUID_LEN);
+        len += SAGA_UUID_LEN;
+        if (ilen > 1)
+            irts[ilen++] = ',';
+        memcpy(irts + ilen, r[i].in_reply_to, SAGA_UUID_LEN);
+        ilen += SAGA_UUID_LEN;
     }
     mids[len++] = '}';
     mids[len] = '\0';
@@ -574,6 +578,64 @@ static void lock_and_dedupe_texts(const struct reply_msg *r, size_t n)
     free(mids);
     free(irts);
     free(sql.text);
+}
+
+/* As worker.c's dedupe_cb: the batch's strings (message-ids, saga ids) in a small
+ * open-addressing table (slots hold an
+ * index + 1): a reply's duplicates and its row are found in one probe or two (comparing each
+ * reply with every one before it, and with every row, was a visible share of the
+ * orchestrator's CPU in batches of 200). */
+struct strset {
+    size_t *slot;
+    size_t mask;
+};
+
+static size_t str_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return (size_t)h;
+}
+
+/* A table for n strings; aborts when out of memory, as the rest of the batch's building. */
+static void strset_init(struct strset *t, size_t n)
+{
+    size_t cap = 16;
+    while (cap < 2 * n)
+        cap *= 2;
+    t->slot = calloc(cap, sizeof(*t->slot));
+    if (!t->slot)
+        die("out of memory");
+    t->mask = cap - 1;
+}
+
+/* The index of a string equal to s (key(i, arg) gives string i), or -1 after adding index i
+ * for it (i == SIZE_MAX: only look). */
+static long strset_find_add(struct strset *t, const char *s, size_t i,
+                            const char *(*key)(size_t, const void *), const void *arg)
+{
+    for (size_t h = str_hash(s) & t->mask;; h = (h + 1) & t->mask) {
+        if (!t->slot[h]) {
+            if (i != SIZE_MAX)
+                t->slot[h] = i + 1;
+            return -1;
+        }
+        if (!strcmp(key(t->slot[h] - 1, arg), s))
+            return (long)(t->slot[h] - 1);
+    }
+}
+
+static const char *reply_key(size_t i, const void *pending)
+{
+    return ((const struct reply_msg *)pending)[i].message_id;
+}
+
+static const char *row_key(size_t i, const void *rows)
+{
+    return ((const struct saga_row *)rows)[i].state.id;
 }
 
 /* ---- main ---- */
@@ -757,19 +819,19 @@ int main(int argc, char **argv)
                 if (store_batch_init(&b))
                     die("store_batch_init");
                 int64_t now = NOW_MS + stage * 1000;
+                struct strset mids, index;
+                strset_init(&mids, bn);
+                strset_init(&index, row_count);
+                for (size_t k = 0; k < row_count; k++)
+                    (void)strset_find_add(&index, rows[k].state.id, k, row_key, rows);
                 for (size_t i = 0; i < bn; i++) {
                     struct reply_msg *r = &pending[i];
                     if (r->error)
                         die(r->error);
-                    bool dup = false;
-                    for (size_t k = 0; k < i && !dup; k++)
-                        dup = !pending[k].error && !strcmp(pending[k].message_id, r->message_id);
-                    if (dup)
+                    if (strset_find_add(&mids, r->message_id, i, reply_key, pending) >= 0)
                         die("a duplicate reply");
-                    struct saga_row *row = NULL;
-                    for (size_t k = 0; k < row_count && !row; k++)
-                        if (!strcmp(rows[k].state.id, r->saga_id))
-                            row = &rows[k];
+                    long found = strset_find_add(&index, r->saga_id, SIZE_MAX, row_key, rows);
+                    struct saga_row *row = found >= 0 ? &rows[found] : NULL;
                     if (!row)
                         die("a reply for an unknown saga");
                     if (!row->state.trace_id || strcmp(r->trace_id, row->state.trace_id))
@@ -786,6 +848,8 @@ int main(int argc, char **argv)
                     else
                         cnt.ignored++;
                 }
+                free(index.slot);
+                free(mids.slot);
                 doc = send_apply(rows, row_count, &b);
             }
             timing_off();
