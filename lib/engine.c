@@ -3,6 +3,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -345,81 +346,105 @@ static void wait_backoff(struct work *w)
 
 /* ---- messages ---- */
 
-/* The context lives only while one message is rendered, and everything it refers to (the
- * state, the definition) outlives it: so nothing is copied into it. Keys are added as
- * constants (cJSON_AddItemToObjectCS: not copied, not freed) and strings as references. */
-static int add_cs(cJSON *obj, const char *key, cJSON *item)
+/* The template context lives only while one message is rendered, and everything it refers to
+ * (the state, the definition, the pending reply) outlives it: so it is made of cJSON nodes on
+ * the caller's stack that point into those (a node for an object or array shares its
+ * children), linked by hand and never given to cJSON_Delete. (Built with cJSON's constructors
+ * it cost a dozen allocations and frees a command.) The templates only read it. */
+#define CONTEXT_LOCAL_STEPS 8
+struct context {
+    cJSON root, input, steps, saga, id, name, corr;
+    cJSON *nodes; /* 2 a reply: the step's object and its "reply" */
+    cJSON local[2 * CONTEXT_LOCAL_STEPS];
+};
+
+/* Appends item (not in any list) to parent's children, as cJSON links them: the first
+ * child's prev is the last one. */
+static void context_link(cJSON *parent, cJSON *item, const char *key)
 {
-    if (!item)
-        return -1;
-    if (!cJSON_AddItemToObjectCS(obj, key, item)) {
-        cJSON_Delete(item);
-        return -1;
+    item->string = (char *)key;
+    item->next = NULL;
+    if (!parent->child) {
+        parent->child = item;
+        item->prev = item;
+    } else {
+        cJSON *last = parent->child->prev;
+        last->next = item;
+        item->prev = last;
+        parent->child->prev = item;
     }
-    return 0;
 }
 
-/* Adds v to obj under key without copying it when it is an object or an array: deleting the
- * context then leaves v alone. (cJSON_AddItemReferenceToObject leaks its reference when the
- * add fails, hence this by hand.) Scalars are copied: they are small. */
-static int add_borrowed(cJSON *obj, const char *key, const cJSON *v)
+/* A node that reads as v (its children shared: a reference), under key. */
+static void context_borrow(cJSON *parent, cJSON *node, const cJSON *v, const char *key)
 {
-    cJSON *ref;
-    if (cJSON_IsObject(v))
-        ref = cJSON_CreateObjectReference(v->child);
-    else if (cJSON_IsArray(v))
-        ref = cJSON_CreateArrayReference(v->child);
-    else
-        ref = cJSON_Duplicate(v, 1);
-    return add_cs(obj, key, ref);
+    *node = *v;
+    node->type |= cJSON_IsReference;
+    context_link(parent, node, key);
 }
 
-/* The template context: input, the replies of the succeeded steps and the saga itself. The
- * input and replies are borrowed, not copied. */
-static cJSON *context_build(const struct work *w)
+static void context_string(cJSON *parent, cJSON *node, const char *value, const char *key)
 {
-    cJSON *ctx = cJSON_CreateObject();
-    cJSON *steps = NULL, *saga = NULL;
-    if (!ctx)
-        return NULL;
+    memset(node, 0, sizeof(*node));
+    node->type = cJSON_String | cJSON_IsReference;
+    node->valuestring = (char *)value;
+    context_link(parent, node, key);
+}
+
+/* The template context: input, the replies of the succeeded steps (new_reply in place of the
+ * first of the same name, or after them all) and the saga itself. Returns 0, or -1 when out
+ * of memory (context_clear in both cases). */
+static int context_build(const struct work *w, struct context *c)
+{
+    memset(c, 0, offsetof(struct context, local));
+    c->root.type = c->steps.type = c->saga.type = cJSON_Object;
     if (w->st.input) {
-        if (add_borrowed(ctx, "input", w->st.input) < 0)
-            goto fail;
-    } else if (add_cs(ctx, "input", cJSON_CreateObject()) < 0) {
-        goto fail;
+        context_borrow(&c->root, &c->input, w->st.input, "input");
+    } else {
+        c->input.type = cJSON_Object;
+        context_link(&c->root, &c->input, "input");
     }
-    if (add_cs(ctx, "steps", steps = cJSON_CreateObject()) < 0)
-        goto fail;
-    /* The replies as they will be: new_reply in place of the first of the same name, or
-     * after them all. */
+    context_link(&c->root, &c->steps, "steps");
+    size_t n = w->new_reply ? 1 : 0;
+    for (const cJSON *r = w->st.replies ? w->st.replies->child : NULL; r; r = r->next)
+        n++;
+    c->nodes = n <= CONTEXT_LOCAL_STEPS ? c->local : calloc(2 * n, sizeof(*c->nodes));
+    if (!c->nodes)
+        return -1;
+    size_t k = 0;
     bool placed = !w->new_reply;
-    for (cJSON *r = w->st.replies ? w->st.replies->child : NULL; r; r = r->next) {
+    for (const cJSON *r = w->st.replies ? w->st.replies->child : NULL; r; r = r->next) {
         const cJSON *value = r;
         if (!placed && r->string && !strcmp(r->string, w->new_reply->string)) {
             value = w->new_reply;
             placed = true;
         }
-        cJSON *entry = cJSON_CreateObject();
-        if (add_cs(steps, value->string, entry) < 0 || add_borrowed(entry, "reply", value) < 0)
-            goto fail;
+        cJSON *entry = &c->nodes[k++], *reply = &c->nodes[k++];
+        memset(entry, 0, sizeof(*entry));
+        entry->type = cJSON_Object;
+        context_link(&c->steps, entry, value->string);
+        context_borrow(entry, reply, value, "reply");
     }
     if (!placed) {
-        cJSON *entry = cJSON_CreateObject();
-        if (add_cs(steps, w->new_reply->string, entry) < 0 ||
-            add_borrowed(entry, "reply", w->new_reply) < 0)
-            goto fail;
+        cJSON *entry = &c->nodes[k++], *reply = &c->nodes[k++];
+        memset(entry, 0, sizeof(*entry));
+        entry->type = cJSON_Object;
+        context_link(&c->steps, entry, w->new_reply->string);
+        context_borrow(entry, reply, w->new_reply, "reply");
     }
-    if (add_cs(ctx, "saga", saga = cJSON_CreateObject()) < 0 ||
-        add_cs(saga, "id", cJSON_CreateStringReference(w->st.id)) < 0 ||
-        add_cs(saga, "name", cJSON_CreateStringReference(w->def->name ? w->def->name : "")) < 0 ||
-        add_cs(saga, "correlation_id",
-               cJSON_CreateStringReference(w->st.correlation_id ? w->st.correlation_id
-                                                                : w->st.id)) < 0)
-        goto fail;
-    return ctx;
-fail:
-    cJSON_Delete(ctx);
-    return NULL;
+    context_link(&c->root, &c->saga, "saga");
+    context_string(&c->saga, &c->id, w->st.id, "id");
+    context_string(&c->saga, &c->name, w->def->name ? w->def->name : "", "name");
+    context_string(&c->saga, &c->corr, w->st.correlation_id ? w->st.correlation_id : w->st.id,
+                   "correlation_id");
+    return 0;
+}
+
+static void context_clear(struct context *c)
+{
+    if (c->nodes != c->local)
+        free(c->nodes);
+    c->nodes = NULL;
 }
 
 #define HEADER_COUNT 10
@@ -474,8 +499,11 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
     const cJSON *key_tmpl = md->key ? md->key : (comp ? s->command.key : NULL);
     char err[256] = "";
     char traceparent[56];
-    cJSON *ctx = NULL;
+    struct context context;
+    const cJSON *ctx = NULL;
     int rc = -1;
+
+    context.nodes = NULL;
 
     memset(m, 0, sizeof(*m));
     copy_str(m->message_id, sizeof(m->message_id), message_id);
@@ -535,9 +563,9 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
     }
     m->header_count = HEADER_COUNT;
 
-    ctx = context_build(w);
-    if (!ctx)
+    if (context_build(w, &context) < 0)
         goto cleanup;
+    ctx = &context.root;
     if (key_tmpl) {
         if (template_render_text(key_tmpl, ctx, &m->key, err, sizeof(err)) < 0)
             goto cleanup;
@@ -555,7 +583,7 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
         goto cleanup;
     rc = 0;
 cleanup:
-    cJSON_Delete(ctx);
+    context_clear(&context);
     if (rc < 0)
         message_clear(m);
     return rc;

@@ -1533,3 +1533,50 @@ Test(engine, a_reply_replaces_its_steps_entry_in_place)
     saga_state_clear(&st);
     def_free(def);
 }
+
+/* The template context holds every reply however many there are (beyond the ones it keeps
+ * on the stack, 8). */
+Test(engine, the_context_holds_many_replies)
+{
+    struct step_spec specs[] = {
+        {.name = "s0", .topic = "t", .type = "S0", .ctype = "U0"},
+        {.name = "s1",
+         .topic = "t",
+         .type = "S1",
+         .key = "\"{{steps.r11.reply.k}}-{{steps.s0.reply}}\"",
+         .payload = "{\"first\": \"{{steps.r0.reply}}\", \"last\": \"{{steps.r11.reply}}\", "
+                    "\"s0\": \"{{steps.s0.reply.v}}\", \"id\": \"{{saga.id}}\"}"},
+    };
+    struct saga_definition *def = def_build("many", specs, 2);
+    unsigned long counter = 0;
+    struct saga_engine_env env = {counter_uuid, &counter};
+    struct saga_state st;
+    saga_state_init(&st, SAGA_ID, cJSON_CreateObject(), NULL, NULL);
+    struct saga_effects fx = {0};
+    struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = 1};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    saga_effects_clear(&fx);
+    st.replies = cJSON_CreateObject();
+    for (int i = 0; i < 12; i++) {
+        char name[8];
+        snprintf(name, sizeof(name), "r%d", i);
+        cJSON *r = cJSON_AddObjectToObject(st.replies, name);
+        cJSON_AddNumberToObject(r, "k", i);
+    }
+    cJSON *reply = cJSON_Parse("{\"v\": \"x\"}");
+    char irt[SAGA_UUID_LEN + 1];
+    snprintf(irt, sizeof(irt), "%s", st.waiting_message_id);
+    ev = (struct saga_event){
+        .kind = SAGA_EV_REPLY, .now_ms = 2, .in_reply_to = irt, .success = true, .reply = reply};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_eq(fx.message_count, 1);
+    cr_assert_str_eq(fx.messages[0].key, "11-{\"v\":\"x\"}");
+    char want[256];
+    snprintf(want, sizeof(want),
+             "{\"first\":{\"k\":0},\"last\":{\"k\":11},\"s0\":\"x\",\"id\":\"%s\"}", SAGA_ID);
+    cr_assert_str_eq(fx.messages[0].payload, want);
+    saga_effects_clear(&fx);
+    cJSON_Delete(reply);
+    saga_state_clear(&st);
+    def_free(def);
+}
