@@ -206,6 +206,29 @@ static const char reserve_ab[] = "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \
  * inventory
  * ------------------------------------------------------------------------------------- */
 
+/* Lines given out of sku order, one sku twice: the reservation keeps one line per sku, summed,
+ * in sku order (the order inventory.execute locks the rows in), and takes each line's stock. */
+Test(participants, inventory_reserve_sums_lines_per_sku_in_sku_order)
+{
+    install("inventory");
+    pgtest_exec(conn, "INSERT INTO inventory.stock VALUES ('a', 5), ('b', 9), ('c', 4)");
+    char *counts = handle("inventory",
+                          cmd_("s1", "reserve_inventory", "action", "ReserveStock", "s1-m1",
+                               "{\"orderId\": \"o-1\", \"items\": [{\"sku\": \"c\", \"qty\": 1}, "
+                               "{\"sku\": \"b\", \"qty\": 1}, {\"sku\": \"a\", \"qty\": 2}, "
+                               "{\"sku\": \"b\", \"quantity\": 3}]}"),
+                          NULL);
+    cr_assert(strstr(counts, "\"handled\": 1"), "%s", counts);
+    free(counts);
+    cr_assert_eq(available("a"), 3);
+    cr_assert_eq(available("b"), 5);
+    cr_assert_eq(available("c"), 3);
+    char *items = pgtest_value(conn, "SELECT items::text FROM inventory.reservations", 0, NULL);
+    cr_assert_str_eq(items, "[{\"qty\": 2, \"sku\": \"a\"}, {\"qty\": 4, \"sku\": \"b\"}, "
+                            "{\"qty\": 1, \"sku\": \"c\"}]");
+    free(items);
+}
+
 Test(participants, inventory_reserve_changes_stock_records_inbox_and_replies)
 {
     install("inventory");
