@@ -124,21 +124,46 @@ static int text_append(struct text *t, const char *s, size_t n)
     return 0;
 }
 
+/* Whether any of the 8 bytes of x is below 0x20, '"' or '\\' (the bytes a JSON string must
+ * escape): the usual word-at-a-time tests, which never miss one (a byte of 0x80 or more may
+ * give a false alarm: the word is then looked at byte by byte). */
+static bool word_needs_escape(uint64_t x)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    uint64_t quote = x ^ (ones * '"'), backslash = x ^ (ones * '\\');
+    uint64_t below = (x - ones * 0x20) & ~x & highs;
+    return (below | ((quote - ones) & ~quote & highs) |
+            ((backslash - ones) & ~backslash & highs)) != 0;
+}
+
+static bool byte_needs_escape(unsigned char c)
+{
+    return c < 0x20 || c == '"' || c == '\\';
+}
+
 /* Appends s as a JSON string, escaped as cJSON prints one: '"', '\\' and the control
- * characters (\b \f \n \r \t by name, the others as \u00xx), every other byte as it is. */
+ * characters (\b \f \n \r \t by name, the others as \u00xx), every other byte as it is.
+ * Scanned 8 bytes at a time (this scan, over every string of every command and document, was
+ * the largest single part of writing them). */
 static int text_append_json_string(struct text *t, const char *s)
 {
     static const char hex[] = "0123456789abcdef";
+    size_t n = strlen(s), i = 0, run = 0;
     if (text_append(t, "\"", 1) < 0)
         return -1;
-    const char *run = s;
-    const unsigned char *c = (const unsigned char *)s;
-    for (; *c; c++) {
-        if (*c >= 0x20 && *c != '"' && *c != '\\')
+    while (i < n) {
+        uint64_t x;
+        while (i + 8 <= n && (memcpy(&x, s + i, 8), !word_needs_escape(x)))
+            i += 8;
+        size_t stop = i + 8 < n ? i + 8 : n;
+        while (i < stop && !byte_needs_escape((unsigned char)s[i]))
+            i++;
+        if (i == stop)
             continue;
-        char esc[6] = {'\\', 0, '0', '0', hex[*c >> 4], hex[*c & 15]};
-        size_t n = 2;
-        switch (*c) {
+        unsigned char c = (unsigned char)s[i];
+        char esc[6] = {'\\', 0, '0', '0', hex[c >> 4], hex[c & 15]};
+        size_t len = 2;
+        switch (c) {
         case '"':
             esc[1] = '"';
             break;
@@ -162,15 +187,28 @@ static int text_append_json_string(struct text *t, const char *s)
             break;
         default:
             esc[1] = 'u';
-            n = 6;
+            len = 6;
         }
-        if (text_append(t, run, (size_t)((const char *)c - run)) < 0 || text_append(t, esc, n) < 0)
+        if (text_append(t, s + run, i - run) < 0 || text_append(t, esc, len) < 0)
             return -1;
-        run = (const char *)c + 1;
+        run = ++i;
     }
-    if (text_append(t, run, (size_t)((const char *)c - run)) < 0)
+    if (text_append(t, s + run, n - run) < 0)
         return -1;
     return text_append(t, "\"", 1);
+}
+
+int template_print_string(char **buf, size_t *len, size_t *cap, const char *s)
+{
+    struct text t = {*buf, *len, *cap};
+    int rc = text_append_json_string(&t, s);
+    *buf = t.buf;
+    *cap = t.cap;
+    if (rc == 0)
+        *len = t.len;
+    else if (t.buf)
+        t.buf[*len] = '\0';
+    return rc;
 }
 
 /* A number as cJSON 1.7.15's print_number writes it: null for NaN and infinities, else with 15

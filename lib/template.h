@@ -39,6 +39,11 @@ __attribute__((warn_unused_result)) int template_render_json(const cJSON *tmpl, 
 __attribute__((warn_unused_result)) int template_print_json(char **buf, size_t *len, size_t *cap,
                                                             const cJSON *v);
 
+/* Appends s as a JSON string (quoted; '"', '\\' and the control characters escaped as cJSON
+ * escapes them, other bytes as they are), as template_print_json appends. Same contract. */
+__attribute__((warn_unused_result)) int template_print_string(char **buf, size_t *len, size_t *cap,
+                                                              const char *s);
+
 /* Calls cb for every placeholder path found in tmpl (strings, nested arrays and objects).
  * json_path is the JSON path of the string holding it, relative to tmpl ("" for tmpl
  * itself, ".items[2]" below it). Returns 0, or -1 after calling bad_cb (may be NULL) for

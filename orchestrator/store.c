@@ -167,66 +167,16 @@ static void put_s(struct store_text *t, const char *s)
 /* A string literal, its length known at compile time. */
 #define put_lit(t, lit) put((t), "" lit, sizeof(lit) - 1)
 
-/* Bytes a JSON string cannot hold as they are: '"', '\\' and the control characters (NUL
- * included: it ends the string). A table: the scan of every string of the document, byte by
- * byte, was the largest single part of building it. */
-static const bool needs_escape[256] = {
-    [0x00] = true, [0x01] = true, [0x02] = true, [0x03] = true, [0x04] = true, [0x05] = true,
-    [0x06] = true, [0x07] = true, [0x08] = true, [0x09] = true, [0x0a] = true, [0x0b] = true,
-    [0x0c] = true, [0x0d] = true, [0x0e] = true, [0x0f] = true, [0x10] = true, [0x11] = true,
-    [0x12] = true, [0x13] = true, [0x14] = true, [0x15] = true, [0x16] = true, [0x17] = true,
-    [0x18] = true, [0x19] = true, [0x1a] = true, [0x1b] = true, [0x1c] = true, [0x1d] = true,
-    [0x1e] = true, [0x1f] = true, ['"'] = true,  ['\\'] = true};
-
 /* A JSON string (quotes and escapes: '"', '\\' and the control characters, as cJSON prints
- * them; other bytes as they are), or null for NULL. */
+ * them; other bytes as they are: template_print_string), or null for NULL. */
 static void put_str(struct store_text *t, const char *s)
 {
     if (!s) {
         put_lit(t, "null");
         return;
     }
-    put_lit(t, "\"");
-    const char *run = s;
-    const unsigned char *c = (const unsigned char *)s;
-    for (;; c++) {
-        while (!needs_escape[*c])
-            c++;
-        if (!*c)
-            break;
-        put(t, run, (size_t)((const char *)c - run));
-        switch (*c) {
-        case '"':
-            put_lit(t, "\\\"");
-            break;
-        case '\\':
-            put_lit(t, "\\\\");
-            break;
-        case '\b':
-            put_lit(t, "\\b");
-            break;
-        case '\f':
-            put_lit(t, "\\f");
-            break;
-        case '\n':
-            put_lit(t, "\\n");
-            break;
-        case '\r':
-            put_lit(t, "\\r");
-            break;
-        case '\t':
-            put_lit(t, "\\t");
-            break;
-        default: {
-            static const char hex[] = "0123456789abcdef";
-            char esc[6] = {'\\', 'u', '0', '0', hex[*c >> 4], hex[*c & 15]};
-            put(t, esc, sizeof(esc));
-        }
-        }
-        run = (const char *)c + 1;
-    }
-    put(t, run, (size_t)((const char *)c - run));
-    put_lit(t, "\"");
+    if (!t->failed && template_print_string(&t->text, &t->len, &t->cap, s) < 0)
+        t->failed = true;
 }
 
 /* Decimal digits, as "%lld" writes them (snprintf was a visible share of the batch's CPU). */

@@ -474,3 +474,31 @@ Test(template, print_json_writes_what_cjson_prints)
     cJSON_Delete(arr);
     free(buf);
 }
+
+/* template_print_string scans 8 bytes at a time: every byte value, at every place of strings
+ * of 1 to 24 bytes (and next to another escape), comes out as cJSON escapes it. */
+Test(template, print_string_escapes_every_byte_as_cjson)
+{
+    char s[32];
+    for (size_t len = 1; len <= 24; len++) {
+        for (size_t at = 0; at < len; at++) {
+            for (int b = 1; b < 256; b++) {
+                memset(s, 'a', len);
+                s[len] = '\0';
+                s[at] = (char)b;
+                if (at + 1 < len && b % 7 == 0)
+                    s[at + 1] = (char)(b % 3 ? 0x80 + b % 64 : '"'); /* a neighbour too */
+                cJSON *v = cJSON_CreateString(s);
+                char *want = cJSON_PrintUnformatted(v);
+                char *buf = NULL;
+                size_t blen = 0, cap = 0;
+                cr_assert_eq(template_print_string(&buf, &blen, &cap, s), 0);
+                cr_assert_str_eq(buf, want, "byte 0x%02x at %zu of %zu", b, at, len);
+                cr_assert_eq(blen, strlen(want));
+                free(buf);
+                free(want);
+                cJSON_Delete(v);
+            }
+        }
+    }
+}
