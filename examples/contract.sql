@@ -334,8 +334,14 @@ BEGIN
                 outcome := 'failure';
                 reply := jsonb_build_object('reason', 'invalid command', 'detail', SQLERRM);
             END;
-        ELSE
+        ELSIF phase = 'compensation' THEN
             res := __SERVICE__.handle_new_command(cmd, ikey, phase);
+            outcome := res.outcome;
+            reply := res.reply;
+        ELSE
+            -- An action: handle_new_command's action path without its call (a PL/pgSQL call
+            -- with a composite result is ~5% of a payment command's instructions).
+            res := __SERVICE__.execute(cmd, NULL);
             outcome := res.outcome;
             reply := res.reply;
         END IF;
