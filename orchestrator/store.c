@@ -40,7 +40,8 @@ int store_read_row(const struct registry *reg, void *result, int i, struct saga_
                  out->version);
         return -2; /* registered by another orchestrator since we loaded: reload */
     }
-    cJSON *input = cJSON_Parse(PQgetvalue(res, i, 12));
+    /* With the length libpq knows (the same parse as cJSON_Parse, without its strlen). */
+    cJSON *input = cJSON_ParseWithLength(PQgetvalue(res, i, 12), (size_t)PQgetlength(res, i, 12));
     if (!input) {
         snprintf(err, errlen, "saga %s: input is not JSON", id);
         return -1;
@@ -66,7 +67,7 @@ int store_read_row(const struct registry *reg, void *result, int i, struct saga_
         copy_str(st->waiting_message_id, sizeof(st->waiting_message_id), PQgetvalue(res, i, 9));
     st->deadline_ms = PQgetisnull(res, i, 10) ? 0 : strtoll(PQgetvalue(res, i, 10), NULL, 10);
     st->pivot_sent = !strcmp(PQgetvalue(res, i, 11), "t");
-    st->replies = cJSON_Parse(PQgetvalue(res, i, 13));
+    st->replies = cJSON_ParseWithLength(PQgetvalue(res, i, 13), (size_t)PQgetlength(res, i, 13));
     if (!PQgetisnull(res, i, 16))
         st->error = strdup(PQgetvalue(res, i, 16));
     if (!PQgetisnull(res, i, 17))
