@@ -1,6 +1,7 @@
 #include <criterion/criterion.h>
 
 #include <ctype.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -981,71 +982,246 @@ Test(engine, malformed_template_fails_and_leaves_the_state_alone)
     def_free(def);
 }
 
-/* Fails the n-th cJSON allocation: every apply either succeeds or leaves the state alone. */
-static long alloc_countdown = -1;
+/* ---- allocation failures ----
+ *
+ * Fails the n-th allocation of any kind made by this thread while armed: the engine's own
+ * malloc/calloc/realloc, strdup and vasprintf (glibc allocates through these) and cJSON's
+ * default hooks (malloc and free). Thread-local so that Criterion's threads are never
+ * counted. The replacements forward to glibc's allocator (__libc_malloc and the rest, which
+ * glibc exports); free stays glibc's own. Not inlined: the callers in this file would then
+ * be warned about a NULL they never get while unarmed (-Wnull-dereference). Under
+ * AddressSanitizer malloc cannot be replaced (free would be ASan's): there only cJSON's
+ * allocations are failed, through its hooks. */
+static _Thread_local long alloc_countdown = -1;
 
-static void *failing_malloc(size_t size)
+static bool alloc_should_fail(void)
 {
-    if (alloc_countdown >= 0 && alloc_countdown-- == 0)
-        return NULL;
-    return malloc(size);
+    return alloc_countdown >= 0 && alloc_countdown-- == 0;
 }
 
-Test(engine, allocation_failures_leave_the_state_alone)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(TEST_ASAN)
+#define TEST_ASAN 1
+#endif
+
+#ifdef TEST_ASAN
+static void *failing_cjson_malloc(size_t size)
 {
-    cJSON_Hooks hooks = {failing_malloc, free};
-    cJSON_InitHooks(&hooks);
-    struct saga_definition *def = def_build("order_fulfillment", order_steps, ORDER_STEPS);
-    /* A path through every kind of transition. */
-    const char *path[] = {"start", "ok",   "timeout", "timeout", "ok",
-                          "fail",  "fail", "timeout", "ok",      "ok"};
-    int failures_seen = 0;
-    for (size_t upto = 0; upto < sizeof(path) / sizeof(path[0]); upto++) {
+    return alloc_should_fail() ? NULL : malloc(size);
+}
+#else
+extern void *__libc_malloc(size_t size);
+extern void *__libc_calloc(size_t n, size_t size);
+extern void *__libc_realloc(void *p, size_t size);
+
+__attribute__((noinline)) void *malloc(size_t size)
+{
+    if (alloc_should_fail()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return __libc_malloc(size);
+}
+
+__attribute__((noinline)) void *calloc(size_t n, size_t size)
+{
+    if (alloc_should_fail()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return __libc_calloc(n, size);
+}
+
+__attribute__((noinline)) void *realloc(void *p, size_t size)
+{
+    if (alloc_should_fail()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return __libc_realloc(p, size);
+}
+#endif
+
+/* The effects, every field, for comparing a run against the reference run. */
+static char *effects_describe(const struct saga_effects *fx)
+{
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    cr_assert_not_null(f);
+    fprintf(f, "outcome %d error [%s]\n", fx->outcome, fx->error);
+    for (size_t i = 0; i < fx->message_count; i++) {
+        const struct saga_message *m = &fx->messages[i];
+        fprintf(f, "message %s %s %s %s %s %d %d %d\n", m->message_id, m->topic, m->key, m->type,
+                m->payload, m->step, m->phase, m->attempt);
+        for (size_t k = 0; k < m->header_count; k++)
+            fprintf(f, "  %s: %s\n", m->headers[k].name, m->headers[k].value);
+    }
+    for (size_t i = 0; i < fx->history_count; i++) {
+        const struct saga_history_entry *e = &fx->history[i];
+        char *reply = e->reply ? cJSON_PrintUnformatted(e->reply) : NULL;
+        fprintf(f, "history %d %d %d %d %s %s\n", e->status, e->step, e->phase, e->attempt,
+                e->message_id, reply ? reply : "-");
+        free(reply);
+    }
+    cr_assert_eq(fclose(f), 0);
+    return out;
+}
+
+/* A saga driven through path[0..upto) and the event path[upto] (start, ok, fail or timeout),
+ * with stored_replies replies r0, r1, ... in its state from the beginning. */
+struct fault_case {
+    const struct saga_definition *def;
+    const char *const *path;
+    size_t path_len;
+    int stored_replies;
+};
+
+static void fault_prepare(struct harness *h, const struct fault_case *c, size_t upto,
+                          struct saga_event *ev, cJSON **reply)
+{
+    harness_init(h, (struct saga_definition *)c->def, order_input, "corr", TRACE_ID);
+    if (c->stored_replies > 0) {
+        h->st.replies = cJSON_CreateObject();
+        cr_assert_not_null(h->st.replies);
+        for (int i = 0; i < c->stored_replies; i++) {
+            char name[16];
+            snprintf(name, sizeof(name), "r%d", i);
+            cJSON *r = cJSON_AddObjectToObject(h->st.replies, name);
+            cr_assert_not_null(r);
+            cr_assert_not_null(cJSON_AddNumberToObject(r, "k", i));
+        }
+    }
+    for (size_t i = 0; i < upto; i++)
+        cr_assert_eq(harness_event(h, c->path[i]), SAGA_APPLIED, "%s", c->path[i]);
+    const char *word = c->path[upto];
+    *reply = cJSON_Parse("{\"reservationId\": \"r\", \"authorizationId\": \"a\", \"v\": [1]}");
+    cr_assert_not_null(*reply);
+    *ev = (struct saga_event){.now_ms = h->now, .reply = *reply};
+    if (!strcmp(word, "start")) {
+        ev->kind = SAGA_EV_START;
+    } else if (!strcmp(word, "timeout")) {
+        ev->kind = SAGA_EV_TIMEOUT;
+        ev->now_ms = h->st.deadline_ms;
+    } else {
+        cr_assert(!strcmp(word, "ok") || !strcmp(word, "fail"), "unknown event %s", word);
+        ev->kind = SAGA_EV_REPLY;
+        ev->in_reply_to = h->st.waiting_message_id;
+        ev->success = word[0] == 'o';
+    }
+}
+
+/* For every event of the path and every n, fails the n-th allocation of the apply: it either
+ * fails and leaves the state and the effects alone, or gives the reference result (glibc may
+ * recover from a failed allocation inside vasprintf). Returns the failed applies. */
+static int fault_run(const struct fault_case *c)
+{
+    int failures = 0;
+    for (size_t upto = 0; upto < c->path_len; upto++) {
+        struct harness *h = malloc(sizeof(*h));
+        cr_assert_not_null(h);
+        struct saga_event ev;
+        cJSON *reply = NULL;
+        struct saga_effects fx;
+
+        /* The reference: the same event with no failure. */
+        fault_prepare(h, c, upto, &ev, &reply);
+        cr_assert_eq(saga_engine_apply(c->def, &h->st, &ev, &h->env, &fx), 0);
+        cr_assert_eq(fx.outcome, SAGA_APPLIED, "%s", c->path[upto]);
+        char *want_state = state_describe(&h->st);
+        char *want_fx = effects_describe(&fx);
+        saga_effects_clear(&fx);
+        cJSON_Delete(reply);
+        harness_fini(h);
+
         for (long n = 0;; n++) {
-            struct harness *h = malloc(sizeof(*h));
-            harness_init(h, def, order_input, "corr", TRACE_ID);
-            for (size_t i = 0; i < upto; i++)
-                harness_event(h, path[i]);
-            cJSON *reply = cJSON_Parse("{\"reservationId\": \"r\"}");
-            struct saga_event ev = {.now_ms = h->now, .reply = reply};
-            if (!strcmp(path[upto], "start")) {
-                ev.kind = SAGA_EV_START;
-            } else if (!strcmp(path[upto], "timeout")) {
-                ev.kind = SAGA_EV_TIMEOUT;
-                ev.now_ms = h->st.deadline_ms;
-            } else {
-                ev.kind = SAGA_EV_REPLY;
-                ev.in_reply_to = h->st.waiting_message_id;
-                ev.success = path[upto][0] == 'o';
-            }
+            fault_prepare(h, c, upto, &ev, &reply);
             char *before = state_describe(&h->st);
-            struct saga_effects fx;
+            memset(&fx, 0x5a, sizeof(fx));
             alloc_countdown = n;
-            int rc = saga_engine_apply(def, &h->st, &ev, &h->env, &fx);
+            int rc = saga_engine_apply(c->def, &h->st, &ev, &h->env, &fx);
             bool exhausted = alloc_countdown >= 0; /* the n-th allocation never came */
             alloc_countdown = -1;
             char *after = state_describe(&h->st);
             if (rc < 0) {
-                failures_seen++;
-                cr_assert_str_eq(after, before, "step %zu, allocation %ld", upto, n);
+                failures++;
+                cr_assert(!exhausted, "event %zu (%s) failed with no failed allocation", upto,
+                          c->path[upto]);
+                cr_assert_str_eq(after, before, "event %zu (%s), allocation %ld", upto,
+                                 c->path[upto], n);
                 cr_assert_eq(fx.message_count, 0);
+                cr_assert_null(fx.messages);
                 cr_assert_eq(fx.history_count, 0);
+                cr_assert_null(fx.history);
             } else {
-                cr_assert_eq(fx.outcome, SAGA_APPLIED);
+                cr_assert_eq(rc, 0);
+                char *got_fx = effects_describe(&fx);
+                cr_assert_str_eq(after, want_state, "event %zu (%s), allocation %ld", upto,
+                                 c->path[upto], n);
+                cr_assert_str_eq(got_fx, want_fx, "event %zu (%s), allocation %ld", upto,
+                                 c->path[upto], n);
+                free(got_fx);
             }
             saga_effects_clear(&fx);
             free(before);
             free(after);
             cJSON_Delete(reply);
             harness_fini(h);
-            free(h);
-            if (exhausted) {
-                cr_assert_eq(rc, 0);
+            if (exhausted)
                 break;
-            }
         }
+        free(want_state);
+        free(want_fx);
+        free(h);
     }
-    cr_assert_gt(failures_seen, 20);
+    return failures;
+}
+
+Test(engine, allocation_failures_leave_the_state_alone)
+{
+#ifdef TEST_ASAN
+    cJSON_Hooks hooks = {failing_cjson_malloc, free};
+    cJSON_InitHooks(&hooks);
+#endif
+    struct saga_definition *def = def_build("order_fulfillment", order_steps, ORDER_STEPS);
+    /* A path through every kind of transition, from no stored reply on. */
+    const char *const path[] = {"start", "ok",   "timeout", "timeout", "ok",
+                                "fail",  "fail", "timeout", "ok",      "ok"};
+    struct fault_case order = {def, path, sizeof(path) / sizeof(path[0]), 0};
+    int failures = fault_run(&order);
+    cr_assert_gt(failures, 100, "%d", failures);
+
+    /* More replies than the template context keeps on the stack (8): its nodes are
+     * allocated. Templates that use them, in commands and compensations. */
+    struct step_spec specs[] = {
+        {.name = "s0",
+         .topic = "t",
+         .type = "S0",
+         .ctype = "U0",
+         .cpayload = "{\"last\": \"{{steps.r11.reply}}\", \"s0\": \"{{steps.s0.reply.v}}\"}"},
+        {.name = "s1",
+         .topic = "t",
+         .type = "S1",
+         .key = "\"{{steps.r11.reply.k}}-{{steps.s0.reply}}\"",
+         .payload = "{\"first\": \"{{steps.r0.reply}}\", \"last\": \"{{steps.r11.reply}}\", "
+                    "\"s0\": \"{{steps.s0.reply.v}}\", \"id\": \"{{saga.id}}\"}"},
+        {.name = "s2", .topic = "t", .type = "S2", .payload = "{\"s1\": \"{{steps.s1.reply}}\"}"},
+    };
+    struct saga_definition *many = def_build("many", specs, 3);
+    const char *const through[] = {"start", "ok", "ok", "ok"};
+    const char *const back[] = {"start", "ok", "fail", "ok"};
+    struct fault_case c1 = {many, through, 4, 12}, c2 = {many, back, 4, 12};
+    int more = fault_run(&c1);
+    more += fault_run(&c2);
+    cr_assert_gt(more, 50, "%d", more);
+#ifdef TEST_ASAN
+    cJSON_InitHooks(NULL);
+#endif
+    def_free(many);
     def_free(def);
 }
 
