@@ -558,7 +558,7 @@ static int message_build(struct work *w, struct saga_message *m, const char *mes
         block_put(&bw, idem, l_idem),      block_put(&bw, reply_to, l_reply),
         block_put(&bw, corr, l_corr),      block_put(&bw, traceparent, l_tp)};
     for (size_t i = 0; i < HEADER_COUNT; i++) {
-        m->headers[i].name = (char *)names[i];
+        m->headers[i].name = names[i];
         m->headers[i].value = values[i];
     }
     m->header_count = HEADER_COUNT;

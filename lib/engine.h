@@ -86,15 +86,16 @@ struct saga_event {
     const char *reason;      /* ABORT: operator's reason (borrowed, may be NULL) */
 };
 
-/* name and value belong to the message (see saga_message): never freed one by one. */
+/* Never freed one by one: name is a static string (the engine's constant header names);
+ * value lives in the message's headers allocation (see saga_message). */
 struct saga_header {
-    char *name;
+    const char *name;
     char *value;
 };
 
 /* One message to write into the orchestrator's outbox. The engine makes every message and
- * saga_effects_clear() frees it: topic, type and the headers' names and values live in the
- * headers' one allocation (not to be freed one by one). */
+ * saga_effects_clear() frees it: topic, type and the headers' values live in the headers'
+ * one allocation (not to be freed one by one); the headers' names are static strings. */
 struct saga_message {
     char message_id[SAGA_UUID_LEN + 1];
     char *topic;                 /* in the headers' allocation */
