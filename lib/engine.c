@@ -677,10 +677,15 @@ static int replies_store(struct work *w, const cJSON *reply)
     cJSON *data = reply ? cJSON_Duplicate(reply, 1) : cJSON_CreateNull();
     if (!data)
         return -1;
+    /* The key belongs to the item: allocated and freed through cJSON's hooks (cJSON_Delete
+     * frees it with them), so not with libc's strdup and free. */
     if (!(data->type & cJSON_StringIsConst))
-        free(data->string); /* the key the duplicated item had, if any */
+        cJSON_free(data->string); /* the key the duplicated item had, if any */
     data->type &= ~cJSON_StringIsConst;
-    data->string = strdup(cur_step(w)->name);
+    const char *name = cur_step(w)->name;
+    size_t len = strlen(name) + 1;
+    if ((data->string = cJSON_malloc(len)))
+        memcpy(data->string, name, len);
     if (!data->string ||
         (!w->st.replies && !w->new_replies && !(w->new_replies = cJSON_CreateObject()))) {
         cJSON_Delete(data);

@@ -1225,6 +1225,73 @@ Test(engine, allocation_failures_leave_the_state_alone)
     def_free(def);
 }
 
+/* cJSON's hooks handing out marked blocks: a block freed through them that they did not give
+ * (a key made with strdup), or one of theirs freed with free(), is seen. */
+#define HOOK_MARK 0x5a6a7a8a9aaabacaULL
+static long hook_foreign_frees;
+
+static void *marked_malloc(size_t size)
+{
+    unsigned long long *p = malloc(size + 16);
+    if (!p)
+        return NULL;
+    p[0] = HOOK_MARK;
+    return (char *)p + 16;
+}
+
+static void marked_free(void *ptr)
+{
+    if (!ptr)
+        return;
+    unsigned long long *p = (void *)((char *)ptr - 16);
+    if (p[0] != HOOK_MARK) {
+        hook_foreign_frees++; /* not ours: leaked rather than freed at the wrong address */
+        return;
+    }
+    p[0] = 0;
+    free(p);
+}
+
+/* The key a stored reply gets (and the one its data had) is cJSON's: made and freed through
+ * its hooks, as cJSON_Delete frees it. */
+Test(engine, stored_replies_keys_use_cjsons_allocator)
+{
+    cJSON_Hooks hooks = {marked_malloc, marked_free};
+    cJSON_InitHooks(&hooks);
+    struct saga_definition *def = def_build("order_fulfillment", order_steps, ORDER_STEPS);
+    unsigned long counter = 0;
+    struct saga_engine_env env = {counter_uuid, &counter};
+    struct saga_state st;
+    saga_state_init(&st, SAGA_ID, json_or_null(order_input), NULL, NULL);
+    struct saga_effects fx;
+    struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = 1};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    saga_effects_clear(&fx);
+    /* Reply data that is an object's member: its duplicate comes with the key "data". */
+    cJSON *wrapper = json_or_null("{\"data\": {\"reservationId\": \"r-1\"}}");
+    char irt[SAGA_UUID_LEN + 1];
+    snprintf(irt, sizeof(irt), "%s", st.waiting_message_id);
+    ev = (struct saga_event){.kind = SAGA_EV_REPLY,
+                             .now_ms = 2,
+                             .in_reply_to = irt,
+                             .success = true,
+                             .reply = cJSON_GetObjectItem(wrapper, "data")};
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_eq(fx.outcome, SAGA_APPLIED);
+    cr_assert_not_null(st.replies);
+    cr_assert_not_null(st.replies->child);
+    cr_assert_str_eq(st.replies->child->string, "reserve_inventory");
+    cr_assert_null(st.replies->child->next);
+    cr_assert_str_eq(cJSON_GetStringValue(cJSON_GetObjectItem(st.replies->child, "reservationId")),
+                     "r-1");
+    saga_effects_clear(&fx);
+    cJSON_Delete(wrapper);
+    saga_state_clear(&st);
+    def_free(def);
+    cJSON_InitHooks(NULL);
+    cr_assert_eq(hook_foreign_frees, 0);
+}
+
 Test(engine, backoff_is_capped_without_overflow)
 {
     struct step_spec specs[] = {
