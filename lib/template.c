@@ -206,8 +206,8 @@ int template_print_string(char **buf, size_t *len, size_t *cap, const char *s)
     *cap = t.cap;
     if (rc == 0)
         *len = t.len;
-    else if (t.buf)
-        t.buf[*len] = '\0';
+    else if (t.buf && *len < t.cap)
+        t.buf[*len] = '\0'; /* the text cut back; not past the end of a full buffer */
     return rc;
 }
 
@@ -301,8 +301,8 @@ int template_print_json(char **buf, size_t *len, size_t *cap, const cJSON *v)
     *cap = t.cap;
     if (rc == 0)
         *len = t.len;
-    else if (t.buf)
-        t.buf[*len] = '\0';
+    else if (t.buf && *len < t.cap)
+        t.buf[*len] = '\0'; /* the text cut back; not past the end of a full buffer */
     return rc;
 }
 

@@ -32,15 +32,18 @@ __attribute__((warn_unused_result)) int template_render_text(const cJSON *tmpl, 
 __attribute__((warn_unused_result)) int template_render_json(const cJSON *tmpl, const cJSON *ctx,
                                                              char **out, char *err, size_t errlen);
 
-/* Appends v (borrowed) to the text *buf of *len bytes (*cap allocated; *buf may be NULL),
- * growing it with realloc: the same bytes as cJSON_PrintUnformatted(v), NUL-terminated.
- * Returns 0, or -1 where that returns NULL (out of memory, an invalid item); *len is then
- * unchanged (*buf and *cap may have grown). */
+/* Appends v (borrowed) to the text *buf of *len bytes (*cap allocated, *len <= *cap; *buf
+ * may be NULL), growing it with realloc: the same bytes as cJSON_PrintUnformatted(v),
+ * NUL-terminated. The caller owns *buf (free() it). Returns 0, or -1 where that returns NULL
+ * (out of memory, an invalid item); *len is then unchanged (*buf and *cap may have grown:
+ * *buf is still the caller's) and, if *len < *cap, (*buf)[*len] is '\0' (a full buffer is
+ * not written past its end). */
 __attribute__((warn_unused_result)) int template_print_json(char **buf, size_t *len, size_t *cap,
                                                             const cJSON *v);
 
-/* Appends s as a JSON string (quoted; '"', '\\' and the control characters escaped as cJSON
- * escapes them, other bytes as they are), as template_print_json appends. Same contract. */
+/* Appends s (borrowed, not NULL) as a JSON string (quoted; '"', '\\' and the control
+ * characters escaped as cJSON escapes them, other bytes as they are), as template_print_json
+ * appends. Same contract; fails only when out of memory. */
 __attribute__((warn_unused_result)) int template_print_string(char **buf, size_t *len, size_t *cap,
                                                               const char *s);
 

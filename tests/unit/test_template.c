@@ -386,33 +386,68 @@ static void check_print(const cJSON *v)
 
 Test(template, print_json_writes_what_cjson_prints)
 {
-    const double numbers[] = {0.0,
-                              -0.0,
-                              1,
-                              -1,
-                              42,
-                              2147483647.0,
-                              2147483648.0,
-                              -2147483648.0,
-                              -2147483649.0,
-                              1e300,
-                              -1e-300,
-                              5e-324,
-                              1.5,
-                              0.1,
-                              1.0 / 3.0,
-                              2.0 / 3.0,
-                              99.99,
-                              123456789012345678.0,
-                              12345678901234567890.0,
-                              1.7976931348623157e308,
-                              3e-7,
-                              (double)NAN,
-                              (double)INFINITY,
-                              -(double)INFINITY};
+    const double numbers[] = {
+        0.0,
+        -0.0,
+        1,
+        -1,
+        42,
+        2147483647.0,
+        2147483648.0,
+        -2147483648.0,
+        -2147483649.0,
+        1e300,
+        -1e-300,
+        5e-324,
+        1.5,
+        0.1,
+        1.0 / 3.0,
+        2.0 / 3.0,
+        99.99,
+        123456789012345678.0,
+        12345678901234567890.0,
+        1.7976931348623157e308,
+        3e-7,
+        /* the integer fast path's bounds (integral and below 1e15) */
+        1e15,
+        -1e15,
+        999999999999999.0,
+        -999999999999999.0,
+        999999999999999.5,
+        4503599627370496.0, /* 2^52 */
+        9007199254740992.0, /* 2^53 */
+        9007199254740993.0, /* 2^53 + 1: is 2^53 as a double */
+        -9007199254740992.0,
+        9223372036854775808.0, /* 2^63 */
+        -9223372036854775808.0,
+        (double)NAN,
+        (double)INFINITY,
+        -(double)INFINITY,
+    };
     for (size_t i = 0; i < sizeof(numbers) / sizeof(numbers[0]); i++) {
         cJSON *n = cJSON_CreateNumber(numbers[i]);
         check_print(n);
+        cJSON_Delete(n);
+    }
+    /* The fast path's bounds, written out (2^53 in 15 digits: reads back within cJSON's
+     * relative DBL_EPSILON). */
+    const struct {
+        double d;
+        const char *text;
+    } exact[] = {{-0.0, "-0"},
+                 {999999999999999.0, "999999999999999"},
+                 {-999999999999999.0, "-999999999999999"},
+                 {1e15, "1e+15"},
+                 {-1e15, "-1e+15"},
+                 {4503599627370496.0, "4503599627370496"},
+                 {9007199254740993.0, "9.00719925474099e+15"}};
+    for (size_t i = 0; i < sizeof(exact) / sizeof(exact[0]); i++) {
+        cJSON *n = cJSON_CreateNumber(exact[i].d);
+        char *buf = NULL;
+        size_t len = 0, cap = 0;
+        cr_assert_eq(template_print_json(&buf, &len, &cap, n), 0);
+        cr_assert_str_eq(buf, exact[i].text);
+        free(buf);
         cJSON_Delete(n);
     }
     /* Random doubles of every magnitude. */
@@ -472,6 +507,23 @@ Test(template, print_json_writes_what_cjson_prints)
     cr_assert_eq(len, 16);
     cr_assert_str_eq(buf, "prefix:[1,\"two\"]");
     cJSON_Delete(arr);
+    free(buf);
+    /* A failure on a full buffer (*len == *cap) writes nothing past its end; with room, the
+     * text is cut back to *len. (The buffer is larger than the function is told.) */
+    buf = malloc(16);
+    cr_assert_not_null(buf);
+    memcpy(buf, "12345678XXXXXXX", 16);
+    len = 8;
+    cap = 8;
+    cr_assert_eq(template_print_json(&buf, &len, &cap, &invalid), -1);
+    cr_assert_eq(template_print_json(&buf, &len, &cap, NULL), -1);
+    cr_assert_eq(len, 8);
+    cr_assert_eq(cap, 8);
+    cr_assert_eq(buf[8], 'X', "written past the end");
+    cap = 12;
+    cr_assert_eq(template_print_json(&buf, &len, &cap, &invalid), -1);
+    cr_assert_eq(buf[8], '\0');
+    cr_assert_eq(buf[9], 'X');
     free(buf);
 }
 
