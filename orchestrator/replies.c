@@ -181,7 +181,11 @@ static void header_trace_id(const struct header_value *h, char out[33], char raw
 enum { H_MESSAGE_ID, H_IN_REPLY_TO, H_SAGA_ID, H_OUTCOME, H_TRACEPARENT, H_WANTED };
 
 /* The last value of each header reply_parse reads, in one pass over the headers (five
- * rd_kafka_header_get_last calls compared every name five times). */
+ * rd_kafka_header_get_last calls compared every name five times). One difference:
+ * rd_kafka_header_get_all gives a name without its size, so a name with a NUL inside
+ * ("saga-id\0x") counts here as the name before the NUL, where get_last compared the sizes
+ * too and skipped it. A producer sends such a name only on purpose; the value is checked as
+ * ever. */
 static void headers_wanted(rd_kafka_headers_t *hdrs, struct header_value h[H_WANTED])
 {
     static const char *const names[H_WANTED] = {"message-id", "in-reply-to", "saga-id", "outcome",
@@ -233,7 +237,12 @@ void reply_parse(rd_kafka_message_t *msg, struct reply_msg *out)
             problem = "value is not a JSON object";
     }
     if (problem) {
-        out->error = strdup(problem);
+        /* Without its error a malformed reply would look well-formed: nothing sensible is
+         * left to do without memory, as elsewhere in the worker. */
+        if (!(out->error = strdup(problem))) {
+            log_error("out of memory");
+            abort();
+        }
         cJSON_Delete(out->data);
         out->data = NULL;
     }
