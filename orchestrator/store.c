@@ -104,7 +104,9 @@ static const enum store_section section_order[STORE_SECTIONS] = {
 /* The sections' buffers of the last batch cleared on this thread, kept for the next one: a
  * batch's sections grow to hundreds of KB by doubling, and allocating and freeing them at
  * every batch was a visible part of the orchestrator's malloc time (the daemon builds one
- * batch at a time on its loop's thread). At most one buffer per section is kept. */
+ * batch at a time on its loop's thread). At most one buffer per section is kept, and none
+ * larger than STORE_SPARE_MAX: a batch of huge replies must not hold its memory forever. */
+#define STORE_SPARE_MAX ((size_t)4 << 20)
 static _Thread_local struct {
     char *text;
     size_t cap;
@@ -128,7 +130,7 @@ int store_batch_init(struct store_batch *b)
 void store_batch_clear(struct store_batch *b)
 {
     for (int i = 0; i < STORE_SECTIONS; i++) {
-        if (!spare[i].text && b->sec[i].text) {
+        if (!spare[i].text && b->sec[i].text && b->sec[i].cap <= STORE_SPARE_MAX) {
             spare[i].text = b->sec[i].text;
             spare[i].cap = b->sec[i].cap;
         } else {

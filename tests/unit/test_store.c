@@ -481,3 +481,38 @@ Test(store, the_documents_of_two_sagas_are_the_same_to_the_byte)
               at, got_len, want_len, got + (at > 40 ? at - 40 : 0), want + (at > 40 ? at - 40 : 0));
     free(got);
 }
+
+/* A cleared batch's section buffers are kept for the next batch on the thread, up to 4 MB
+ * each: a larger one (a batch of huge replies) is freed, not held forever. */
+Test(store, section_buffers_over_4_mb_are_not_kept)
+{
+    struct store_batch b;
+    cr_assert_eq(store_batch_init(&b), 0);
+    const size_t caps[] = {1024, (size_t)4 << 20, ((size_t)4 << 20) + 1, (size_t)8 << 20};
+    const enum store_section secs[] = {STORE_SENT, STORE_INBOX, STORE_OUTBOX, STORE_RESOLVED};
+    char *given[4];
+    for (int k = 0; k < 4; k++) {
+        struct store_text *t = &b.sec[secs[k]];
+        free(t->text);
+        cr_assert_not_null(t->text = malloc(caps[k]));
+        t->text[0] = '\0';
+        t->len = 0;
+        t->cap = caps[k];
+        given[k] = t->text;
+    }
+    store_batch_clear(&b);
+    cr_assert_eq(store_batch_init(&b), 0);
+    cr_assert_eq(b.sec[STORE_SENT].text, given[0]);
+    cr_assert_eq(b.sec[STORE_SENT].cap, caps[0]);
+    cr_assert_eq(b.sec[STORE_INBOX].text, given[1]);
+    cr_assert_eq(b.sec[STORE_INBOX].cap, caps[1]);
+    cr_assert_null(b.sec[STORE_OUTBOX].text);
+    cr_assert_eq(b.sec[STORE_OUTBOX].cap, 0);
+    cr_assert_null(b.sec[STORE_RESOLVED].text);
+    cr_assert_eq(b.sec[STORE_RESOLVED].cap, 0);
+    /* Still a batch that works. */
+    char *text = store_batch_finish(&b);
+    cr_assert_str_eq(text, "{\"sent\":[],\"inbox\":[],\"outbox\":[],\"ignored\":[],"
+                           "\"resolved\":[],\"instances\":[],\"dead_letters\":[]}");
+    free(text);
+}
