@@ -581,10 +581,9 @@ static void lock_and_dedupe_texts(const struct reply_msg *r, size_t n)
 }
 
 /* As worker.c's dedupe_cb: the batch's strings (message-ids, saga ids) in a small
- * open-addressing table (slots hold an
- * index + 1): a reply's duplicates and its row are found in one probe or two (comparing each
- * reply with every one before it, and with every row, was a visible share of the
- * orchestrator's CPU in batches of 200). */
+ * open-addressing table (slots hold an index + 1): a reply's duplicates and its row are found
+ * in one probe or two (comparing each reply with every one before it, and with every row, was
+ * a visible share of the orchestrator's CPU in batches of 200). */
 struct strset {
     size_t *slot;
     size_t mask;
