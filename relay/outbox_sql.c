@@ -49,24 +49,28 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
          * times and repetitive payloads up to ~100 (measured), which let a capped claim read far
          * past the bound. The price: the server detoasts and renders the claim's candidates, the
          * rows cut off included, so only while sizes are unknown or large (see send_claim), when
-         * the adaptive LIMIT is small. payload and headers are rendered once, in the innermost
-         * query (its LIMIT keeps PostgreSQL from pulling it up, which would render them again
-         * for the sizes): rendered twice, 100-row claims took 0.90-1.29 ms against 0.69-0.76
-         * (pgbench, 2026-11-26). The window costs PostgreSQL ~1 us a row (3,000 rows of 300
+         * the adaptive LIMIT is small. The window costs PostgreSQL ~1 us a row (3,000 rows of 300
          * bytes: 3.9 ms of execution against 1.4, measured with pg_column_size), hence two
-         * statements. Both return payload and headers as text (the relay sends their text). */
+         * statements. Both return payload and headers as text (the relay sends their text).
+         * Rendered once for the size and once for the result: rendered once only (the text
+         * computed below the window and returned), 100-row claims took 0.69-0.76 ms against
+         * 0.90-1.29, but the window then holds every candidate's text until the claim ends:
+         * a claim sized for small rows that meets large ones (the case this statement is for)
+         * wrote LIMIT x their size of temporary files (~14 MB for 40 rows of 360 KB with
+         * work_mem 64kB; none this way), and with temp_file_limit set it failed at every retry.
+         */
         asprintf(&out->claim_capped,
-                 "SELECT seq, id, topic, key, event_type, payload, headers, created_at, upto "
-                 "FROM (SELECT c.*, sum(c.sz) OVER (ORDER BY c.seq ROWS UNBOUNDED PRECEDING) "
-                 "AS upto FROM (SELECT r.*, coalesce(octet_length(r.payload), 0) + "
-                 "coalesce(octet_length(r.headers), 0) + coalesce(octet_length(r.key), 0) + "
-                 "coalesce(octet_length(r.event_type), 0) + 56 AS sz FROM (SELECT o.seq, o.id, "
-                 "o.topic, o.key, o.event_type, o.payload::text AS payload, "
-                 "o.headers::text AS headers, o.created_at FROM ("
+                 "SELECT seq, id, topic, key, event_type, payload::text, headers::text, "
+                 "created_at, upto FROM (SELECT c.*, sum(c.sz) OVER (ORDER BY c.seq ROWS UNBOUNDED "
+                 "PRECEDING) "
+                 "AS upto FROM (SELECT o.seq, o.id, o.topic, o.key, o.event_type, o.payload, "
+                 "o.headers, o.created_at, coalesce(octet_length(o.payload::text), 0) + "
+                 "coalesce(octet_length(o.headers::text), 0) + coalesce(octet_length(o.key), 0) + "
+                 "coalesce(octet_length(o.event_type), 0) + 56 AS sz FROM ("
                  "(SELECT * FROM %s WHERE seq >= $4::bigint AND seq < $1::bigint ORDER BY seq "
                  "LIMIT $3::int) UNION ALL "
                  "(SELECT * FROM %s WHERE seq > $2::bigint ORDER BY seq LIMIT $3::int)) o "
-                 "ORDER BY o.seq LIMIT $3::int) r) c) w WHERE upto - sz < $5::bigint ORDER BY seq",
+                 "ORDER BY o.seq LIMIT $3::int) c) w WHERE upto - sz < $5::bigint ORDER BY seq",
                  q, q) < 0 ||
         asprintf(&out->remove, "DELETE FROM %s WHERE seq = ANY($1::bigint[])", q) < 0 ||
         asprintf(&out->dead,
