@@ -35,7 +35,7 @@ AS $$
                            OPERATOR(pg_catalog.*) 1000)::bigint), 3),
                        1, 6),
                    52, 1), 53, 1),
-               'hex')::uuid
+               'hex')::pg_catalog.uuid
 $$;
 COMMENT ON FUNCTION saga.uuid_v7() IS
     'A time-ordered uuid (version 7): saga ids (saga.start); usable for any table''s keys';
@@ -56,7 +56,13 @@ AS $$
 $$;
 COMMENT ON FUNCTION saga.required_keys(jsonb) IS
     'The input keys a definition requires (its input.required as text; NULL when it has none)';
--- A small table (one row per registered version): the rewrite is immediate.
+-- A small table (one row per registered version): the rewrite is immediate, but it takes the
+-- table's ACCESS EXCLUSIVE lock, and every saga.start reads the table: starts wait while the
+-- migration waits for its lock (at most 3 s a try, lib/migrate.c). A stored generated column is
+-- computed when a row is written: a later change of saga.required_keys() must rewrite the rows
+-- (UPDATE saga.definitions SET body = body); an INSERT ... SELECT * from a copy of the table
+-- must leave the column out. Registering a definition runs the function with the
+-- orchestrator's rights (EXECUTE through PUBLIC, as for saga.apply_batch).
 ALTER TABLE saga.definitions
     ADD COLUMN required_keys text[] GENERATED ALWAYS AS (saga.required_keys(body)) STORED;
 COMMENT ON COLUMN saga.definitions.required_keys IS
