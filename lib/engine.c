@@ -1,15 +1,11 @@
 #include "engine.h"
 
 #include <ctype.h>
-#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-
-#include <uuid/uuid.h>
 
 #include "template.h"
 
@@ -88,41 +84,7 @@ bool saga_status_is_terminal(enum saga_status status)
     return status == SAGA_COMPLETED || status == SAGA_COMPENSATED;
 }
 
-/* Random bytes from the kernel 4 KiB at a time (256 ids per getrandom call): libuuid's
- * uuid_generate_random made a getrandom call and stirred random(3) for every id, ~8% of the
- * orchestrator's CPU under load (perf, 2026-11-26). One pool per thread. A process that forks
- * would share the pool's rest with its child (none of ours forks). If getrandom fails, libuuid
- * it is. */
-void saga_uuid_random(char out[SAGA_UUID_LEN + 1], void *arg)
-{
-    (void)arg;
-    static _Thread_local unsigned char pool[4096];
-    static _Thread_local size_t used = sizeof(pool);
-    uuid_t uu;
-    if (used + sizeof(uu) > sizeof(pool)) {
-        size_t got = 0;
-        while (got < sizeof(pool)) {
-            ssize_t n = getrandom(pool + got, sizeof(pool) - got, 0);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                break;
-            got += (size_t)n;
-        }
-        if (got < sizeof(pool)) {
-            uuid_generate_random(uu);
-            uuid_unparse_lower(uu, out);
-            return;
-        }
-        used = 0;
-    }
-    memcpy(uu, pool + used, sizeof(uu));
-    memset(pool + used, 0, sizeof(uu)); /* an id is not left behind to be read */
-    used += sizeof(uu);
-    uu[6] = (unsigned char)((uu[6] & 0x0f) | 0x40); /* version 4 */
-    uu[8] = (unsigned char)((uu[8] & 0x3f) | 0x80); /* RFC 4122 variant */
-    uuid_unparse_lower(uu, out);
-}
+/* saga_uuid_random is in uuid.c (its random bytes come from the same pool as version 7 ids). */
 
 /* ---- state ---- */
 
