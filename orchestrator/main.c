@@ -261,6 +261,10 @@ static void describe_metrics(void)
     static const double bounds[] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000};
     metrics_histogram_buckets("saga_batch_sagas", bounds, sizeof(bounds) / sizeof(bounds[0]));
     metrics_describe("saga_replies_queued", "gauge", "Replies consumed, not yet applied.");
+    metrics_describe("saga_replies_queue_full_total", "counter",
+                     "Times the replies consumed and not yet applied reached the in-memory cap "
+                     "(1,000): the rest waited in the consumer.");
+    metrics_counter_add("saga_replies_queue_full_total", NULL, 0);
     metrics_describe("saga_sagas_in_flight", "gauge",
                      "Sagas not finished, by status (all orchestrators; measured every 5 s).");
     metrics_describe("saga_db_reconnects_total", "counter",

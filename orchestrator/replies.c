@@ -259,6 +259,7 @@ void reply_clear(struct reply_msg *r)
 
 void replies_poll(struct orchestrator *o)
 {
+    size_t before = o->pending_count;
     while (!o->stopping && o->pending_count < MAX_PENDING) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(o->consumer, 0);
         if (!m)
@@ -282,6 +283,11 @@ void replies_poll(struct orchestrator *o)
         }
         reply_parse(m, &o->pending[o->pending_count++]);
     }
+    /* The queue reached its cap: the rest waits in librdkafka's queue (backpressure). Counted
+     * once per time it fills, not per poll that finds it full; the saga_replies_queued gauge
+     * is only sampled by the status timer and misses a cap reached and drained in between. */
+    if (before < MAX_PENDING && o->pending_count >= MAX_PENDING)
+        metrics_counter_add("saga_replies_queue_full_total", NULL, 1);
     if (o->pending_count)
         worker_kick(o->replier);
 }
