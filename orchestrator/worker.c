@@ -1082,6 +1082,21 @@ struct sqlbuf {
     size_t len, cap;
 };
 
+/* Room for n more bytes and a NUL (out of memory aborts: a claim cannot be half written). */
+static void sql_reserve(struct sqlbuf *b, size_t n)
+{
+    if (b->text && b->len + n < b->cap)
+        return;
+    size_t cap = (b->cap ? b->cap * 2 : 4096) + n;
+    char *grown = realloc(b->text, cap);
+    if (!grown) {
+        log_error("out of memory");
+        abort();
+    }
+    b->text = grown;
+    b->cap = cap;
+}
+
 static void sql_add(struct sqlbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void sql_add(struct sqlbuf *b, const char *fmt, ...)
 {
@@ -1099,30 +1114,14 @@ static void sql_add(struct sqlbuf *b, const char *fmt, ...)
             b->len += (size_t)n;
             return;
         }
-        size_t cap = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
-        char *grown = realloc(b->text, cap);
-        if (!grown) {
-            log_error("out of memory");
-            abort();
-        }
-        b->text = grown;
-        b->cap = cap;
+        sql_reserve(b, (size_t)n);
     }
 }
 
 /* Appends n bytes as they are (no format to parse). */
 static void sql_put(struct sqlbuf *b, const char *s, size_t n)
 {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = (b->cap ? b->cap * 2 : 4096) + n;
-        char *grown = realloc(b->text, cap);
-        if (!grown) {
-            log_error("out of memory");
-            abort();
-        }
-        b->text = grown;
-        b->cap = cap;
-    }
+    sql_reserve(b, n);
     memcpy(b->text + b->len, s, n);
     b->len += n;
     b->text[b->len] = '\0';
