@@ -230,6 +230,18 @@ Test(relay_claim, one_claim_session_at_a_time)
     PQfinish(c);
 }
 
+/* The plan of stmt (an EXPLAIN) on session c, one line per row, into plan. */
+static void explain(PGconn *c, const char *stmt, char *plan, size_t size)
+{
+    PGresult *r = PQexec(c, stmt);
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
+    size_t len = 0;
+    plan[0] = '\0';
+    for (int k = 0; k < PQntuples(r) && len < size - 1; k++)
+        len += (size_t)snprintf(plan + len, size - len, "%s\n", PQgetvalue(r, k, 0));
+    PQclear(r);
+}
+
 /* The claims are prepared once per session, typically when the outbox is empty and has no
  * statistics yet, and their generic plans kept while the backlog grows: those plans must read
  * the outbox through its seq index (a sequential scan would read the whole backlog at every
@@ -248,16 +260,42 @@ Test(relay_claim, plans_made_on_an_empty_outbox_use_the_seq_index)
     const char *plans[] = {"EXPLAIN EXECUTE relay_claim(1, 0, 100, 1)",
                            "EXPLAIN EXECUTE relay_claim_capped(1, 0, 100, 1, 1000000)"};
     for (size_t i = 0; i < 2; i++) {
-        PGresult *r = PQexec(c, plans[i]);
-        cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(r));
-        char plan[4096] = "";
-        size_t len = 0;
-        for (int k = 0; k < PQntuples(r) && len < sizeof(plan) - 1; k++)
-            len += (size_t)snprintf(plan + len, sizeof(plan) - len, "%s\n", PQgetvalue(r, k, 0));
-        PQclear(r);
+        char plan[4096];
+        explain(c, plans[i], plan, sizeof(plan));
         cr_expect(!strstr(plan, "Seq Scan"), "%s:\n%s", plans[i], plan);
         cr_expect(strstr(plan, "outbox_seq_key"), "%s:\n%s", plans[i], plan);
     }
+    PQfinish(c);
+}
+
+/* The deletes too: the session that deletes published rows (set up as the relay sets up its
+ * lock session) makes its plan while the outbox is small and keeps it; with the backlog grown
+ * (here 20,000 rows, as dead rows between two autovacuums are), it must still delete through
+ * the seq index, not read the table (it did: a sequential scan, 8 ms a delete at 3,000
+ * pages). */
+Test(relay_claim, delete_plans_made_on_a_small_outbox_use_the_seq_index)
+{
+    PGconn *c = pgtest_connect(url);
+    PGresult *r = PQexec(c, sql.session);
+    cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(r));
+    PQclear(r);
+    insert_rows(20);
+    for (int i = 1; i <= 16; i += 2) { /* past the 5 custom plans */
+        char arr[32];
+        snprintf(arr, sizeof(arr), "{%d,%d}", i, i + 1);
+        const char *params[] = {arr};
+        r = PQexecPrepared(c, "relay_delete", 1, params, NULL, NULL, 0);
+        cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(r));
+        cr_assert_str_eq(PQcmdTuples(r), "2");
+        PQclear(r);
+    }
+    pgtest_exec(conn, "INSERT INTO saga.outbox (id, topic, key, event_type, payload) "
+                      "SELECT gen_random_uuid(), 't', 'k', 'e', '{\"a\": 1}' "
+                      "FROM generate_series(1, 20000)");
+    char plan[4096];
+    explain(c, "EXPLAIN EXECUTE relay_delete('{17,18}')", plan, sizeof(plan));
+    cr_expect(!strstr(plan, "Seq Scan"), "relay_delete:\n%s", plan);
+    cr_expect(strstr(plan, "outbox_seq_key"), "relay_delete:\n%s", plan);
     PQfinish(c);
 }
 
