@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 
@@ -117,4 +118,29 @@ static void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const
 void kafka_conf_log_json(rd_kafka_conf_t *conf)
 {
     rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
+}
+
+bool kafka_consumer_close(rd_kafka_t *rk, int timeout_ms)
+{
+    bool closed = false;
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_error_t *e = rd_kafka_consumer_close_queue(rk, q);
+    if (e) {
+        rd_kafka_error_destroy(e);
+    } else {
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (;;) {
+            closed = rd_kafka_consumer_closed(rk);
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            long long waited = (t.tv_sec - t0.tv_sec) * 1000LL + (t.tv_nsec - t0.tv_nsec) / 1000000;
+            if (closed || waited >= timeout_ms)
+                break;
+            long long left = timeout_ms - waited;
+            rd_kafka_queue_poll_callback(q, left < 100 ? (int)left : 100);
+        }
+    }
+    rd_kafka_queue_destroy(q);
+    rd_kafka_destroy_flags(rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    return closed;
 }

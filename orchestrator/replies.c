@@ -528,8 +528,9 @@ void replies_stop(struct orchestrator *o)
     o->pending_count = 0;
     free(o->pending);
     o->pending = NULL;
-    rd_kafka_consumer_close(o->consumer);
-    rd_kafka_destroy(o->consumer);
+    if (!kafka_consumer_close(o->consumer, 5000))
+        log_warn("reply consumer: not closed within 5 s (Kafka unreachable?): stopped without "
+                 "leaving the group (its partitions move at the session timeout)");
     o->consumer = NULL;
     close(o->consumer_fds[0]);
     close(o->consumer_fds[1]);

@@ -17,9 +17,21 @@ system_wait_log() { # file needle seconds
     return 1
 }
 
+# The broker last, as Kafka outlives the services in production: a consumer's close waits for
+# the group coordinator (a participant stopped together with the broker once hung in it for
+# good; their close is bounded since, but a clean stop needs no bound).
 system_stop() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    local p
+    for p in "${pids[@]}"; do
+        [ "$p" = "${SYS_PID_broker:-}" ] || kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${pids[@]}"; do
+        [ "$p" = "${SYS_PID_broker:-}" ] || wait "$p" 2>/dev/null || true
+    done
+    if [ -n "${SYS_PID_broker:-}" ]; then
+        kill -TERM "$SYS_PID_broker" 2>/dev/null || true
+        wait "$SYS_PID_broker" 2>/dev/null || true
+    fi
     pids=()
 }
 

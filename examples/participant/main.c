@@ -712,8 +712,11 @@ static void consumer_stop(void)
         return;
     ev_io_stop(p.loop, &p.kafka_io);
     ev_timer_stop(p.loop, &p.kafka_poll);
-    rd_kafka_consumer_close(p.rk); /* leaves the group; commits nothing (auto commit is off) */
-    rd_kafka_destroy(p.rk);
+    /* Leaves the group (commits nothing: auto commit is off), waiting 5 s at most. */
+    if (!kafka_consumer_close(p.rk, 5000))
+        log_at(LOG_WARN, NULL,
+               "consumer not closed within 5 s (Kafka unreachable?): stopped without leaving "
+               "the group (its partitions move at the session timeout)");
     p.rk = NULL;
     for (int i = 0; i < 2; i++)
         if (p.event_fds[i] >= 0)
