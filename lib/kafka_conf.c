@@ -126,6 +126,8 @@ bool kafka_consumer_close(rd_kafka_t *rk, int timeout_ms)
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     rd_kafka_error_t *e = rd_kafka_consumer_close_queue(rk, q);
     if (e) {
+        log_at(LOG_WARN, LOG_FIELDS("error", rd_kafka_error_name(e)), "kafka: consumer close: %s",
+               rd_kafka_error_string(e));
         rd_kafka_error_destroy(e);
     } else {
         struct timespec t0, t;
@@ -137,10 +139,20 @@ bool kafka_consumer_close(rd_kafka_t *rk, int timeout_ms)
             if (closed || waited >= timeout_ms)
                 break;
             long long left = timeout_ms - waited;
-            rd_kafka_queue_poll_callback(q, left < 100 ? (int)left : 100);
+            /* The group's queue now forwards here, with the messages fetched and not yet
+             * polled: served as a consumer queue (rebalance and other callbacks run, messages
+             * come back and are dropped: their offsets were never committed). Served with
+             * rd_kafka_queue_poll_callback, a queued message failed librdkafka's assertion
+             * (rd_kafka_q_serve: res != RD_KAFKA_OP_RES_PASS) and aborted the process. */
+            rd_kafka_message_t *m = rd_kafka_consume_queue(q, left < 100 ? (int)left : 100);
+            if (m)
+                rd_kafka_message_destroy(m);
         }
     }
     rd_kafka_queue_destroy(q);
-    rd_kafka_destroy_flags(rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    /* Not closed: rd_kafka_destroy would wait for the same group termination (it joins the
+     * thread that waits for it), so the handle is left to the process's exit. */
+    if (closed)
+        rd_kafka_destroy(rk);
     return closed;
 }

@@ -528,10 +528,15 @@ void replies_stop(struct orchestrator *o)
     o->pending_count = 0;
     free(o->pending);
     o->pending = NULL;
-    if (!kafka_consumer_close(o->consumer, 5000))
-        log_warn("reply consumer: not closed within 5 s (Kafka unreachable?): stopped without "
-                 "leaving the group (its partitions move at the session timeout)");
+    /* Called once, on the way out (main): a consumer that did not close in time is left to
+     * the exit with the pipe its queue writes to. */
+    bool closed = kafka_consumer_close(o->consumer, 5000);
     o->consumer = NULL;
+    if (!closed) {
+        log_warn("reply consumer: not closed within 5 s (Kafka unreachable?): exiting without "
+                 "it; its partitions move to the others at the session timeout at the latest");
+        return;
+    }
     close(o->consumer_fds[0]);
     close(o->consumer_fds[1]);
 }

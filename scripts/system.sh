@@ -19,7 +19,7 @@ system_wait_log() { # file needle seconds
 
 # The broker last, as Kafka outlives the services in production: a consumer's close waits for
 # the group coordinator (a participant stopped together with the broker once hung in it for
-# good; their close is bounded since, but a clean stop needs no bound).
+# good; their close is bounded at 5 s since, but a clean stop needs no bound).
 system_stop() {
     local p
     for p in "${pids[@]}"; do
@@ -31,6 +31,7 @@ system_stop() {
     if [ -n "${SYS_PID_broker:-}" ]; then
         kill -TERM "$SYS_PID_broker" 2>/dev/null || true
         wait "$SYS_PID_broker" 2>/dev/null || true
+        SYS_PID_broker=
     fi
     pids=()
 }

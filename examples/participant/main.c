@@ -712,12 +712,16 @@ static void consumer_stop(void)
         return;
     ev_io_stop(p.loop, &p.kafka_io);
     ev_timer_stop(p.loop, &p.kafka_poll);
-    /* Leaves the group (commits nothing: auto commit is off), waiting 5 s at most. */
-    if (!kafka_consumer_close(p.rk, 5000))
-        log_at(LOG_WARN, NULL,
-               "consumer not closed within 5 s (Kafka unreachable?): stopped without leaving "
-               "the group (its partitions move at the session timeout)");
+    /* Leaves the group (commits nothing: auto commit is off), waiting 5 s at most; on the way
+     * out (main), so a consumer not closed in time is left to the exit, with its pipe. */
+    bool closed = kafka_consumer_close(p.rk, 5000);
     p.rk = NULL;
+    if (!closed) {
+        log_at(LOG_WARN, NULL,
+               "consumer not closed within 5 s (Kafka unreachable?): exiting without it; its "
+               "partitions move to the other replicas at the session timeout at the latest");
+        return;
+    }
     for (int i = 0; i < 2; i++)
         if (p.event_fds[i] >= 0)
             close(p.event_fds[i]);
