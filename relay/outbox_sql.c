@@ -86,8 +86,10 @@ int outbox_sql_build(const char *schema, const char *table, struct outbox_sql *o
          * delete until the next ANALYZE replanned it (saga-bench, 2026-11-26: a participant's
          * delete of ~25 rows went from 0.35 to 8.6 ms, 218 to 3,347 pages, in 60 s of steady
          * load; the participants' databases took ~40% more CPU a saga before autovacuum came).
-         * Every statement of this session reads the outbox by seq: no sequential scan, and
-         * one generic plan, made once. */
+         * The outbox statements of this session read it by seq (the others read catalogs,
+         * by their indexes): no sequential scan, and one generic plan, made once. A table
+         * without an index on seq (not made by saga.create_outbox) is still read, by a
+         * sequential scan, as before. */
         asprintf(&out->session,
                  "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan; "
                  "LISTEN saga_outbox; "

@@ -15,9 +15,10 @@ struct outbox_sql {
     char *claim_capped;
     char *remove;  /* DELETE of acknowledged rows: $1 bigint[] of seq */
     char *dead;    /* move to the dead-letter table: $1 seq, $2 error text */
-    char *session; /* LISTEN and the lock connection's PREPAREs (relay_delete, relay_dead,
-                    * relay_writers: the transactions holding RowExclusiveLock on the table,
-                    * relay_backlog) */
+    char *session; /* SET enable_seqscan = off and plan_cache_mode = force_generic_plan (its
+                    * plans are made once, on a small outbox: see outbox_sql.c), LISTEN, and
+                    * the lock connection's PREPAREs (relay_delete, relay_dead, relay_writers:
+                    * the transactions holding RowExclusiveLock on the table, relay_backlog) */
     /* The claim session's PREPAREs (relay_claim, relay_claim_capped), then
      * pg_try_advisory_lock(claim lock). */
     char *claim_session;
