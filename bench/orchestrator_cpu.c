@@ -385,15 +385,15 @@ static void produce_replies(rd_kafka_t *p, struct saga_db *sagas, long n,
             struct saga_db *s = &sagas[i];
             char mid[SAGA_UUID_LEN + 1], tp[64];
             fake_uuid(mid);
-            /* The command's traceparent, sent back: the span is the message id's first 16
+            /* The command's traceparent, sent back: the span is the message id's last 16
              * hex digits (engine.c, traceparent_build). */
-            char span[17];
+            char hex[33];
             size_t o = 0;
-            for (const char *c = s->msg_ids[k]; *c && o < 16; c++)
+            for (const char *c = s->msg_ids[k]; *c && o < 32; c++)
                 if (*c != '-')
-                    span[o++] = *c;
-            span[o] = '\0';
-            snprintf(tp, sizeof(tp), "00-%s-%s-01", s->trace_id, span);
+                    hex[o++] = *c;
+            hex[o] = '\0';
+            snprintf(tp, sizeof(tp), "00-%s-%s-01", s->trace_id, o == 32 ? hex + 16 : hex);
             char *payload = reply_payload(k, s, i);
             rd_kafka_resp_err_t err;
             for (;;) {

@@ -425,9 +425,11 @@ static char *block_put(struct block_writer *bw, const char *s, size_t n)
     return out;
 }
 
-/* traceparent "00-<trace-id>-<span-id>-01". The span id is the first 16 hex digits of the
+/* traceparent "00-<trace-id>-<span-id>-01". The span id is the last 16 hex digits of the
  * message id, so a message always carries the same span (replays and tests see the same
- * value); W3C forbids the all-zero span, so then the last 16 digits (or 1) are used. */
+ * value). With version 7 ids those are the variant and 62 random bits; the first 16 are the
+ * time and a counter, which two orchestrators share within a millisecond (tracing tools expect
+ * random span ids). W3C forbids the all-zero span: then the first 16 digits (or 1) are used. */
 static void traceparent_build(const struct saga_state *st, const char *message_id, char out[56])
 {
     char trace[33], hex[33], span[17];
@@ -436,12 +438,12 @@ static void traceparent_build(const struct saga_state *st, const char *message_i
     else
         trace_id_from_saga_id(st->id, trace);
     size_t n = hex_digits(message_id, hex, 32);
-    memcpy(span, hex, 16);
-    span[16] = '\0';
-    if (n < 16 || all_zero(span)) {
-        if (n == 32 && !all_zero(hex + 16))
-            memcpy(span, hex + 16, 17);
-        else
+    if (n == 32 && !all_zero(hex + 16)) {
+        memcpy(span, hex + 16, 17);
+    } else {
+        memcpy(span, hex, 16);
+        span[16] = '\0';
+        if (n < 16 || all_zero(span))
             memcpy(span, "0000000000000001", 17);
     }
     memcpy(out, "00-", 3);

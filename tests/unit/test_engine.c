@@ -182,12 +182,14 @@ struct harness {
     char trace[1024];
 };
 
-/* Message ids from a counter, in the first group so that span ids differ. */
+/* Message ids from a counter, in the first group and in the last (where span ids come from,
+ * so that they differ). */
 static void counter_uuid(char out[SAGA_UUID_LEN + 1], void *arg)
 {
     unsigned long *counter = arg;
     ++*counter;
-    snprintf(out, SAGA_UUID_LEN + 1, "%08lx-0000-4000-8000-00000000abcd", *counter);
+    snprintf(out, SAGA_UUID_LEN + 1, "%08lx-0000-4000-8000-%04lx0000abcd", *counter,
+             *counter & 0xffff);
 }
 
 static void harness_init(struct harness *h, struct saga_definition *def, const char *input,
@@ -215,17 +217,18 @@ static const char *header_get(const struct saga_message *m, const char *name)
     return NULL;
 }
 
-/* The expected traceparent, computed independently: first 16 hex digits of the message id. */
+/* The expected traceparent, computed independently: the last 16 hex digits of the message id
+ * (none of the test's ids has them all zero). */
 static void expected_traceparent(const struct saga_state *st, const char *message_id, char *out,
                                  size_t len)
 {
-    char span[17];
+    char hex[33];
     size_t k = 0;
-    for (const char *p = message_id; *p && k < 16; p++)
+    for (const char *p = message_id; *p && k < 32; p++)
         if (*p != '-')
-            span[k++] = *p;
-    span[k] = '\0';
-    snprintf(out, len, "00-%s-%s-01", st->trace_id, span);
+            hex[k++] = *p;
+    hex[k] = '\0';
+    snprintf(out, len, "00-%s-%s-01", st->trace_id, k == 32 ? hex + 16 : "(short id)");
 }
 
 /* Every header, in order, with its value. */
@@ -731,13 +734,13 @@ Test(engine, messages_render_payloads_keys_and_headers)
 
     harness_event(h, "start");
     const struct saga_message *m = &h->fx.messages[0];
-    cr_assert_str_eq(m->message_id, "00000001-0000-4000-8000-00000000abcd");
+    cr_assert_str_eq(m->message_id, "00000001-0000-4000-8000-00010000abcd");
     cr_assert_str_eq(m->topic, "inventory.commands");
     cr_assert_str_eq(m->type, "ReserveStock");
     cr_assert_str_eq(m->key, "o-17");
     expect_payload(m, "{\"orderId\": \"o-17\", \"items\": [{\"sku\": \"a\", \"qty\": 2}]}");
     cr_assert_str_eq(header_get(m, "idempotency-key"), SAGA_ID "/reserve_inventory/action");
-    cr_assert_str_eq(header_get(m, "traceparent"), "00-" TRACE_ID "-0000000100004000-01");
+    cr_assert_str_eq(header_get(m, "traceparent"), "00-" TRACE_ID "-800000010000abcd-01");
     cr_assert_str_eq(header_get(m, "correlation-id"), "corr-1");
     cr_assert_str_eq(header_get(m, "reply-to"), "saga.replies");
     cr_assert_str_eq(header_get(m, "saga-name"), "order_fulfillment");
@@ -817,7 +820,7 @@ Test(engine, idempotency_key_is_stable_across_retries_and_message_ids_are_not)
     cr_assert_str_neq(m->message_id, first_id);
     cr_assert_str_eq(header_get(m, "idempotency-key"), SAGA_ID "/reserve_inventory/action");
     cr_assert_str_eq(header_get(m, "traceparent"),
-                     "00-5a6a0000000040008000000000000001-0000000200004000-01");
+                     "00-5a6a0000000040008000000000000001-800000020000abcd-01");
     harness_fini(h);
     free(h);
     def_free(def);
@@ -1364,14 +1367,24 @@ Test(engine, traceparent_never_uses_an_all_zero_span)
     struct saga_definition *def = def_build("z", specs, 1);
     struct saga_state st;
     struct saga_effects fx = {0};
-    struct saga_engine_env env = {zero_uuid, "00000000-0000-0000-8000-00000000abcd"};
-    /* A bad trace id given by the caller is replaced by one derived from the saga id. */
+    struct saga_engine_env env = {zero_uuid, "0190a1b2-c3d4-7e5f-0000-000000000000"};
+    /* A bad trace id given by the caller is replaced by one derived from the saga id. The
+     * message id's last 16 digits are all zero: its first 16 make the span. */
     saga_state_init(&st, "00000000-0000-4000-8000-000000000007", NULL, NULL, "XYZ");
     struct saga_event ev = {.kind = SAGA_EV_START, .now_ms = 5};
     cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
     cr_assert_str_eq(header_get(&fx.messages[0], "traceparent"),
-                     "00-00000000000040008000000000000007-800000000000abcd-01");
+                     "00-00000000000040008000000000000007-0190a1b2c3d47e5f-01");
     cr_assert_str_eq(fx.messages[0].payload, "{}");
+    saga_effects_clear(&fx);
+    saga_state_clear(&st);
+
+    /* Otherwise the last 16 (a version 7 id's random bits), whatever the first are. */
+    env.arg = "00000000-0000-0000-8000-00000000abcd";
+    saga_state_init(&st, "00000000-0000-4000-8000-000000000007", NULL, NULL, NULL);
+    cr_assert_eq(saga_engine_apply(def, &st, &ev, &env, &fx), 0);
+    cr_assert_str_eq(header_get(&fx.messages[0], "traceparent"),
+                     "00-00000000000040008000000000000007-800000000000abcd-01");
     saga_effects_clear(&fx);
     saga_state_clear(&st);
 
