@@ -383,7 +383,7 @@ static void produce_replies(rd_kafka_t *p, struct saga_db *sagas, long n,
         snprintf(type, sizeof(type), "%s.Reply", def->steps[k].command.type);
         for (long i = 0; i < n; i++) {
             struct saga_db *s = &sagas[i];
-            char mid[SAGA_UUID_LEN + 1], tp[64];
+            char mid[SAGA_UUID_LEN + 1], tp[96];
             fake_uuid(mid);
             /* The command's traceparent, sent back: the span is the message id's last 16
              * hex digits (engine.c, traceparent_build). */
