@@ -380,8 +380,10 @@ static void finish(void)
 static void batch_done(void)
 {
     if (p.batch.offsets && p.batch.offsets->cnt) {
-        /* Synchronous when stopping: the process exits right after. */
-        rd_kafka_resp_err_t err = rd_kafka_commit(p.rk, p.batch.offsets, p.stopping ? 0 : 1);
+        /* Asynchronous, also when stopping: the consumer's close (consumer_stop) waits for
+         * the commits in flight, within its bound. A synchronous one here waited ~the session
+         * timeout with the broker down (45 s by default), outside any bound. */
+        rd_kafka_resp_err_t err = rd_kafka_commit(p.rk, p.batch.offsets, 1);
         if (err)
             commit_cb(p.rk, err, p.batch.offsets, NULL);
     }
