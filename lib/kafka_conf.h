@@ -34,15 +34,15 @@ void kafka_conf_log_json(rd_kafka_conf_t *conf);
  * with librdkafka's threads. Call at the start of main, before any thread starts. */
 void kafka_limit_malloc_arenas(void);
 
-/* Closes a consumer (it leaves its group; rebalance callbacks are served meanwhile, messages
- * fetched and not polled are dropped) and destroys it, waiting at most about timeout_ms; true
- * when done. rd_kafka_consumer_close waits for the group coordinator: with the broker down and
- * an offset commit in flight it did not return within 100 s (librdkafka 2.0.2; a participant
- * stopped together with the dev broker hung in it for good, 2026-11-26). false: not closed in
- * time (or the close failed), and the handle is NOT destroyed (that would wait the same way):
- * the caller is exiting and must not use it again, nor close the fds its queues write to.
- * The group sees the member go at its session timeout at the latest; no offset is lost
- * (ours are committed after each batch, never at close). */
+/* Closes a consumer (offset commits in flight complete, it leaves its group; rebalance and
+ * commit callbacks are served meanwhile, messages fetched and not polled are dropped) and
+ * destroys it, waiting at most about timeout_ms; true when done. rd_kafka_consumer_close waits for
+ * the group coordinator: with the broker down and an offset commit in flight it did not return
+ * within 100 s (librdkafka 2.0.2; a participant stopped together with the dev broker hung in it for
+ * good, 2026-11-26). false: not closed in time (or the close failed), and the handle is NOT
+ * destroyed (that would wait the same way): the caller is exiting and must not use it again, nor
+ * close the fds its queues write to. The group sees the member go at its session timeout at the
+ * latest; no offset is lost (ours are committed after each batch, never at close). */
 bool kafka_consumer_close(rd_kafka_t *rk, int timeout_ms);
 
 #endif

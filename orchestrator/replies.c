@@ -481,6 +481,7 @@ int replies_check_config(const struct orch_settings *st, char *err, size_t errle
 
 int replies_start(struct orchestrator *o, char *err, size_t errlen)
 {
+    o->consumer_fds[0] = o->consumer_fds[1] = -1; /* none yet: replies_stop closes what is */
     rd_kafka_conf_t *conf = consumer_conf_new(&o->settings, err, errlen);
     if (!conf)
         return -1;
@@ -537,6 +538,7 @@ void replies_stop(struct orchestrator *o)
                  "it; its partitions move to the others at the session timeout at the latest");
         return;
     }
-    close(o->consumer_fds[0]);
-    close(o->consumer_fds[1]);
+    for (int i = 0; i < 2; i++)
+        if (o->consumer_fds[i] >= 0)
+            close(o->consumer_fds[i]);
 }

@@ -714,8 +714,9 @@ static void consumer_stop(void)
         return;
     ev_io_stop(p.loop, &p.kafka_io);
     ev_timer_stop(p.loop, &p.kafka_poll);
-    /* Leaves the group (commits nothing: auto commit is off), waiting 5 s at most; on the way
-     * out (main), so a consumer not closed in time is left to the exit, with its pipe. */
+    /* Completes the commit of the last batch in flight (batch_done) and leaves the group,
+     * waiting 5 s at most; on the way out (main), so a consumer not closed in time is left to
+     * the exit, with its pipe. */
     bool closed = kafka_consumer_close(p.rk, 5000);
     p.rk = NULL;
     if (!closed) {
