@@ -42,7 +42,8 @@ void kafka_limit_malloc_arenas(void);
  * good, 2026-11-26). false: not closed in time (or the close failed), and the handle is NOT
  * destroyed (that would wait the same way): the caller is exiting and must not use it again, nor
  * close the fds its queues write to. The group sees the member go at its session timeout at the
- * latest; no offset is lost (ours are committed after each batch, never at close). */
+ * latest; a commit still in flight may not land (its batch comes again: our consumers
+ * deduplicate). */
 bool kafka_consumer_close(rd_kafka_t *rk, int timeout_ms);
 
 #endif
